@@ -1,0 +1,1 @@
+"""Framework pieces shared by every family: registry, config, checkpoint, distributed helpers."""

@@ -1,0 +1,215 @@
+"""Checkpoint I/O: atomic writes, ratelab's model format, and foreign weight files.
+
+ratelab's model format is a directory (or file pair) with ``model.safetensors`` and ``model_config.json``::
+
+    {"format_version": 1, "model": "crate_nano_patch4_16", "kwargs": {"num_classes": 10, ...}, "arch": {...}}
+
+Training checkpoints (optimizer, scheduler, RNG, data position) are ``*.pt`` files written by the trainer through
+:func:`atomic_torch_save`; their ``"model"`` entry is an unwrapped state dict, so they load here as well.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+FORMAT_VERSION = 1
+MODEL_WEIGHTS = "model.safetensors"
+MODEL_CONFIG = "model_config.json"
+_WRAPPER_KEYS = ("model_ema", "model", "state_dict", "module")  # tried in this order when a file wraps its weights
+_PREFIXES = ("module.", "_orig_mod.", "_module.")  # DDP, torch.compile, opacus
+
+
+class CheckpointError(RuntimeError):
+    """A weight file could not be read or does not fit the model; the message names the file and the keys."""
+
+
+def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    # Write to a temporary file in the same directory, fsync, then rename: a crash leaves either the old file or
+    # the new one, never a torn file.
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` through a temporary file and an atomic rename."""
+    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def atomic_write_text(text: str, path: str | os.PathLike) -> None:
+    def _w(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    _atomic_write(path, _w)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Peel DDP (``module``), ``torch.compile`` (``_orig_mod``) and opacus (``_module``) wrappers."""
+    while True:
+        for attr in ("module", "_orig_mod", "_module"):
+            inner = getattr(model, attr, None)
+            if isinstance(inner, nn.Module):
+                model = inner
+                break
+        else:
+            return model
+
+
+def model_config(model: nn.Module) -> dict[str, Any]:
+    """What :func:`load_model` needs to rebuild ``model``: registry name, runtime kwargs, architecture."""
+    model = unwrap_model(model)
+    name = getattr(model, "model_name", None)
+    if name is None:
+        raise CheckpointError("model has no `model_name`; build it with ratelab.create_model to save it")
+    kwargs = {k: getattr(model, k) for k in ("num_classes", "img_size", "in_chans") if hasattr(model, k)}
+    cfg = getattr(model, "cfg", None)
+    arch = cfg.to_dict() if hasattr(cfg, "to_dict") else {}
+    return {"format_version": FORMAT_VERSION, "model": name, "kwargs": kwargs, "arch": arch}
+
+
+def save_model(model: nn.Module, out_dir: str | os.PathLike) -> Path:
+    """Write ``model.safetensors`` + ``model_config.json`` into ``out_dir`` (atomically). Returns the weights path."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    model = unwrap_model(model)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    meta = model_config(model)
+    _atomic_write(out_dir / MODEL_WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    atomic_write_text(json.dumps(meta, indent=2), out_dir / MODEL_CONFIG)
+    return out_dir / MODEL_WEIGHTS
+
+
+def _resolve(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        for cand in (MODEL_WEIGHTS, "checkpoints/last.pt", "last.pt"):
+            if (path / cand).exists():
+                return path / cand
+        raise CheckpointError(f"{path}: directory holds no {MODEL_WEIGHTS} or checkpoints/last.pt")
+    if not path.exists():
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    return path
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a flat tensor state dict from a safetensors or torch file, unwrapping common containers.
+
+    ``.pth``/``.pt`` files are read with ``weights_only=True``: a pickle that would execute code is refused.
+    """
+    path = _resolve(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as e:  # safetensors raises its own error types
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path}: refused to load: the pickle holds objects other than tensors and plain containers, and "
+            f"loading it could run arbitrary code (torch.load weights_only=True). Re-save only the state dict. "
+            f"Details: {str(e).splitlines()[0]}"
+        ) from e
+    except Exception as e:
+        raise CheckpointError(f"{path}: could not read checkpoint ({type(e).__name__}: {e})") from e
+    return unwrap_state_dict(obj, source=str(path))
+
+
+def unwrap_state_dict(obj: Any, *, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Find the tensor dict inside ``{"model": ...}`` / ``{"state_dict": ...}`` wrappers and strip wrapper prefixes."""
+    while isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        for key in _WRAPPER_KEYS:
+            if key in obj and isinstance(obj[key], dict):
+                obj = obj[key]
+                break
+        else:
+            raise CheckpointError(f"{source}: no state dict found; top-level keys are {sorted(obj)[:20]}")
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{source}: expected a dict of tensors, got {type(obj).__name__}")
+    out = {}
+    for k, v in obj.items():
+        if not isinstance(v, torch.Tensor):
+            continue
+        for p in _PREFIXES:
+            while k.startswith(p):
+                k = k[len(p) :]
+        out[k] = v
+    return out
+
+
+def load_state_dict_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], *, source: str) -> None:
+    """``load_state_dict(strict=True)`` with an error that lists missing, unexpected and mis-shaped keys."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    shape = sorted(
+        f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in set(own) & set(state_dict)
+        if own[k].shape != state_dict[k].shape
+    )
+    if missing or unexpected or shape:
+        parts = [f"{source}: weights do not match {type(model).__name__}"]
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {missing[:12]}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {unexpected[:12]}")
+        if shape:
+            parts.append(f"shape mismatches ({len(shape)}): {shape[:12]}")
+        raise CheckpointError("; ".join(parts))
+    model.load_state_dict(state_dict, strict=True)
+
+
+def load_model_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load ratelab or official weights into ``model``.
+
+    The family converter (``type(model).checkpoint_filter_fn``) recognizes an official layout by its keys and maps
+    it; ratelab's own layout passes through (position embeddings are resampled to the model's grid).
+    """
+    src = _resolve(path)
+    sd = read_state_dict(src)
+    filt = getattr(type(model), "checkpoint_filter_fn", None)
+    if filt is not None:
+        try:
+            sd = filt(sd, model)
+        except KeyError as e:
+            raise CheckpointError(f"{src}: conversion failed, key {e} missing") from e
+    load_state_dict_strict(model, sd, source=str(src))
+    return model
+
+
+def load_model(path: str | os.PathLike, **overrides: Any) -> nn.Module:
+    """Rebuild a model saved by :func:`save_model` (or a trainer run directory) and load its weights."""
+    from ratelab.core.registry import create_model
+
+    path = Path(path)
+    cfg_path = (path if path.is_dir() else path.parent) / MODEL_CONFIG
+    if not cfg_path.exists():
+        raise CheckpointError(f"{cfg_path} not found: cannot tell which model {path} holds; use create_model(name, "
+                              f"checkpoint_path=...) instead")
+    meta = json.loads(cfg_path.read_text())
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{cfg_path}: format_version {meta['format_version']} is newer than this ratelab")
+    kwargs = {**meta.get("kwargs", {}), **meta.get("arch", {}), **overrides}
+    return create_model(meta["model"], checkpoint_path=str(path), **kwargs)
