@@ -1,0 +1,12 @@
+"""Datasets by name: ``build_dataset(name, split, ...)`` and ``list_datasets()``.
+
+Registered: ``digits`` (scikit-learn 8x8 digits), ``shapes`` (synthetic shapes with masks and captions),
+``imagefolder`` (``root/<split>/<class>/*.png``), ``cifar10`` and ``cifar100`` (official python pickles).
+Items are ``(image, label)``: a normalized float32 ``(C, H, W)`` tensor and an ``int``.
+"""
+
+from ratelab.data import cifar, digits, folder, shapes  # noqa: F401  (registers the datasets)
+from ratelab.data.common import ImageDataset, stratified_split
+from ratelab.data.registry import build_dataset, dataset_options, list_datasets, register_dataset
+
+__all__ = ["ImageDataset", "build_dataset", "dataset_options", "list_datasets", "register_dataset", "stratified_split"]

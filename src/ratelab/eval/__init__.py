@@ -1,0 +1,1 @@
+"""Evaluation: classification metrics, reports. Pure code; nothing here imports the trainer."""

@@ -1,0 +1,41 @@
+# One-command setup on a fresh machine: `make demo` (train + measure + report) and `make test`.
+# Setup is idempotent: a stamp file skips the install when nothing changed.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.ratelab-installed
+# Pinned for this project's CPU machines (see DEVELOPERS.md); pyproject.toml states compatible ranges elsewhere.
+TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
+DEMO_OUT ?= runs/demo
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test lint bench clean help
+
+help:
+	@echo "make demo   - set up .venv, train a small CRATE on digits, write $(DEMO_OUT)/report.html"
+	@echo "make test   - set up .venv and run the test suite"
+	@echo "make lint   - ruff check"
+	@echo "make bench  - CPU benchmarks (benchmarks/*.py)"
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check $(TORCH_PIN)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(VENV)/bin/ratelab demo --out $(DEMO_OUT)
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+bench: setup
+	$(PY) benchmarks/crate_speed.py
+
+clean:
+	rm -rf $(DEMO_OUT) .pytest_cache

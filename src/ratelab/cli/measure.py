@@ -1,0 +1,144 @@
+"""``ratelab measure``: layer-wise compression and sparsity of a CRATE-like model on a dataset.
+
+Writes ``OUT/rates.json`` (see :func:`ratelab.analysis.layer_rates.measure_layers`, plus model, checkpoint and
+data provenance) and ``OUT/rates.png`` (compression and sparsity per layer), and prints a small table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from ratelab.cli.errors import UsageError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "measure",
+        help="per-layer compression Rc and ISTA sparsity of a model",
+        description="Measure per-layer compression (coding rate of the per-head projections, official CRATE "
+        "convention) and sparsity (fraction of zeros of each ISTA output) of a trained or randomly initialized "
+        "model over a set of images; writes rates.json and rates.png.",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", metavar="PATH", help="run directory or model.safetensors saved by ratelab "
+                     "(model_config.json must sit beside it)")
+    src.add_argument("--model", metavar="NAME", help="registered model name, randomly initialized (see "
+                     "`ratelab models`); its input channels and size follow the dataset")
+    p.add_argument("--seed", type=int, default=0, help="seed for the random init, the data partition and the "
+                   "image subset (default: 0)")
+    p.add_argument("--dataset", default="digits", help="dataset name (default: digits)")
+    p.add_argument("--split", default="val", help="dataset split (default: val)")
+    p.add_argument("--img-size", type=int, default=None, help="image side in pixels (default: the dataset's)")
+    p.add_argument("--data-root", default=None, help="data directory, for file-backed datasets")
+    p.add_argument("--num-images", type=int, default=512, help="number of images, a seeded random subset of the "
+                   "split; all of it if smaller (default: 512)")
+    p.add_argument("--eps", type=float, default=0.1, help="precision epsilon, not squared; 0.1 reproduces the "
+                   "official CRATE measurement (default: 0.1)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
+    p.add_argument("--device", default="auto", help="torch device, or 'auto' = cuda if available else cpu "
+                   "(default: auto)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory for rates.json and rates.png")
+    p.set_defaults(func=run)
+
+
+def _build_dataset(name: str, split: str, *, root: str | None, img_size: int | None, seed: int):
+    # Indirection so that tests can substitute the data source.
+    from ratelab.data import build_dataset
+
+    # No augmentation: the measurement must see the images themselves, whatever the split.
+    return build_dataset(name, split, root=root, img_size=img_size, seed=seed, augment=False)
+
+
+def _load_images(args: argparse.Namespace, img_size: int | None):
+    import torch
+
+    ds = _build_dataset(args.dataset, args.split, root=args.data_root, img_size=img_size, seed=args.seed)
+    n_total = len(ds)
+    if n_total == 0:
+        raise UsageError(f"--dataset {args.dataset} --split {args.split}: the split is empty")
+    g = torch.Generator().manual_seed(args.seed)
+    idx = torch.randperm(n_total, generator=g)[: min(args.num_images, n_total)].sort().values
+    images = torch.stack([ds[int(i)][0] for i in idx])
+    return images, n_total
+
+
+def _validate(args: argparse.Namespace) -> None:
+    if args.num_images < 1:
+        raise UsageError(f"--num-images must be >= 1, got {args.num_images}")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not args.eps > 0:
+        raise UsageError(f"--eps must be > 0 (epsilon, not squared), got {args.eps}")
+    if args.img_size is not None and args.img_size < 1:
+        raise UsageError(f"--img-size must be >= 1, got {args.img_size}")
+    if args.checkpoint is not None and not Path(args.checkpoint).exists():
+        raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no such file or directory")
+
+
+def _format_table(result: dict[str, Any]) -> str:
+    lines = [f"{'layer':>5}  {'Rc(U^T Z^l)':>16}  {'Rc(U^T Z^l+1/2)':>16}  {'zero fraction':>16}"]
+    for r in result["layers"]:
+        half = "n/a"
+        if r["compression_half"] is not None:
+            half = f"{r['compression_half']:.3f}±{r['compression_half_std']:.3f}"
+        lines.append(
+            f"{r['layer'] + 1:>5}  {r['compression']:>9.3f}±{r['compression_std']:<6.3f}  {half:>16}  "
+            f"{r['sparsity']:>9.4f}±{r['sparsity_std']:<6.4f}"
+        )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ratelab import create_model
+    from ratelab.analysis.layer_rates import measure_layers, plot_layer_rates
+    from ratelab.core.checkpoint import atomic_write_text, load_model
+
+    _validate(args)
+    if args.checkpoint is not None:
+        model = load_model(args.checkpoint)
+        label = "checkpoint"
+        # Measure at the resolution the model was built for unless told otherwise.
+        images, n_total = _load_images(args, args.img_size or getattr(model, "img_size", None))
+        _, C, H, W = images.shape
+    else:
+        images, n_total = _load_images(args, args.img_size)
+        _, C, H, W = images.shape
+        torch.manual_seed(args.seed)
+        model = create_model(args.model, in_chans=C, img_size=H)
+        label = "random init"
+    in_chans = getattr(model, "in_chans", C)
+    if in_chans != C:
+        raise UsageError(f"--dataset {args.dataset} gives {C}-channel images but the model expects {in_chans}")
+    if not hasattr(model, "forward_intermediates"):
+        raise UsageError(f"model {getattr(model, 'model_name', type(model).__name__)} has no forward_intermediates; "
+                         "layer rates need a CRATE-like model")
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    result = measure_layers(model, images, eps=args.eps, batch_size=args.batch_size, device=device)
+    result = {
+        "model": getattr(model, "model_name", type(model).__name__),
+        "checkpoint": None if args.checkpoint is None else str(Path(args.checkpoint).resolve()),
+        "dataset": args.dataset,
+        "split": args.split,
+        "img_size": int(H),
+        "seed": args.seed,
+        "split_size": n_total,
+        **result,
+    }
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(json.dumps(result, indent=2) + "\n", out / "rates.json")
+    plot_layer_rates({label: result}, out / "rates.png")
+    print(f"{result['model']} ({label}) on {args.dataset}/{args.split}: {result['num_images']} images, "
+          f"{result['num_tokens']} tokens, {result['num_heads']} heads x {result['head_dim']}, eps={args.eps}")
+    print(_format_table(result))
+    print(f"wrote {out / 'rates.json'} and {out / 'rates.png'}")
+    return 0

@@ -1,0 +1,75 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ratelab.cli.main import _COMMANDS, main
+
+
+def test_python_m_ratelab_help():
+    out = subprocess.run([sys.executable, "-m", "ratelab", "--help"], capture_output=True, text=True, check=True)
+    for cmd in _COMMANDS:
+        assert cmd in out.stdout
+
+
+@pytest.mark.parametrize("cmd", _COMMANDS)
+def test_every_subcommand_has_help(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([cmd, "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert "usage: ratelab " + cmd in text
+
+
+def test_every_option_has_help_text():
+    import argparse
+
+    from ratelab.cli.main import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [
+        f"{name} {'/'.join(act.option_strings) or act.dest}"
+        for name, p in sub.choices.items()
+        for act in p._actions
+        if not isinstance(act, argparse._HelpAction) and not act.help
+    ]
+    assert missing == []
+
+
+def test_models_lists_and_counts(capsys):
+    assert main(["models", "crate_*_patch16_224", "--params"]) == 0
+    out = capsys.readouterr().out
+    counts = {line.split()[0]: float(line.split()[1][:-1]) for line in out.splitlines()}
+    assert counts["crate_tiny_patch16_224"] == pytest.approx(6.09, abs=0.005)
+    assert counts["crate_base_patch16_224"] == pytest.approx(22.80, abs=0.005)
+
+
+def test_models_unknown_pattern_is_clear_error(capsys):
+    assert main(["models", "nothing_like_this*"]) == 2
+    assert "nothing_like_this" in capsys.readouterr().err
+
+
+def test_reproduce_list(capsys):
+    assert main(["reproduce", "--list"]) == 0
+    assert "crate-digits" in capsys.readouterr().out
+
+
+def test_reproduce_unknown_recipe(capsys, tmp_path):
+    assert main(["reproduce", "nope", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "nope" in err and "crate-digits" in err
+
+
+def test_demo_smoke_writes_report_and_summary(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--smoke", "--no-progress", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    rec = summary["recipes"]["crate-digits"]
+    assert 0.0 <= rec["summary"]["val_acc_mean"] <= 1.0
+    assert len(rec["summary"]["sparsity_trained"]) == 4  # crate_pico has 4 layers
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 3
+    assert (out / "crate-digits" / "results.json").exists()
+    assert "crate-digits" in capsys.readouterr().out

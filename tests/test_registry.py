@@ -1,0 +1,51 @@
+import pytest
+import torch
+
+import ratelab
+from ratelab.core.registry import register_model
+
+
+def test_list_models_pattern():
+    names = ratelab.list_models("crate_*")
+    for n in ("crate_tiny_patch16_224", "crate_small_patch16_224", "crate_base_patch16_224",
+              "crate_large_patch16_224", "crate_base_patch8_224"):
+        assert n in names
+    assert all(n.startswith("crate_") for n in names)
+    assert ratelab.list_models("no_such_*") == []
+
+
+def test_create_model_runtime_kwargs():
+    m = ratelab.create_model("test_crate", num_classes=7, img_size=16, in_chans=1)
+    assert m.model_name == "test_crate"
+    assert m(torch.randn(2, 1, 16, 16)).shape == (2, 7)
+    m = ratelab.create_model("test_crate", num_classes=None)  # None values are dropped, defaults apply
+    assert m.num_classes == 10
+
+
+def test_unknown_model_error_names_it():
+    with pytest.raises(KeyError, match="crate_nope"):
+        ratelab.create_model("crate_nope")
+
+
+def test_unknown_kwarg_is_type_error():
+    with pytest.raises(TypeError):
+        ratelab.create_model("test_crate", not_an_option=3)
+
+
+def test_duplicate_registration_is_an_error():
+    def test_crate(**kw):  # same name as an existing entry point
+        return torch.nn.Identity()
+
+    with pytest.raises(ValueError, match="already registered"):
+        register_model(test_crate)
+
+
+def test_import_is_quiet_and_light():
+    import subprocess
+    import sys
+
+    code = "import warnings; warnings.simplefilter('error'); import ratelab, sys; " \
+           "print('ratelab.models' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stderr == ""
+    assert out.stdout.strip() == "False"  # models are registered lazily, on first lookup
