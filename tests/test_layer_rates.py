@@ -169,8 +169,9 @@ def test_generic_model_interface():
     res = measure_layers(m, x, projector=None)
     with torch.no_grad():
         fi = m.forward_intermediates(x)
-    assert res["layers"][0]["compression"] == pytest.approx(float(_slow_compression(fi["proj"][0], 0.1).mean()),
-                                                             rel=1e-5)
+    assert res["layers"][0]["compression"] == pytest.approx(
+        float(_slow_compression(fi["proj"][0], 0.1).mean()), rel=1e-5
+    )
     with pytest.raises(AttributeError, match="projector"):
         measure_layers(m, x)
     res = measure_layers(m, x, projector=lambda mod, i, z: z.reshape(z.shape[0], z.shape[1], 2, 3).transpose(1, 2))

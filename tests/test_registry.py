@@ -7,8 +7,13 @@ from ratelab.core.registry import register_model
 
 def test_list_models_pattern():
     names = ratelab.list_models("crate_*")
-    for n in ("crate_tiny_patch16_224", "crate_small_patch16_224", "crate_base_patch16_224",
-              "crate_large_patch16_224", "crate_base_patch8_224"):
+    for n in (
+        "crate_tiny_patch16_224",
+        "crate_small_patch16_224",
+        "crate_base_patch16_224",
+        "crate_large_patch16_224",
+        "crate_base_patch8_224",
+    ):
         assert n in names
     assert all(n.startswith("crate_") for n in names)
     assert ratelab.list_models("no_such_*") == []
@@ -44,8 +49,9 @@ def test_import_is_quiet_and_light():
     import subprocess
     import sys
 
-    code = "import warnings; warnings.simplefilter('error'); import ratelab, sys; " \
-           "print('ratelab.models' in sys.modules)"
+    code = (
+        "import warnings; warnings.simplefilter('error'); import ratelab, sys; print('ratelab.models' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stderr == ""
     assert out.stdout.strip() == "False"  # models are registered lazily, on first lookup

@@ -55,6 +55,7 @@ def _train_config(out_dir: Path, *, model: str, epochs: int, seed: int, device: 
         seed=seed,
         out_dir=str(out_dir),
         ckpt_every=500,
+        log_every=5,
         save_init=True,
         device=device,
         progress=progress,

@@ -1,0 +1,134 @@
+"""``ratelab eval``: accuracy and cross-entropy of a saved classifier on a dataset split.
+
+The dataset, its root, image size, seed (which fixes train/val partitions) and options default to those of the
+training run when the checkpoint sits in a run directory (``config.json``), so ``ratelab eval --checkpoint RUN``
+evaluates on exactly the run's validation split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a saved classifier (accuracy, loss)",
+        description="Evaluate a classifier saved by ratelab (run directory, model.safetensors with "
+        "model_config.json beside it, or a training checkpoint checkpoints/last.pt) on a dataset split. Prints "
+        "accuracy, mean cross-entropy and the number of items; with --out also writes OUT/eval.json.",
+    )
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="PATH",
+        help="run directory, model.safetensors, or a trainer checkpoint (*.pt)",
+    )
+    p.add_argument("--dataset", default=None, help="dataset name (default: the run's dataset from its config.json)")
+    p.add_argument("--split", default="val", help="dataset split (default: val)")
+    p.add_argument("--data-root", default=None, help="data directory for file-backed datasets (default: the run's)")
+    p.add_argument(
+        "--img-size", type=int, default=None, help="image side in pixels (default: the run's, else the dataset's)"
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="dataset seed, which fixes train/val partitions (default: the run's seed, else 0)",
+    )
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default: 256)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--out", default=None, metavar="DIR", help="write DIR/eval.json with the results")
+    p.set_defaults(func=run)
+
+
+def _run_config(path: Path) -> dict[str, Any]:
+    """The training config of the run ``path`` belongs to ({} when there is none)."""
+    for cand in (path, path.parent, path.parent.parent):
+        f = cand / "config.json"
+        if cand.is_dir() and f.is_file():
+            try:
+                data = json.loads(f.read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{f}: not valid JSON ({e.msg})") from None
+            return data if isinstance(data, dict) and "dataset" in data else {}
+    return {}
+
+
+def load_classifier(path: str | Path):
+    """Rebuild a model from a run directory, a ``model.safetensors`` or a trainer checkpoint ``*.pt``.
+
+    Raises:
+        FileNotFoundError: nothing loadable at ``path``.
+        ratelab.core.checkpoint.CheckpointError: the file is unreadable or does not fit the model.
+    """
+    import torch
+
+    from ratelab.core.checkpoint import MODEL_CONFIG, CheckpointError, load_model, load_state_dict_strict
+    from ratelab.core.registry import create_model
+
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"--checkpoint: {p} does not exist")
+    if (p.is_dir() and (p / MODEL_CONFIG).is_file()) or p.suffix == ".safetensors":
+        return load_model(p)
+    pt = p / "checkpoints" / "last.pt" if p.is_dir() else p
+    if not pt.is_file():
+        raise FileNotFoundError(
+            f"--checkpoint: {p} holds neither {MODEL_CONFIG} + model.safetensors nor checkpoints/last.pt"
+        )
+    try:
+        ckpt = torch.load(str(pt), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{pt}: cannot read checkpoint ({type(e).__name__}: {e})") from e
+    meta = ckpt.get("model_config") if isinstance(ckpt, dict) else None
+    if not meta:
+        raise CheckpointError(f"{pt}: no model_config inside; it was not written by the ratelab trainer")
+    model = create_model(meta["model"], **{**meta.get("kwargs", {}), **meta.get("arch", {})})
+    load_state_dict_strict(model, ckpt["model"], source=str(pt))
+    return model
+
+
+def run(args: argparse.Namespace) -> int:
+    from ratelab.core.dist import resolve_device
+    from ratelab.data import build_dataset
+    from ratelab.eval.classification import evaluate_classifier
+
+    if args.batch_size <= 0:
+        raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
+    path = Path(args.checkpoint)
+    model = load_classifier(path)
+    run_cfg = _run_config(path)
+    dataset = args.dataset or run_cfg.get("dataset")
+    if not dataset:
+        raise ValueError("--dataset is required: the checkpoint is not inside a training run with a config.json")
+    same = dataset == run_cfg.get("dataset")
+    img_size = args.img_size or (run_cfg.get("img_size") if same else None) or getattr(model, "img_size", None)
+    seed = args.seed if args.seed is not None else (run_cfg.get("seed", 0) if same else 0)
+    root = args.data_root or (run_cfg.get("data_root") if same else None)
+    extra = dict(run_cfg.get("dataset_kwargs") or {}) if same else {}
+    ds = build_dataset(dataset, args.split, root=root, img_size=img_size, seed=seed, augment=False, **extra)
+    device = resolve_device(args.device)
+    model = model.to(device)
+    res = evaluate_classifier(model, ds, batch_size=args.batch_size, device=device)
+    out = {
+        "checkpoint": str(path),
+        "model": getattr(model, "model_name", type(model).__name__),
+        "dataset": dataset,
+        "split": args.split,
+        "img_size": img_size,
+        "seed": seed,
+        **res,
+    }
+    print(f"{out['model']} on {dataset}/{args.split} ({res['n']} items): acc {res['acc']:.4f}, loss {res['loss']:.4f}")
+    if args.out:
+        from ratelab.core.checkpoint import atomic_write_text
+
+        out_dir = Path(args.out)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(json.dumps(out, indent=2), out_dir / "eval.json")
+        print(f"wrote {out_dir / 'eval.json'}")
+    return 0
