@@ -139,15 +139,19 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def unwrap_state_dict(obj: Any, *, source: str = "checkpoint") -> dict[str, torch.Tensor]:
     """Find the tensor dict inside ``{"model": ...}`` / ``{"state_dict": ...}`` wrappers and strip wrapper prefixes."""
-    while isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
-        for key in _WRAPPER_KEYS:
-            if key in obj and isinstance(obj[key], dict):
-                obj = obj[key]
-                break
-        else:
-            raise CheckpointError(f"{source}: no state dict found; top-level keys are {sorted(obj)[:20]}")
+    # Descend into wrappers first: a training checkpoint can hold loose tensors beside its weights (the official
+    # CRATE script saves ``best_acc1`` as a tensor next to ``state_dict``), so "has a tensor" does not mean "is it".
+    top = obj
+    while isinstance(obj, dict):
+        inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
+        if inner is None:
+            break
+        obj = inner
     if not isinstance(obj, dict):
         raise CheckpointError(f"{source}: expected a dict of tensors, got {type(obj).__name__}")
+    if not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        keys = sorted(map(str, top))[:20] if isinstance(top, dict) else []
+        raise CheckpointError(f"{source}: no state dict found; top-level keys are {keys}")
     out = {}
     for k, v in obj.items():
         if not isinstance(v, torch.Tensor):
@@ -195,6 +199,8 @@ def load_model_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             sd = filt(sd, model)
         except KeyError as e:
             raise CheckpointError(f"{src}: conversion failed, key {e} missing") from e
+        except CheckpointError as e:  # the filter cannot know the file name
+            raise CheckpointError(f"{src}: {e}") from e
     load_state_dict_strict(model, sd, source=str(src))
     return model
 

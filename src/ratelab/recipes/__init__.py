@@ -4,7 +4,8 @@
 A recipe is a function ``fn(out_dir, *, quick, smoke, seed, device, progress) -> RecipeResult`` registered with
 :func:`register_recipe`. ``quick=True`` is the CPU-minutes version used by ``ratelab demo``; ``quick=False`` is the
 fuller study; ``smoke=True`` is a seconds-long wiring check for tests (tiny model, a few steps; its numbers mean
-nothing and its claim checks are expected to fail). Recipes live in ``ratelab/recipes/<paper>/`` and are imported lazily.
+nothing and its claim checks are expected to fail).
+Recipes live in ``ratelab/recipes/<paper>/`` and are imported lazily.
 """
 
 from __future__ import annotations

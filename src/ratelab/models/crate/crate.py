@@ -22,9 +22,11 @@ Deviations from the paper's equations, all shared with the official code (so rel
   * the skip factor (1 - kappa p / (n eps^2)) is dropped and the step size is absorbed into W_out;
   * U and D are not constrained to be orthogonal;
   * the softmax temperature is 1/sqrt(p).
-Deviations from the official code: ISTA is fused to two matmuls (b + eta D^T(b - D b)) instead of three; the
-reference twin keeps the three-matmul form and tests check equality. Position embeddings are resampled (bicubic)
-when the input size differs from the construction size.
+Deviations from the official code: ISTA is computed with fewer products (same math, other rounding): with more
+tokens than channels as ReLU(b + b M - eta lambda), M = eta (D - D^T D) formed once (one token product), otherwise
+as b + eta D^T(b - D b) (two); the reference twin keeps the three-matmul form and tests check equality.
+Position embeddings are resampled (bicubic) when the input size differs from the construction size (the official
+code slices the table instead). ``pool="mean"`` averages patch tokens only (the official code includes [CLS]).
 """
 
 from __future__ import annotations
@@ -89,11 +91,31 @@ class ISTA(nn.Module):
         nn.init.kaiming_uniform_(self.weight)  # official init: PyTorch defaults (a=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused:
-            # b + eta D^T (b - D b): residual b - Db first, then one product with D^T (row form: r @ D).
-            r = x - F.linear(x, self.weight)
-            return F.relu(x + self.step * torch.matmul(r, self.weight) - self.step * self.lambd)
-        return self.forward_ref(x)
+        if not self.fused:
+            return self.forward_ref(x)
+        d = self.weight.shape[0]
+        # Folding costs O(d^3) once per call and saves one (tokens x d x d) product, forward and backward: it pays
+        # once there are more tokens than channels (any training batch); tiny batches keep the two-product form.
+        if x.numel() >= d * d:
+            return self.forward_folded(x)
+        return self.forward_two_matmul(x)
+
+    def forward_two_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """b + eta D^T (b - D b): residual b - Db first, then one product with D^T (row form: r @ D)."""
+        r = x - F.linear(x, self.weight)
+        return F.relu(x + self.step * torch.matmul(r, self.weight) - self.step * self.lambd)
+
+    def forward_folded(self, x: torch.Tensor) -> torch.Tensor:
+        """ReLU(b + eta (D^T - D^T D) b - eta lambda) with the d x d operator formed first: one product per token.
+
+        Row form: x + x M with M = eta (D - D^T D) (the transpose of eta (D^T - D^T D), since D^T D is symmetric).
+        ``addmm`` adds the identity term inside the GEMM, so it is not rounded into M.
+        """
+        W = self.weight
+        M = torch.addmm(W, W.t(), W, beta=self.step, alpha=-self.step)  # eta W - eta W^T W
+        x2 = x.reshape(-1, x.shape[-1])
+        y = torch.addmm(x2, x2, M).sub_(self.step * self.lambd)
+        return F.relu(y).view(x.shape)
 
     def forward_ref(self, x: torch.Tensor) -> torch.Tensor:
         """Three-matmul form, as in the paper's equation: b + eta (D^T b - D^T D b) - eta lambda."""
@@ -251,9 +273,14 @@ class Crate(nn.Module):
         if indices is None:
             keep = list(range(depth))
         elif isinstance(indices, int):
+            if not 0 < indices <= depth:
+                raise ValueError(f"indices={indices}: asks for the last n layers, n must be in 1..{depth}")
             keep = list(range(depth - indices, depth))
         else:
-            keep = sorted(i % depth for i in indices)
+            bad = [i for i in indices if not -depth <= i < depth]
+            if bad:
+                raise ValueError(f"indices {bad} out of range for a {depth}-layer model (use -{depth}..{depth - 1})")
+            keep = sorted({i % depth for i in indices})
         res: dict[str, Any] = {"indices": keep, "tokens": [], "half": [], "proj": []}
         if return_attn:
             res["attn"] = []
@@ -284,6 +311,11 @@ def _create_crate(variant: str, patch_size: int | None = None, **kwargs: Any) ->
     overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in CrateConfig.__dataclass_fields__}
     if patch_size is not None:
         overrides["patch_size"] = patch_size
+    derived_head_dim = cfg.head_dim == cfg.embed_dim // cfg.num_heads
+    if derived_head_dim and "head_dim" not in overrides and {"embed_dim", "num_heads"} & set(overrides):
+        # The variant's head_dim was derived as embed_dim // num_heads; re-derive it for the new width/heads
+        # instead of carrying the old value over (replace() copies every field).
+        overrides["head_dim"] = None
     cfg = replace(cfg, **overrides)
     return Crate(cfg, **kwargs)
 

@@ -1,0 +1,1 @@
+"""Opt-in bridges to other libraries (nothing here runs at ``import ratelab``)."""
