@@ -26,6 +26,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import platform
@@ -54,6 +55,12 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def device_name(device: str) -> str:
+    if str(device).startswith("cuda"):
+        return f"GPU {torch.cuda.get_device_name(torch.device(device))}"
+    return f"CPU {cpu_name()}"
+
+
 def build(args: argparse.Namespace) -> dict[str, nn.Module]:
     torch.manual_seed(args.seed)
     fast = ratelab.create_model(args.model, img_size=args.img_size, num_classes=args.num_classes)
@@ -74,7 +81,7 @@ def build(args: argparse.Namespace) -> dict[str, nn.Module]:
             num_heads=cfg.num_heads,
             num_classes=args.num_classes,
         )
-    return models
+    return {n: m.to(args.device) for n, m in models.items()}
 
 
 def check_equal(fast: nn.Module, ref: nn.Module, x: torch.Tensor, tol: float) -> dict[str, float]:
@@ -106,23 +113,30 @@ def check_equal(fast: nn.Module, ref: nn.Module, x: torch.Tensor, tol: float) ->
 
 
 def make_steps(
-    models: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor, adamw_impl: str
+    models: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor, adamw_impl: str, amp: str
 ) -> dict[str, dict[str, Callable]]:
     steps: dict[str, dict[str, Callable]] = {}
+
+    def autocast() -> contextlib.AbstractContextManager:
+        if amp == "bf16":
+            return torch.autocast(device_type=x.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     impl = {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}[adamw_impl]
     for name, model in models.items():
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **impl)
 
         def train(model: nn.Module = model, opt: torch.optim.Optimizer = opt) -> None:
             model.train()
-            loss = F.cross_entropy(model(x), y)
+            with autocast():
+                loss = F.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
 
         def infer(model: nn.Module = model) -> None:
             model.eval()
-            with torch.inference_mode():
+            with torch.inference_mode(), autocast():
                 model(x)
 
         steps[name] = {"train": train, "infer": infer}
@@ -134,9 +148,11 @@ def time_interleaved(
 ) -> dict[str, list[float]]:
     """Seconds per call, one entry per round, each contender timed once per round in rotated order."""
     names = list(steps)
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for name in names:
         for _ in range(warmup):
             steps[name][kind]()
+    sync()
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         order = names[r % len(names) :] + names[: r % len(names)]
@@ -144,6 +160,7 @@ def time_interleaved(
             t0 = time.perf_counter()
             for _ in range(iters):
                 steps[name][kind]()
+            sync()  # CUDA launches are asynchronous: wait for the work before reading the clock
             times[name].append((time.perf_counter() - t0) / iters)
         log(f"  {kind} round {r + 1}/{rounds}: " + ", ".join(f"{n} {times[n][-1]:.3f}s" for n in names))
     return times
@@ -169,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-infer", action="store_true", help="time the train step only")
     ap.add_argument("--tol", type=float, default=1e-4, help="max relative fast-vs-ref difference before aborting")
     ap.add_argument("--seed", type=int, default=0, help="weights and data seed")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the GPU rows of docs/benchmarks.md)")
+    ap.add_argument("--amp", choices=["none", "bf16"], default="none",
+                    help="bf16 autocast for the timed steps (the equivalence check always runs in fp32/fp64)")
     ap.add_argument("--json", type=Path, default=None, help="write the results here as JSON")
     args = ap.parse_args(argv)
 
@@ -179,10 +199,14 @@ def main(argv: list[str] | None = None) -> int:
     g = torch.Generator().manual_seed(args.seed)
     x = torch.randn(args.batch_size, models["fast"].in_chans, args.img_size, args.img_size, generator=g)
     y = torch.randint(0, args.num_classes, (args.batch_size,), generator=g)
+    x, y = x.to(args.device), y.to(args.device)
+    if x.device.type == "cuda":  # TF32 would make the fp32 equivalence check meaningless
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     params = {n: sum(p.numel() for p in m.parameters()) for n, m in models.items()}
     log(
-        f"{args.model} batch {args.batch_size} at {args.img_size}px, fp32, {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}, CPU {cpu_name()}"
+        f"{args.model} batch {args.batch_size} at {args.img_size}px, amp {args.amp}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}, {device_name(args.device)}"
     )
     log("params: " + ", ".join(f"{n} {v / 1e6:.2f}M" for n, v in params.items()))
 
@@ -192,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         f"fp64 gradients (input and every parameter) max relative diff {eq['fp64_grad_max_rel_diff']:.3g}"
     )
 
-    steps = make_steps(models, x, y, args.adamw)
+    steps = make_steps(models, x, y, args.adamw, args.amp)
     kinds = ["train"] + ([] if args.skip_infer else ["infer"])
     results: dict[str, dict] = {}
     for kind in kinds:
@@ -230,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "cpu": cpu_name(),
+            "device": device_name(args.device),
             "params": params,
             "equivalence": eq,
             "results": results,
