@@ -17,12 +17,25 @@ _MODEL_ENTRYPOINTS: dict[str, Callable[..., nn.Module]] = {}
 _MODEL_FAMILY: dict[str, str] = {}
 
 
+def named_decorator(table: dict[str, Any], kind: str, name: str) -> Callable[[Any], Any]:
+    """Decorator storing its target in ``table`` under ``name``; a duplicate name is an error, never an overwrite.
+
+    Shared by every registry of the library (models, datasets, tasks).
+    """
+
+    def deco(obj: Any) -> Any:
+        if name in table:
+            raise ValueError(f"{kind} {name!r} is already registered (by {table[name].__module__})")
+        table[name] = obj
+        return obj
+
+    return deco
+
+
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     """Register ``fn`` under its ``__name__``. Duplicate names are an error, never a silent overwrite."""
     name = fn.__name__
-    if name in _MODEL_ENTRYPOINTS:
-        raise ValueError(f"model {name!r} is already registered (by {_MODEL_ENTRYPOINTS[name].__module__})")
-    _MODEL_ENTRYPOINTS[name] = fn
+    named_decorator(_MODEL_ENTRYPOINTS, "model", name)(fn)
     _MODEL_FAMILY[name] = fn.__module__.split(".")[-2] if fn.__module__.count(".") >= 2 else fn.__module__
     return fn
 

@@ -11,6 +11,8 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from ratelab.core.registry import named_decorator
+
 _DATASETS: dict[str, type] = {}
 _COMMON = ("root", "img_size", "seed", "augment")
 
@@ -18,13 +20,7 @@ _COMMON = ("root", "img_size", "seed", "augment")
 def register_dataset(name: str):
     """Class decorator registering a dataset under ``name``. Duplicate names are an error."""
 
-    def deco(cls: type) -> type:
-        if name in _DATASETS:
-            raise ValueError(f"dataset {name!r} is already registered (by {_DATASETS[name].__module__})")
-        _DATASETS[name] = cls
-        return cls
-
-    return deco
+    return named_decorator(_DATASETS, "dataset", name)
 
 
 def list_datasets() -> list[str]:

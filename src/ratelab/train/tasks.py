@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from ratelab.core.dist import DistInfo, all_reduce_sum
+from ratelab.core.registry import named_decorator
 from ratelab.train.config import TrainConfig
 
 __all__ = ["TASKS", "ClassificationTask", "Task", "build_task", "register_task"]
@@ -56,13 +57,7 @@ TASKS: dict[str, type] = {}
 def register_task(name: str):
     """Class decorator: make a task constructible by name (``TrainConfig.task``, ``ratelab train --task``)."""
 
-    def deco(cls: type) -> type:
-        if name in TASKS:
-            raise ValueError(f"task {name!r} is already registered (by {TASKS[name].__module__})")
-        TASKS[name] = cls
-        return cls
-
-    return deco
+    return named_decorator(TASKS, "task", name)
 
 
 def build_task(name: str, **kwargs: Any) -> Task:
