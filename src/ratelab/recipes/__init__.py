@@ -20,7 +20,7 @@ from typing import Any
 from ratelab.eval.report import Report, write_json
 
 # Modules that define recipes; imported on first lookup so `import ratelab` stays light.
-_RECIPE_MODULES = ("ratelab.recipes.crate.digits",)
+_RECIPE_MODULES = ("ratelab.recipes.crate.digits", "ratelab.recipes.mcr2.landscape")
 
 
 @dataclass
