@@ -20,7 +20,11 @@ from typing import Any
 from ratelab.eval.report import Report, write_json
 
 # Modules that define recipes; imported on first lookup so `import ratelab` stays light.
-_RECIPE_MODULES = ("ratelab.recipes.crate.digits", "ratelab.recipes.mcr2.landscape")
+_RECIPE_MODULES = (
+    "ratelab.recipes.crate.digits",
+    "ratelab.recipes.mcr2.landscape",
+    "ratelab.recipes.mcr2.label_noise",
+)
 
 
 @dataclass
