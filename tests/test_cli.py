@@ -73,3 +73,18 @@ def test_demo_smoke_writes_report_and_summary(tmp_path, capsys):
     assert html.count("data:image/png;base64,") >= 3
     assert (out / "crate-digits" / "results.json").exists()
     assert "crate-digits" in capsys.readouterr().out
+
+
+def test_eval_scores_an_mcr2_run_by_nearest_subspace(tmp_path, capsys):
+    from ratelab.train import MCR2Task, TrainConfig, Trainer
+
+    cfg = TrainConfig(task="mcr2", model="mcr2_mlp_small", dataset="digits", img_size=8, epochs=2, batch_size=128,
+                      out_dir=str(tmp_path / "run"), progress=False)
+    res = Trainer(cfg, MCR2Task()).fit()
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "ev")]) == 0
+    assert "nearest-subspace acc" in capsys.readouterr().out
+    ev = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    # the CLI's score is the task's own evaluation of the same weights on the same split
+    assert ev["acc"] == pytest.approx(res["val_acc"], abs=1e-6)
+    assert ev["delta_R"] > 0

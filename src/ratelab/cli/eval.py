@@ -41,6 +41,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default: 256)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--n-components", type=int, default=30,
+                   help="MCR² runs only: principal directions per class for nearest-subspace scoring (default: 30, as the task)")
     p.add_argument("--out", default=None, metavar="DIR", help="write DIR/eval.json with the results")
     p.set_defaults(func=run)
 
@@ -113,7 +115,13 @@ def run(args: argparse.Namespace) -> int:
     ds = build_dataset(dataset, args.split, root=root, img_size=img_size, seed=seed, augment=False, **extra)
     device = resolve_device(args.device)
     model = model.to(device)
-    res = evaluate_classifier(model, ds, batch_size=args.batch_size, device=device)
+    if run_cfg.get("task") == "mcr2":
+        # An MCR² network outputs features, not logits: score it as its task does, by nearest subspace with class
+        # subspaces fitted on the (un-augmented) training split.
+        res = _evaluate_mcr2(model, ds, root=root, img_size=img_size, seed=seed, extra=extra, dataset=dataset,
+                             batch_size=args.batch_size, device=device, n_components=args.n_components)
+    else:
+        res = evaluate_classifier(model, ds, batch_size=args.batch_size, device=device)
     out = {
         "checkpoint": str(path),
         "model": getattr(model, "model_name", type(model).__name__),
@@ -123,7 +131,9 @@ def run(args: argparse.Namespace) -> int:
         "seed": seed,
         **res,
     }
-    print(f"{out['model']} on {dataset}/{args.split} ({res['n']} items): acc {res['acc']:.4f}, loss {res['loss']:.4f}")
+    metric = f"nearest-subspace acc {res['acc']:.4f}, delta_R {res['delta_R']:.3f}" if "delta_R" in res else (
+        f"acc {res['acc']:.4f}, loss {res['loss']:.4f}")
+    print(f"{out['model']} on {dataset}/{args.split} ({res['n']} items): {metric}")
     if args.out:
         from ratelab.core.checkpoint import atomic_write_text
 
@@ -132,3 +142,23 @@ def run(args: argparse.Namespace) -> int:
         atomic_write_text(json.dumps(out, indent=2), out_dir / "eval.json")
         print(f"wrote {out_dir / 'eval.json'}")
     return 0
+
+
+def _evaluate_mcr2(model, ds, *, root, img_size, seed, extra, dataset, batch_size, device, n_components) -> dict:
+    """Nearest-subspace accuracy and rate reduction of an MCR² feature network on ``ds``."""
+    import math
+
+    from ratelab.data import build_dataset
+    from ratelab.eval.subspace import nearest_subspace_fit, nearest_subspace_predict
+    from ratelab.objectives.rate_reduction import rate_reduction
+    from ratelab.train.mcr2_task import extract_features
+
+    train = build_dataset(dataset, "train", root=root, img_size=img_size, seed=seed, augment=False, **extra)
+    model.eval()
+    f_tr, y_tr = extract_features(model, train, device=device, batch_size=batch_size, normalize=True)
+    f_te, y_te = extract_features(model, ds, device=device, batch_size=batch_size, normalize=True)
+    fit = nearest_subspace_fit(f_tr, y_tr, n_components, num_classes=ds.num_classes)
+    acc = (nearest_subspace_predict(fit, f_te) == y_te).double().mean().item()
+    dR, R, Rc = rate_reduction(f_te.double(), y_te, math.sqrt(0.5), num_classes=ds.num_classes)
+    return {"acc": acc, "n": int(len(y_te)), "delta_R": float(dR), "R": float(R), "Rc": float(Rc),
+            "n_components": n_components, "eps": math.sqrt(0.5)}
