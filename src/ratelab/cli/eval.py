@@ -42,7 +42,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default: 256)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--n-components", type=int, default=30,
-                   help="MCR² runs only: principal directions per class for nearest-subspace scoring (default: 30, as the task)")
+                   help="MCR² runs only: principal directions per class for nearest-subspace scoring "
+                   "(default: 30, as the task)")
     p.add_argument("--out", default=None, metavar="DIR", help="write DIR/eval.json with the results")
     p.set_defaults(func=run)
 
