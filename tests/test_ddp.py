@@ -8,26 +8,17 @@ with augmentation on the two setups see differently shifted images (documented i
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _dist import run_torchrun
 from _train_helpers import read_rows, tiny_config
 
 from ratelab.train import ClassificationTask, Trainer
 from ratelab.train.data import EvalShardSampler, ShardedBatchSampler, epoch_permutation
 
 HELPER = Path(__file__).with_name("_train_helpers.py")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cfg(out):
@@ -50,25 +41,8 @@ def _cfg(out):
 def ddp_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     cfg = _cfg(root / "run")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes=1",
-        "--nproc_per_node=2",
-        "--master-addr=127.0.0.1",
-        f"--master-port={_free_port()}",
-        str(HELPER),
-        "--mode",
-        "ddp",
-        "--config-json",
-        json.dumps(cfg.to_dict()),
-        "--dump",
-        str(root / "final.pt"),
-    ]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    res = run_torchrun(HELPER, "--mode", "ddp", "--config-json", json.dumps(cfg.to_dict()), "--dump",
+                       root / "final.pt", timeout=300)
     return root, cfg, res
 
 

@@ -3,14 +3,11 @@ after DDP's gradient averaging, the single-process parameter gradients."""
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _dist import run_torchrun
 from _mcr2_ddp_worker import features, global_problem
 
 from ratelab.objectives import mcr2_loss, rate_reduction_ref
@@ -18,29 +15,9 @@ from ratelab.objectives import mcr2_loss, rate_reduction_ref
 WORKER = Path(__file__).with_name("_mcr2_ddp_worker.py")
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.distributed
 def test_mcr2_loss_ddp_matches_single_process(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes=1",
-        "--nproc_per_node=2",
-        "--master-addr=127.0.0.1",
-        f"--master-port={_free_port()}",
-        str(WORKER),
-        "--out",
-        str(tmp_path),
-    ]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    run_torchrun(WORKER, "--out", tmp_path, timeout=120)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     assert all(r["world"] == 2 for r in ranks)
 

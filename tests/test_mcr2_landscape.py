@@ -14,14 +14,6 @@ from ratelab.analysis import mcr2_landscape as ml
 EPS = 0.5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _labels(sizes):
     return torch.cat([torch.full((nk,), k, dtype=torch.int64) for k, nk in enumerate(sizes)])
 

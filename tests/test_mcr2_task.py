@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from _dist import run_torchrun
 
 from ratelab.eval.subspace import (
     class_subspace_cosines,
@@ -16,14 +17,6 @@ from ratelab.eval.subspace import (
     nearest_subspace_residuals,
     principal_angles,
 )
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _orthogonal_subspace_data(n_per: int, K: int, dim: int, d: int, seed: int, noise: float = 0.0):
@@ -279,25 +272,12 @@ def _ddp_cfg(out):
 
 @pytest.mark.distributed
 def test_mcr2_task_ddp_matches_single_process(tmp_path):
-    import os
-    import socket
-    import subprocess
-    import sys
-
     from ratelab.train import MCR2Task, Trainer
 
     script = tmp_path / "ddp_mcr2.py"
     script.write_text(_DDP_SCRIPT)
     cfg = _ddp_cfg(tmp_path / "ddp")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-           "--master-addr=127.0.0.1", f"--master-port={port}", str(script), json.dumps(cfg.to_dict()),
-           str(tmp_path / "ddp.pt")]
-    res = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                         timeout=240)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    run_torchrun(script, json.dumps(cfg.to_dict()), tmp_path / "ddp.pt", timeout=240)
     single = Trainer(cfg.replace(out_dir=str(tmp_path / "single")), MCR2Task(feature_dim=16, n_components=4))
     single_result = single.fit()
     ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
