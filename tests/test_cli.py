@@ -88,3 +88,23 @@ def test_eval_scores_an_mcr2_run_by_nearest_subspace(tmp_path, capsys):
     # the CLI's score is the task's own evaluation of the same weights on the same split
     assert ev["acc"] == pytest.approx(res["val_acc"], abs=1e-6)
     assert ev["delta_R"] > 0
+
+
+def test_eval_calibration_report(tmp_path, capsys):
+    from ratelab.analysis.calibration import ece
+    from ratelab.core.checkpoint import load_model
+    from ratelab.data import build_dataset
+    from ratelab.eval.classification import predict
+    from ratelab.train import ClassificationTask, TrainConfig, Trainer
+
+    cfg = TrainConfig(model="crate_pico_patch4_16", dataset="digits", img_size=16, epochs=1, batch_size=128,
+                      out_dir=str(tmp_path / "run"), progress=False)
+    Trainer(cfg, ClassificationTask()).fit()
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--calibration", "--out", str(tmp_path / "ev")]) == 0
+    assert "ece_width15" in capsys.readouterr().out
+    ev = json.loads((tmp_path / "ev" / "eval.json").read_text())["calibration"]
+    assert (tmp_path / "ev" / "reliability.png").stat().st_size > 1000
+    logits, labels = predict(load_model(tmp_path / "run"), build_dataset("digits", "val", img_size=16, augment=False))
+    assert ev["ece_width15"] == pytest.approx(ece(logits.double().softmax(-1), labels, n_bins=15), abs=1e-6)
+    assert 0 <= ev["mce15"] <= 1 and ev["brier"] > 0 and ev["nll"] > 0

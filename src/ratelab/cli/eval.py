@@ -44,6 +44,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n-components", type=int, default=30,
                    help="MCR² runs only: principal directions per class for nearest-subspace scoring "
                    "(default: 30, as the task)")
+    p.add_argument("--calibration", action="store_true",
+                   help="also report calibration: top-label ECE (15 equal-width and equal-mass bins), classwise ECE, "
+                   "MCE, RMS-CE, Brier, NLL; with --out also DIR/reliability.png")
     p.add_argument("--out", default=None, metavar="DIR", help="write DIR/eval.json with the results")
     p.set_defaults(func=run)
 
@@ -123,6 +126,11 @@ def run(args: argparse.Namespace) -> int:
                              batch_size=args.batch_size, device=device, n_components=args.n_components)
     else:
         res = evaluate_classifier(model, ds, batch_size=args.batch_size, device=device)
+        if args.calibration:
+            res["calibration"] = _calibration(model, ds, batch_size=args.batch_size, device=device,
+                                              figure=Path(args.out) / "reliability.png" if args.out else None)
+    if args.calibration and "calibration" not in res:
+        raise ValueError("--calibration needs a classifier's logits; this run trains features (task mcr2)")
     out = {
         "checkpoint": str(path),
         "model": getattr(model, "model_name", type(model).__name__),
@@ -135,6 +143,8 @@ def run(args: argparse.Namespace) -> int:
     metric = f"nearest-subspace acc {res['acc']:.4f}, delta_R {res['delta_R']:.3f}" if "delta_R" in res else (
         f"acc {res['acc']:.4f}, loss {res['loss']:.4f}")
     print(f"{out['model']} on {dataset}/{args.split} ({res['n']} items): {metric}")
+    for k, v in res.get("calibration", {}).items():
+        print(f"  {k:18s} {v:.4f}")
     if args.out:
         from ratelab.core.checkpoint import atomic_write_text
 
@@ -163,3 +173,25 @@ def _evaluate_mcr2(model, ds, *, root, img_size, seed, extra, dataset, batch_siz
     dR, R, Rc = rate_reduction(f_te.double(), y_te, math.sqrt(0.5), num_classes=ds.num_classes)
     return {"acc": acc, "n": int(len(y_te)), "delta_R": float(dR), "R": float(R), "Rc": float(Rc),
             "n_components": n_components, "eps": math.sqrt(0.5)}
+
+
+def _calibration(model, ds, *, batch_size, device, figure) -> dict[str, float]:
+    """Calibration metrics of the classifier's softmax on ``ds`` (and the reliability diagram, if asked)."""
+    from ratelab.analysis import calibration as cal
+    from ratelab.eval.classification import predict
+
+    logits, labels = predict(model, ds, batch_size=batch_size, device=device)
+    probs = logits.double().softmax(-1)
+    res = {
+        "ece_width15": cal.ece(probs, labels, n_bins=15, binning="width"),
+        "ece_mass15": cal.ece(probs, labels, n_bins=15, binning="mass"),
+        "classwise_ece15": cal.classwise_ece(probs, labels, n_bins=15),
+        "mce15": cal.mce(probs, labels, n_bins=15),
+        "rms_ce15": cal.rms_ce(probs, labels, n_bins=15),
+        "brier": cal.brier(probs, labels),
+        "nll": cal.nll(probs, labels),
+    }
+    if figure is not None:
+        figure.parent.mkdir(parents=True, exist_ok=True)
+        cal.reliability_diagram(probs, labels, n_bins=15).savefig(figure, dpi=110, bbox_inches="tight")
+    return res
