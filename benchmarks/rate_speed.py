@@ -22,13 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import statistics
-import subprocess
 import time
 
 import torch
 import torch.nn.functional as F
+from _machine import cpu_name  # benchmarks/ is on sys.path when a script here runs
 
 from ratelab.objectives import rate_reduction
 
@@ -62,17 +61,6 @@ def mcr2_lowmem_delta_r(Z: torch.Tensor, Y: torch.Tensor, eps: float) -> torch.T
     P_all = torch.cat([P, (pi[:, None, None] * P).sum(0, keepdim=True)])
     ld = logdet_I_plus(d / eps**2 * P_all)
     return 0.5 * (ld[-1] - (pi * ld[:-1]).sum())
-
-
-def _cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return platform.processor() or "unknown"
 
 
 def bench_size(n: int, d: int, K: int, rounds: int, max_gb: float) -> dict:
@@ -154,7 +142,7 @@ def main() -> int:
         for note in res["notes"]:
             print("  note:", note)
     meta = {
-        "cpu": _cpu_model(),
+        "cpu": cpu_name(),
         "torch": torch.__version__,
         "threads": args.threads,
         "rounds": args.rounds,

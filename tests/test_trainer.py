@@ -106,6 +106,9 @@ def test_saved_model_reloads_with_same_logits(run):
     trainer.model.eval()
     with torch.no_grad():
         assert torch.equal(loaded(x), trainer.model(x))
+        # the training checkpoint carries its model config, so it rebuilds the same model on its own
+        from_ckpt = load_model(f"{cfg.out_dir}/checkpoints/last.pt").eval()
+        assert torch.equal(from_ckpt(x), trainer.model(x))
     ema = load_model(f"{cfg.out_dir}/ema")
     for k, v in trainer.ema_model.state_dict().items():
         assert torch.equal(ema.state_dict()[k], v)

@@ -71,31 +71,16 @@ def load_classifier(path: str | Path):
         FileNotFoundError: nothing loadable at ``path``.
         ratelab.core.checkpoint.CheckpointError: the file is unreadable or does not fit the model.
     """
-    import torch
-
-    from ratelab.core.checkpoint import MODEL_CONFIG, CheckpointError, load_model, load_state_dict_strict
-    from ratelab.core.registry import create_model
+    from ratelab.core.checkpoint import MODEL_CONFIG, load_model
 
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"--checkpoint: {p} does not exist")
-    if (p.is_dir() and (p / MODEL_CONFIG).is_file()) or p.suffix == ".safetensors":
-        return load_model(p)
-    pt = p / "checkpoints" / "last.pt" if p.is_dir() else p
-    if not pt.is_file():
+    if p.is_dir() and not (p / MODEL_CONFIG).is_file() and not (p / "checkpoints" / "last.pt").is_file():
         raise FileNotFoundError(
             f"--checkpoint: {p} holds neither {MODEL_CONFIG} + model.safetensors nor checkpoints/last.pt"
         )
-    try:
-        ckpt = torch.load(str(pt), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{pt}: cannot read checkpoint ({type(e).__name__}: {e})") from e
-    meta = ckpt.get("model_config") if isinstance(ckpt, dict) else None
-    if not meta:
-        raise CheckpointError(f"{pt}: no model_config inside; it was not written by the ratelab trainer")
-    model = create_model(meta["model"], **{**meta.get("kwargs", {}), **meta.get("arch", {})})
-    load_state_dict_strict(model, ckpt["model"], source=str(pt))
-    return model
+    return load_model(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -157,12 +142,10 @@ def run(args: argparse.Namespace) -> int:
 
 def _evaluate_mcr2(model, ds, *, root, img_size, seed, extra, dataset, batch_size, device, n_components) -> dict:
     """Nearest-subspace accuracy and rate reduction of an MCR² feature network on ``ds``."""
-    import math
-
     from ratelab.data import build_dataset
     from ratelab.eval.subspace import nearest_subspace_fit, nearest_subspace_predict
     from ratelab.objectives.rate_reduction import rate_reduction
-    from ratelab.train.mcr2_task import extract_features
+    from ratelab.train.mcr2_task import EPS_OFFICIAL, extract_features
 
     train = build_dataset(dataset, "train", root=root, img_size=img_size, seed=seed, augment=False, **extra)
     model.eval()
@@ -170,9 +153,9 @@ def _evaluate_mcr2(model, ds, *, root, img_size, seed, extra, dataset, batch_siz
     f_te, y_te = extract_features(model, ds, device=device, batch_size=batch_size, normalize=True)
     fit = nearest_subspace_fit(f_tr, y_tr, n_components, num_classes=ds.num_classes)
     acc = (nearest_subspace_predict(fit, f_te) == y_te).double().mean().item()
-    dR, R, Rc = rate_reduction(f_te.double(), y_te, math.sqrt(0.5), num_classes=ds.num_classes)
+    dR, R, Rc = rate_reduction(f_te.double(), y_te, EPS_OFFICIAL, num_classes=ds.num_classes)
     return {"acc": acc, "n": int(len(y_te)), "delta_R": float(dR), "R": float(R), "Rc": float(Rc),
-            "n_components": n_components, "eps": math.sqrt(0.5)}
+            "n_components": n_components, "eps": EPS_OFFICIAL}
 
 
 def _calibration(model, ds, *, batch_size, device, figure) -> dict[str, float]:

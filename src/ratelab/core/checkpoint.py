@@ -206,16 +206,37 @@ def load_model_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 
 
 def load_model(path: str | os.PathLike, **overrides: Any) -> nn.Module:
-    """Rebuild a model saved by :func:`save_model` (or a trainer run directory) and load its weights."""
+    """Rebuild a saved model and load its weights.
+
+    ``path`` is a directory or ``model.safetensors`` written by :func:`save_model` (the config is the
+    ``model_config.json`` beside it), or a trainer checkpoint ``*.pt`` / a run directory holding only
+    ``checkpoints/last.pt`` (the config travels inside the checkpoint as ``model_config``).
+    """
     from ratelab.core.registry import create_model
 
     path = Path(path)
     cfg_path = (path if path.is_dir() else path.parent) / MODEL_CONFIG
-    if not cfg_path.exists():
-        raise CheckpointError(f"{cfg_path} not found: cannot tell which model {path} holds; use create_model(name, "
-                              f"checkpoint_path=...) instead")
-    meta = json.loads(cfg_path.read_text())
+    if cfg_path.exists():
+        meta = json.loads(cfg_path.read_text())
+        source, state = cfg_path, None
+    else:
+        pt = path / "checkpoints" / "last.pt" if path.is_dir() else path
+        if pt.suffix == ".safetensors" or not pt.is_file():
+            raise CheckpointError(f"{cfg_path} not found: cannot tell which model {path} holds; use create_model("
+                                  f"name, checkpoint_path=...) instead")
+        try:
+            ckpt = torch.load(str(pt), map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"{pt}: cannot read checkpoint ({type(e).__name__}: {e})") from e
+        meta = ckpt.get("model_config") if isinstance(ckpt, dict) else None
+        if not meta:
+            raise CheckpointError(f"{pt}: no model_config inside; it was not written by the ratelab trainer")
+        source, state = pt, ckpt["model"]
     if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{cfg_path}: format_version {meta['format_version']} is newer than this ratelab")
+        raise CheckpointError(f"{source}: format_version {meta['format_version']} is newer than this ratelab")
     kwargs = {**meta.get("kwargs", {}), **meta.get("arch", {}), **overrides}
-    return create_model(meta["model"], checkpoint_path=str(path), **kwargs)
+    if state is None:
+        return create_model(meta["model"], checkpoint_path=str(path), **kwargs)
+    model = create_model(meta["model"], **kwargs)
+    load_state_dict_strict(model, state, source=str(source))
+    return model
