@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ratelab-installed
 # Pinned for this project's CPU machines (see DEVELOPERS.md); pyproject.toml states compatible ranges elsewhere.
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
+# Reference calibration library of the tests, installed without its heavy optional stack (see pyproject.toml).
+NETCAL_PIN ?= netcal==1.3.6
 DEMO_OUT ?= runs/demo
 PYTEST_ARGS ?=
 
@@ -21,6 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check $(TORCH_PIN)
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps $(NETCAL_PIN)
 	@touch $(STAMP)
 
 setup: $(STAMP)

@@ -1,0 +1,321 @@
+"""Mamba-2 token mixer in pure PyTorch, with the parameter names and shapes of ``mamba_ssm`` 2.x ``Mamba2``.
+
+Paper: Dao & Gu, "Transformers are SSMs: Generalized Models and Efficient Algorithms Through Structured State Space
+Duality", ICML 2024 (arXiv 2405.21060). Parameter layout, defaults and initialization follow the documented
+behaviour of state-spaces/mamba ``mamba_ssm/modules/mamba2.py`` (v2.0.x); this is an independent implementation,
+so a ``mamba_ssm`` state dict loads with no renaming:
+
+    in_proj.weight   (2 d_in + 2 g N + H, d_model)   split as [z | xBC | dt]
+    conv1d.weight    (d_in + 2 g N, 1, d_conv), conv1d.bias (d_in + 2 g N)
+    dt_bias, A_log   (H,);  D (H,) or (d_in,) with ``D_has_hdim``
+    norm.weight      (d_in,)                          gated RMSNorm, gate first (norm_before_gate=False)
+    out_proj.weight  (d_model, d_in)
+
+Forward on u (B, L, d_model):
+
+    z, xBC, dt = in_proj(u)
+    xBC        = SiLU(causal depthwise conv(xBC))           left-padded by d_conv - 1
+    x, B, C    = xBC                                        x -> (H, P), B, C -> (g, N)
+    y          = SSD(x, softplus(dt + dt_bias), A = -exp(A_log), B, C) + D x
+    out        = out_proj(RMSNorm(y * SiLU(z)) * w)         normalized over groups of d_in / g channels
+
+The scan itself is :func:`ratelab.kernels.ssd.ssd` (backend ``"auto"``/``"chunked"``/``"ref"``, fused
+``mamba_ssm`` kernels on CUDA when installed). Deviations from ``mamba_ssm``: no fused "memory-efficient" path
+(the same math is run op by op), no tensor-parallel or variable-length (``seq_idx``/``cu_seqlens``) support, the
+depthwise conv is ``F.conv1d`` on a left-padded input rather than the ``causal_conv1d`` CUDA extension, and the
+step API is functional (returns new caches instead of updating them in place).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["Mamba2", "RMSNormGated", "causal_conv1d", "causal_conv1d_step"]
+
+
+def causal_conv1d(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, activation: str | None = None
+) -> torch.Tensor:
+    """Causal depthwise 1-D convolution over the sequence axis.
+
+    Args:
+        x: (B, L, C) sequence-major input.
+        weight: (C, 1, W) or (C, W) per-channel filters; ``weight[c, -1]`` multiplies the current position.
+        bias: optional (C,).
+        activation: ``None`` or ``"silu"``.
+
+    Returns:
+        (B, L, C); output t depends on inputs t-W+1 .. t only (zeros before the start).
+    """
+    if activation not in (None, "silu"):
+        raise ValueError(f"causal_conv1d: activation must be None or 'silu', got {activation!r}")
+    C = x.shape[-1]
+    w = weight.reshape(C, 1, -1)
+    y = F.conv1d(F.pad(x.transpose(1, 2), (w.shape[-1] - 1, 0)), w, bias, groups=C).transpose(1, 2)
+    return F.silu(y) if activation == "silu" else y
+
+
+def causal_conv1d_step(
+    x: torch.Tensor,
+    conv_state: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    activation: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token of :func:`causal_conv1d` with an explicit window.
+
+    Args:
+        x: (B, C) this token's input.
+        conv_state: (B, C, W) the last W inputs, oldest first (zeros at the start of a sequence).
+        weight: (C, 1, W) or (C, W).
+
+    Returns:
+        ``(y (B, C), new_conv_state (B, C, W))``.
+    """
+    state = torch.cat([conv_state[:, :, 1:], x[:, :, None].to(conv_state.dtype)], dim=-1)
+    y = (state * weight.reshape(weight.shape[0], -1)).sum(-1)
+    if bias is not None:
+        y = y + bias
+    return (F.silu(y) if activation == "silu" else y), state
+
+
+class RMSNormGated(nn.Module):
+    """Gated RMSNorm of ``mamba_ssm``: ``RMSNorm(x * SiLU(z)) * weight`` (``norm_before_gate=False``).
+
+    The mean square is taken over consecutive groups of ``group_size`` channels (``d_in // ngroups`` in Mamba-2, so a
+    single group over all channels when ``ngroups == 1``). ``norm_before_gate=True`` gives
+    ``RMSNorm(x) * weight * SiLU(z)`` instead. (..., dim) -> (..., dim).
+    """
+
+    def __init__(
+        self, dim: int, eps: float = 1e-5, *, norm_before_gate: bool = False, group_size: int | None = None
+    ) -> None:
+        super().__init__()
+        group_size = dim if group_size is None else group_size
+        if dim % group_size:
+            raise ValueError(f"RMSNormGated: dim={dim} is not divisible by group_size={group_size}")
+        self.eps = eps
+        self.group_size = group_size
+        self.norm_before_gate = norm_before_gate
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float() if dtype in (torch.float16, torch.bfloat16) else x
+        if z is not None and not self.norm_before_gate:
+            x = x * F.silu(z.to(x.dtype))
+        g = x.unflatten(-1, (-1, self.group_size))
+        g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)
+        y = g.flatten(-2) * self.weight.to(x.dtype)
+        if z is not None and self.norm_before_gate:
+            y = y * F.silu(z.to(y.dtype))
+        return y.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}, group_size={self.group_size}"
+
+
+class Mamba2(nn.Module):
+    """Mamba-2 mixer: (B, L, d_model) -> (B, L, d_model), causal along L.
+
+    Args:
+        d_model: token width D.
+        d_state: state size N per group (``mamba_ssm`` default 128; Adventurer and M-VAR use 64).
+        d_conv: depthwise conv width.
+        expand: d_in = expand * d_model.
+        headdim: channels P per head; H = d_in / P heads.
+        ngroups: groups g sharing B and C (H % g == 0).
+        A_init_range: A_log = log U(A_init_range).
+        D_has_hdim: skip D per channel (d_in,) instead of per head (H,).
+        rmsnorm: gated RMSNorm before out_proj (else plain gating y * SiLU(z)).
+        norm_before_gate: see :class:`RMSNormGated`.
+        dt_min, dt_max, dt_init_floor: dt_bias = softplus^-1(dt), dt log-uniform in [dt_min, dt_max], floored.
+        dt_limit: clamp of the step size after softplus ((0, inf): none).
+        bias: bias on in_proj and out_proj.
+        conv_bias: bias on the depthwise conv.
+        chunk_size: SSD chunk length (a speed knob; the result does not depend on it).
+        backend: SSD backend, ``"auto"``, ``"chunked"`` or ``"ref"`` (see :func:`ratelab.kernels.ssd.ssd`).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        *,
+        d_state: int = 128,
+        d_conv: int = 4,
+        expand: int = 2,
+        headdim: int = 64,
+        ngroups: int = 1,
+        A_init_range: tuple[float, float] = (1.0, 16.0),
+        D_has_hdim: bool = False,
+        rmsnorm: bool = True,
+        norm_before_gate: bool = False,
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+        dt_limit: tuple[float, float] = (0.0, float("inf")),
+        bias: bool = False,
+        conv_bias: bool = True,
+        chunk_size: int = 256,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.d_model = d_model
+        self.d_state = d_state
+        self.d_conv = d_conv
+        self.d_inner = d_inner = expand * d_model
+        if d_inner % headdim:
+            raise ValueError(f"Mamba2: d_inner = {expand} * {d_model} = {d_inner} is not divisible by {headdim=}")
+        self.headdim = headdim
+        self.nheads = nheads = d_inner // headdim
+        if nheads % ngroups:
+            raise ValueError(f"Mamba2: nheads={nheads} is not divisible by ngroups={ngroups}")
+        self.ngroups = ngroups
+        self.D_has_hdim = D_has_hdim
+        self.rmsnorm = rmsnorm
+        self.dt_limit = tuple(dt_limit)
+        self.chunk_size = chunk_size
+        self.backend = backend
+        self.conv_dim = conv_dim = d_inner + 2 * ngroups * d_state
+
+        self.in_proj = nn.Linear(d_model, 2 * d_inner + 2 * ngroups * d_state + nheads, bias=bias)
+        # padding is applied by causal_conv1d (left only); the module holds the weights in nn.Conv1d's layout.
+        self.conv1d = nn.Conv1d(conv_dim, conv_dim, d_conv, groups=conv_dim, bias=conv_bias)
+
+        # Step size: softplus(dt_bias) is log-uniform in [dt_min, dt_max] at init; softplus^-1(y) = y + log(1 - e^-y).
+        dt = torch.exp(torch.rand(nheads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=dt_init_floor)
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+        lo, hi = A_init_range
+        if not 0 < lo <= hi:
+            raise ValueError(f"Mamba2: A_init_range must satisfy 0 < lo <= hi, got {A_init_range}")
+        self.A_log = nn.Parameter(torch.log(torch.empty(nheads).uniform_(lo, hi)))
+        self.D = nn.Parameter(torch.ones(d_inner if D_has_hdim else nheads))
+        for p in (self.dt_bias, self.A_log, self.D):
+            p._no_weight_decay = True  # the mamba_ssm flag; ratelab's optimizer already skips every 1-D tensor
+        if rmsnorm:
+            gs = d_inner // ngroups
+            self.norm = RMSNormGated(d_inner, eps=1e-5, norm_before_gate=norm_before_gate, group_size=gs)
+        self.out_proj = nn.Linear(d_inner, d_model, bias=bias)
+
+    # ---- pieces shared by the full pass, the step and the analysis path ---------------------------------------
+    def _split_proj(self, zxbcdt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
+
+    def _split_xbc(self, xbc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        gn = self.ngroups * self.d_state
+        x, B, C = torch.split(xbc, [self.d_inner, gn, gn], dim=-1)
+        lead = x.shape[:-1]
+        return (
+            x.reshape(*lead, self.nheads, self.headdim),
+            B.reshape(*lead, self.ngroups, self.d_state),
+            C.reshape(*lead, self.ngroups, self.d_state),
+        )
+
+    def _D(self) -> torch.Tensor:
+        return self.D.view(self.nheads, self.headdim) if self.D_has_hdim else self.D
+
+    def _A(self) -> torch.Tensor:
+        a = self.A_log
+        return -torch.exp(a.float() if a.dtype in (torch.float16, torch.bfloat16) else a)
+
+    def _gate_out(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        y = self.norm(y, z) if self.rmsnorm else y * F.silu(z)
+        return self.out_proj(y)
+
+    def ssm_inputs(self, u: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The SSD operands for a sequence: ``z`` (B, L, d_in), ``x`` (B, L, H, P), ``dt`` (B, L, H) raw,
+        ``B``/``C`` (B, L, g, N)."""
+        z, xbc, dt = self._split_proj(self.in_proj(u))
+        xbc = causal_conv1d(xbc, self.conv1d.weight, self.conv1d.bias, activation="silu")
+        x, B, C = self._split_xbc(xbc)
+        return {"z": z, "x": x, "dt": dt, "B": B, "C": C}
+
+    # ---- forward ----------------------------------------------------------------------------------------------
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        """(B, L, d_model) -> (B, L, d_model)."""
+        from ratelab.kernels.ssd import ssd
+
+        if u.ndim != 3 or u.shape[-1] != self.d_model:
+            raise ValueError(f"Mamba2: expected input (B, L, {self.d_model}), got {tuple(u.shape)}")
+        s = self.ssm_inputs(u)
+        y = ssd(
+            s["x"], s["dt"], self._A(), s["B"], s["C"], self._D(),
+            dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit,
+            chunk_size=self.chunk_size, backend=self.backend,
+        )  # fmt: skip
+        return self._gate_out(y.flatten(-2), s["z"])
+
+    def mixing_matrix(self, u: torch.Tensor) -> torch.Tensor:
+        """The SSD's implicit causal token-mixing matrix (the "attention" of state-space duality).
+
+        ``M[b, h, i, j] = (C_i . B_j) dt_j exp(sum_{k=j+1..i} dt_k A_h)`` for ``i >= j``, 0 above the diagonal, so that
+        the SSD output is ``y[:, i, h] = sum_j M[:, h, i, j] x[:, j, h] + D_h x[:, i, h]`` with ``x`` the post-conv
+        input of :meth:`ssm_inputs`. The conv, gate and projections are not part of it. O(L^2 H) memory: for
+        analysis at small sizes.
+
+        Returns:
+            (B, H, L, L).
+        """
+        s = self.ssm_inputs(u)
+        ct = torch.float32 if u.dtype in (torch.float16, torch.bfloat16) else u.dtype
+        dt = F.softplus(s["dt"].to(ct) + self.dt_bias.to(ct))
+        lo, hi = self.dt_limit
+        if (lo, hi) != (0.0, float("inf")):
+            dt = dt.clamp(min=lo, max=hi)
+        rep = self.nheads // self.ngroups
+        B = s["B"].to(ct).repeat_interleave(rep, dim=-2)  # (B, L, H, N)
+        C = s["C"].to(ct).repeat_interleave(rep, dim=-2)
+        cb = torch.einsum("bihn,bjhn->bhij", C, B)
+        cum = torch.cumsum(dt * self._A().to(ct), dim=1).transpose(1, 2)  # (B, H, L): sum_{k<=i} dt_k A
+        L = u.shape[1]
+        causal = torch.ones(L, L, dtype=torch.bool, device=u.device).tril()
+        seg = (cum[..., :, None] - cum[..., None, :]).masked_fill(~causal, float("-inf"))
+        return (cb * torch.exp(seg) * dt.transpose(1, 2)[..., None, :]).to(u.dtype)
+
+    # ---- recurrent inference ------------------------------------------------------------------------------------
+    def allocate_inference_cache(
+        self, batch_size: int, *, dtype: torch.dtype | None = None, device: torch.device | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero caches ``(conv_state (B, conv_dim, d_conv), ssm_state (B, H, P, N))`` for :meth:`step`."""
+        dtype = dtype or self.in_proj.weight.dtype
+        device = device or self.in_proj.weight.device
+        conv_state = torch.zeros(batch_size, self.conv_dim, self.d_conv, dtype=dtype, device=device)
+        ssm_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+        ssm_state = torch.zeros(batch_size, self.nheads, self.headdim, self.d_state, dtype=ssm_dtype, device=device)
+        return conv_state, ssm_state
+
+    def step(
+        self, u: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One token: ``u`` (B, d_model) or (B, 1, d_model) -> ``(out, new_conv_state, new_ssm_state)``.
+
+        Running it over a sequence from :meth:`allocate_inference_cache` reproduces :meth:`forward` token by token.
+        """
+        from ratelab.kernels.ssd import ssd_step
+
+        squeeze = u.ndim == 3
+        if squeeze:
+            if u.shape[1] != 1:
+                raise ValueError(f"Mamba2.step: expected one token (B, 1, D), got {tuple(u.shape)}")
+            u = u[:, 0]
+        z, xbc, dt = self._split_proj(self.in_proj(u))
+        xbc, conv_state = causal_conv1d_step(xbc, conv_state, self.conv1d.weight, self.conv1d.bias, activation="silu")
+        x, B, C = self._split_xbc(xbc)
+        y, ssm_state = ssd_step(
+            ssm_state, x, dt, self._A(), B, C, self._D(),
+            dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit,
+        )  # fmt: skip
+        out = self._gate_out(y.flatten(-2), z)
+        return (out[:, None] if squeeze else out), conv_state, ssm_state
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_model={self.d_model}, d_inner={self.d_inner}, heads={self.nheads}x{self.headdim}, "
+            f"d_state={self.d_state}, ngroups={self.ngroups}, d_conv={self.d_conv}, backend={self.backend!r}"
+        )

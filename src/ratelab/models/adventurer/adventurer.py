@@ -1,0 +1,402 @@
+"""Adventurer: a causal image model with a Mamba-2 token mixer, as the official code computes it.
+
+Papers: Wang et al., "Causal Image Modeling for Efficient Visual Understanding" (arXiv 2410.07599 v1) and its v2
+"Adventurer: Optimizing Vision Mamba Architecture Designs for Efficiency" (CVPR 2025). Official code:
+wangf3014/Adventurer ``models_mamba.py`` / ``mamba_custom.py`` (this file is an independent re-implementation; the
+official key names are mapped in ``convert.py``).
+
+Tokens h (B, N+1, D) in row-major patch order with the class token LAST. One block with flip flag f:
+
+    u = RMSNorm(h)
+    u = R u                           if f: reverse the N patch rows, the class token stays last
+    s = [mean(u) ; u]                 heading average of all N+1 normalized tokens, prepended (N+2 tokens)
+    m = Mamba2(s)[1:]                 causal mixer; the heading position's output is dropped
+    h = h + DropPath(R m if f else m)
+    h = h + DropPath(SwiGLU(RMSNorm(h)))      SwiGLU(v) = W3(SiLU(W1 v + b1) * (W2 v + b2)) + b3, hidden 2.5 D
+
+Stem: Conv2d(kernel = stride = patch) with bias, no norm; class token appended; learned position embedding over
+the N+1 tokens (its last row belongs to the class token). Head: RMSNorm, then Linear on the last token. All
+RMSNorms have weight only, eps 1e-5. The mixer is :class:`ratelab.layers.mamba2.Mamba2` with d_state 64, expand 2,
+headdim 64, ngroups 1, d_conv 4.
+
+Deviations from the official code:
+  * Flip schedule: the paper's figure alternates every block, the released code flips only blocks 2 and 3
+    (``n // 2 == 1``, a bug by the maintainer's account, wangf3014/Adventurer issue #6). ``flip="alternate"``
+    (``n % 2 == 1``) is the default; ``"legacy_2_3"`` reproduces the released code and ``"pairs"``
+    (``(n // 2) % 2 == 1``) the maintainer's other suggestion. Which one the released checkpoints were trained
+    with is unverified: pick it by ImageNet-val accuracy before trusting a port.
+  * Position-embedding resize keeps the class token's (last) row and resamples the N grid rows bicubically; the
+    official fine-tuning code treats the FIRST row as the extra token (so it folds the class token into the grid).
+    Inputs of another size than the construction size are resampled on the fly.
+  * The Mamba-2 scan runs through :func:`ratelab.kernels.ssd.ssd` (chunked SSD on CPU, chunk 64 by default instead
+    of 256: the result does not depend on it); no fused residual-add-norm (the same math, op by op); no
+    ``residual_in_fp32`` (there is no half-precision residual to protect under fp32 or autocast weights).
+  * ``forward_features`` returns the last block's tokens before the final RMSNorm (the CRATE convention of this
+    library: ``forward_head`` applies the norm), and ``heading_avg``/``flip="none"`` switch the two ingredients off
+    for the ablation of the paper (official ablation runs are not released).
+Drop-path rates follow the official list ``[0] + linspace(0, rate, depth)`` indexed by block (block 1 gets 0 too).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from ratelab.core.registry import register_model
+from ratelab.layers.mamba2 import Mamba2
+from ratelab.layers.patch import resample_pos_embed
+from ratelab.models.adventurer.config import ADVENTURER_VARIANTS, AdventurerConfig, flip_flags
+
+SSD_BACKENDS = ("auto", "chunked", "ref", "cuda")
+
+
+def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: drop the whole residual branch per sample with probability ``rate`` (rescaled)."""
+    if rate == 0.0 or not training:
+        return x
+    keep = 1.0 - rate
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+    return x * mask / keep
+
+
+class SwiGLU(nn.Module):
+    """``fc2(SiLU(fc1_g(v)) * fc1_x(v))``, biases on all three (official ``w1``, ``w2``, ``w3``). (..., D) -> same."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1_g = nn.Linear(dim, hidden)
+        self.fc1_x = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.silu(self.fc1_g(x)) * self.fc1_x(x))
+
+
+def reverse_patches(t: torch.Tensor) -> torch.Tensor:
+    """R: reverse the first N rows of (B, N+1, ...) and keep the last (class token) row in place. R = R^-1."""
+    return torch.cat([t[:, :-1].flip(1), t[:, -1:]], dim=1)
+
+
+class AdventurerBlock(nn.Module):
+    """Pre-norm Mamba-2 block with heading average and optional flip. (B, N+1, D) -> (B, N+1, D)."""
+
+    def __init__(
+        self, cfg: AdventurerConfig, *, flip: bool, drop_path: float = 0.0, chunk_size: int = 64, backend: str = "auto"
+    ) -> None:
+        super().__init__()
+        d = cfg.embed_dim
+        self.flip = flip
+        self.heading_avg = cfg.heading_avg
+        self.drop_path = drop_path
+        self.norm1 = nn.RMSNorm(d, eps=1e-5)
+        self.mixer = Mamba2(
+            d, d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand, headdim=cfg.headdim, ngroups=cfg.ngroups,
+            chunk_size=chunk_size, backend=backend,
+        )  # fmt: skip
+        self.norm2 = nn.RMSNorm(d, eps=1e-5)
+        self.mlp = SwiGLU(d, cfg.mlp_hidden)
+
+    def _mixer_input(self, h: torch.Tensor) -> torch.Tensor:
+        """RMSNorm, flip, heading token: (B, N+1, D) -> (B, N+2, D) (or N+1 without the heading average)."""
+        u = self.norm1(h)
+        if self.flip:
+            u = reverse_patches(u)
+        if self.heading_avg:
+            u = torch.cat([u.mean(dim=1, keepdim=True), u], dim=1)
+        return u
+
+    def _mixer_output(self, m: torch.Tensor) -> torch.Tensor:
+        """Drop the heading output, undo the flip: back to canonical (B, N+1, D)."""
+        if self.heading_avg:
+            m = m[:, 1:]
+        return reverse_patches(m) if self.flip else m
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        h = h + drop_path(self._mixer_output(self.mixer(self._mixer_input(h))), self.drop_path, self.training)
+        return h + drop_path(self.mlp(self.norm2(h)), self.drop_path, self.training)
+
+    def forward_verbose(self, h: torch.Tensor, *, return_attn: bool) -> dict[str, torch.Tensor]:
+        """Same computation keeping ``half`` (h + mixer) and, with ``return_attn``, the mixing matrix."""
+        s = self._mixer_input(h)
+        half = h + self._mixer_output(self.mixer(s))
+        out = half + self.mlp(self.norm2(half))
+        res = {"out": out, "half": half}
+        if return_attn:
+            M = self.mixer.mixing_matrix(s)  # (B, H, L, L) in mixer order
+            if self.heading_avg:
+                M = M[..., 1:, 1:]
+            if self.flip:  # conjugate by R: rows and columns back to canonical token order
+                n = M.shape[-1]
+                perm = torch.cat([torch.arange(n - 2, -1, -1), torch.tensor([n - 1])]).to(M.device)
+                M = M[..., perm, :][..., perm]
+            res["attn"] = M
+        return res
+
+
+class PatchEmbed(nn.Module):
+    """Conv2d(kernel = stride = p) stem: (B, C, H, W) -> (B, H/p * W/p, D), row-major patches."""
+
+    def __init__(self, in_chans: int, dim: int, patch_size: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Adventurer(nn.Module):
+    """Adventurer image classifier.
+
+    Args:
+        cfg: architecture (:class:`AdventurerConfig`).
+        img_size: construction input size (position-embedding grid); other sizes are resampled on the fly.
+        in_chans: input channels.
+        num_classes: head width; 0 gives an identity head (features only).
+        drop_path_rate: stochastic depth (training only).
+        ssd_backend: ``"auto"``, ``"chunked"`` or ``"ref"`` for every mixer (see :meth:`set_ssd_backend`).
+        ssd_chunk_size: SSD chunk length (speed only).
+    """
+
+    num_prefix_tokens = 1
+    cls_token_last = True
+
+    def __init__(
+        self,
+        cfg: AdventurerConfig,
+        *,
+        img_size: int = 224,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        drop_path_rate: float = 0.0,
+        ssd_backend: str = "auto",
+        ssd_chunk_size: int = 64,
+    ) -> None:
+        super().__init__()
+        if img_size % cfg.patch_size:
+            raise ValueError(f"img_size={img_size} is not divisible by patch_size={cfg.patch_size}")
+        if ssd_backend not in SSD_BACKENDS:
+            raise ValueError(f"ssd_backend must be one of {SSD_BACKENDS}, got {ssd_backend!r}")
+        self.cfg = cfg
+        self.img_size = img_size
+        self.in_chans = in_chans
+        self.num_classes = num_classes
+        self.num_features = self.embed_dim = d = cfg.embed_dim
+        self.grid_size = (img_size // cfg.patch_size, img_size // cfg.patch_size)
+        n_patches = self.grid_size[0] * self.grid_size[1]
+        self.patch_embed = PatchEmbed(in_chans, d, cfg.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.pos_embed = nn.Parameter(torch.zeros(1, n_patches + 1, d))  # last row: the class token's
+        rates = [0.0] + [drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # official off-by-one
+        self.blocks = nn.ModuleList(
+            AdventurerBlock(cfg, flip=f, drop_path=rates[i], chunk_size=ssd_chunk_size, backend=ssd_backend)
+            for i, f in enumerate(flip_flags(cfg.flip, cfg.depth))
+        )
+        self.norm = nn.RMSNorm(d, eps=1e-5)
+        self.head = nn.Linear(d, num_classes) if num_classes > 0 else nn.Identity()
+        self.grad_checkpointing = False
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Official init: lecun-normal stem, trunc-normal(0.02) head/tokens, zero Linear biases, and every mixer
+        ``out_proj`` re-drawn kaiming-uniform(a=sqrt 5) and divided by sqrt(depth); Mamba-2 internals keep theirs."""
+        w = self.patch_embed.proj.weight
+        fan_in = w.shape[1] * w.shape[2] * w.shape[3]
+        std = math.sqrt(1.0 / fan_in) / 0.87962566103423978  # std of a unit normal truncated at +-2
+        nn.init.trunc_normal_(w, std=std, a=-2 * std, b=2 * std)
+        nn.init.zeros_(self.patch_embed.proj.bias)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        if isinstance(self.head, nn.Linear):
+            nn.init.trunc_normal_(self.head.weight, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+        for blk in self.blocks:
+            p = blk.mixer.out_proj.weight
+            nn.init.kaiming_uniform_(p, a=math.sqrt(5))
+            with torch.no_grad():
+                p /= math.sqrt(self.cfg.depth)
+
+    # ---- configuration switches ---------------------------------------------------------------------------
+    def set_ssd_backend(self, backend: str) -> None:
+        """``"auto"`` (chunked on CPU, fused mamba_ssm on CUDA when installed), ``"chunked"``, ``"ref"``, ``"cuda"``."""
+        if backend not in SSD_BACKENDS:
+            raise ValueError(f"ssd backend must be one of {SSD_BACKENDS}, got {backend!r}")
+        for blk in self.blocks:
+            blk.mixer.backend = backend
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def no_weight_decay(self) -> set[str]:
+        # The 1-D A_log, D, dt_bias and norm weights are exempt by rank in ratelab's optimizer already.
+        return {"cls_token", "pos_embed"}
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        return {"stem": r"^cls_token|^pos_embed|^patch_embed", "blocks": r"^blocks\.(\d+)"}
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    # ---- forward ------------------------------------------------------------------------------------------
+    def _pos_embed(self, grid: tuple[int, int]) -> torch.Tensor:
+        if grid == self.grid_size:
+            return self.pos_embed
+        return resample_pos_embed(self.pos_embed, grid, num_prefix_tokens=1, prefix_last=True, old_grid=self.grid_size)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, H/p * W/p + 1, D): patch tokens, then the class token LAST, position embeddings added."""
+        if x.ndim != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(f"expected input (B, {self.in_chans}, H, W), got {tuple(x.shape)}")
+        p = self.cfg.patch_size
+        if x.shape[2] % p or x.shape[3] % p:
+            raise ValueError(f"image size {x.shape[2]}x{x.shape[3]} is not divisible by patch_size={p}")
+        t = self.patch_embed(x)
+        t = torch.cat([t, self.cls_token.expand(t.shape[0], -1, -1)], dim=1)
+        return t + self._pos_embed((x.shape[2] // p, x.shape[3] // p))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, N + 1, D) last-block tokens (before the final RMSNorm); index -1 is the class token."""
+        x = self.embed(x)
+        for blk in self.blocks:
+            x = checkpoint(blk, x, use_reentrant=False) if self.grad_checkpointing and self.training else blk(x)
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """(B, N + 1, D) tokens -> (B, num_classes) logits, or the (B, D) normalized class token."""
+        x = self.norm(x[:, -1])
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        *,
+        return_attn: bool = False,
+    ) -> dict[str, Any]:
+        """Per-block quantities without hooks.
+
+        Args:
+            x: (B, C, H, W) images.
+            indices: blocks to keep (list of indices, negative allowed) or an int n for the last n; all by default.
+            return_attn: also return each kept block's implicit SSD mixing matrix (see below). O(N^2 H) memory.
+
+        Returns:
+            dict with ``features`` (B, N+1, D) last-block tokens (class token last), ``indices`` (the kept blocks)
+            and lists over the kept blocks of ``tokens`` (block outputs, (B, N+1, D)), ``half`` (h + mixer branch,
+            (B, N+1, D)) and, with ``return_attn``, ``attn`` (B, H, N+1, N+1): Mamba-2 has no attention matrix,
+            so this is the SSD's causal mixing matrix ``M[i, j] = (C_i . B_j) dt_j exp(A sum_{j<k<=i} dt_k)``
+            (:meth:`ratelab.layers.mamba2.Mamba2.mixing_matrix`), rows = outputs, columns = inputs, restricted to
+            the N+1 real tokens (the heading row and column removed) and put back in canonical order (so flipped
+            blocks are upper-triangular on the patch rows). It maps the post-conv mixer input x to the SSD output
+            before the D skip, the gate and the projections.
+        """
+        depth = len(self.blocks)
+        if indices is None:
+            keep = list(range(depth))
+        elif isinstance(indices, int):
+            if not 0 < indices <= depth:
+                raise ValueError(f"indices={indices}: asks for the last n blocks, n must be in 1..{depth}")
+            keep = list(range(depth - indices, depth))
+        else:
+            bad = [i for i in indices if not -depth <= i < depth]
+            if bad:
+                raise ValueError(f"indices {bad} out of range for a {depth}-block model (use -{depth}..{depth - 1})")
+            keep = sorted({i % depth for i in indices})
+        res: dict[str, Any] = {"indices": keep, "tokens": [], "half": []}
+        if return_attn:
+            res["attn"] = []
+        h = self.embed(x)
+        for i, blk in enumerate(self.blocks):
+            if i in keep:
+                out = blk.forward_verbose(h, return_attn=return_attn)
+                h = out["out"]
+                res["tokens"].append(h)
+                res["half"].append(out["half"])
+                if return_attn:
+                    res["attn"].append(out["attn"])
+            else:
+                h = blk(h)
+        res["features"] = h
+        return res
+
+    @classmethod
+    def checkpoint_filter_fn(cls, state_dict: dict[str, torch.Tensor], model: Adventurer) -> dict[str, torch.Tensor]:
+        from ratelab.models.adventurer.convert import checkpoint_filter_fn
+
+        return checkpoint_filter_fn(state_dict, model)
+
+
+_RUNTIME_KEYS = ("img_size", "in_chans", "num_classes", "drop_path_rate", "ssd_backend", "ssd_chunk_size")
+
+
+def _create_adventurer(variant: str, patch_size: int | None = None, **kwargs: Any) -> Adventurer:
+    cfg = ADVENTURER_VARIANTS[variant]
+    overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in AdventurerConfig.__dataclass_fields__}
+    if patch_size is not None and "patch_size" not in overrides:
+        overrides["patch_size"] = patch_size
+    unknown = sorted(set(kwargs) - set(_RUNTIME_KEYS))
+    if unknown:
+        fields = sorted(AdventurerConfig.__dataclass_fields__)
+        raise TypeError(f"unknown Adventurer option(s) {unknown}; architecture fields: {fields}; runtime: "
+                        f"{list(_RUNTIME_KEYS)}")
+    return Adventurer(replace(cfg, **overrides), **kwargs)
+
+
+@register_model
+def adventurer_tiny_patch16_224(**kwargs: Any) -> Adventurer:
+    return _create_adventurer("tiny", patch_size=16, **kwargs)
+
+
+@register_model
+def adventurer_small_patch16_224(**kwargs: Any) -> Adventurer:
+    return _create_adventurer("small", patch_size=16, **kwargs)
+
+
+@register_model
+def adventurer_base_patch16_224(**kwargs: Any) -> Adventurer:
+    return _create_adventurer("base", patch_size=16, **kwargs)
+
+
+@register_model
+def adventurer_large_patch16_224(**kwargs: Any) -> Adventurer:
+    return _create_adventurer("large", patch_size=16, **kwargs)
+
+
+@register_model
+def adventurer_base_patch8_224(**kwargs: Any) -> Adventurer:
+    return _create_adventurer("base", patch_size=8, **kwargs)
+
+
+@register_model
+def adventurer_nano_patch4_16(**kwargs: Any) -> Adventurer:
+    """5 x 64 Adventurer for 16x16 inputs (digits demo; about the size of crate_nano_patch4_16)."""
+    kwargs.setdefault("img_size", 16)
+    kwargs.setdefault("num_classes", 10)
+    kwargs.setdefault("in_chans", 1)
+    return _create_adventurer("nano", **kwargs)
+
+
+@register_model
+def test_adventurer(**kwargs: Any) -> Adventurer:
+    """2 x 32 Adventurer on 8x8 RGB inputs, for unit tests."""
+    kwargs.setdefault("img_size", 8)
+    kwargs.setdefault("num_classes", 10)
+    kwargs.setdefault("in_chans", 3)
+    return _create_adventurer("test", **kwargs)
+
+
+__all__ = ["Adventurer", "AdventurerBlock", "AdventurerConfig", "PatchEmbed", "SwiGLU", "reverse_patches"]

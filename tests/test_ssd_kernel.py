@@ -1,0 +1,271 @@
+"""SSD (Mamba-2) kernel: the chunked path and the one-token step against the sequential reference."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ratelab.kernels.ssd import BACKENDS, resolve_backend, ssd, ssd_chunked, ssd_ref, ssd_step
+
+# Tolerances, defined once. fp64 differences are pure rounding (~1e-14); fp32 ones grow with the length of the sums
+# (the chunked path sums in another order and factors the decays differently).
+TOL = {
+    torch.float64: dict(atol=1e-10, rtol=1e-9),
+    torch.float32: dict(atol=2e-4, rtol=2e-4),
+}
+
+# (length, chunk_size, groups): a multiple of the chunk, not a multiple, shorter than a chunk, a single token.
+CASES = [(16, 4, 1), (13, 4, 2), (3, 8, 1), (1, 4, 2), (21, 8, 4)]
+BATCH, HEADS, HEADDIM, DSTATE = 2, 4, 3, 5
+
+
+def _inputs(length, groups, dtype, *, d_per_channel=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    b, h, p, n = BATCH, HEADS, HEADDIM, DSTATE
+
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+    return dict(
+        x=r(b, length, h, p),
+        dt=r(b, length, h),
+        A=(-torch.rand(h, generator=g, dtype=torch.float64) * 3 - 0.2).to(dtype),
+        B=r(b, length, groups, n),
+        C=r(b, length, groups, n),
+        D=r(h, p) if d_per_channel else r(h),
+        dt_bias=r(h, scale=0.5),
+        initial_state=r(b, h, p, n),
+    )
+
+
+def _value_and_grads(fn, inputs, **kw):
+    leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    y, final = fn(**leaves, dt_softplus=True, return_final_state=True, **kw)
+    g = torch.Generator().manual_seed(1)
+    loss = (y * torch.randn(y.shape, generator=g, dtype=y.dtype)).sum()
+    loss = loss + (final * torch.randn(final.shape, generator=g, dtype=final.dtype)).sum()
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+    return y.detach(), final.detach(), dict(zip(leaves, grads))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("length,chunk,groups", CASES)
+def test_chunked_matches_reference_values_and_grads(length, chunk, groups, dtype):
+    inputs = _inputs(length, groups, dtype, d_per_channel=(groups == 2))
+    y_r, s_r, g_r = _value_and_grads(ssd_ref, inputs)
+    y_c, s_c, g_c = _value_and_grads(ssd_chunked, inputs, chunk_size=chunk)
+    tol = TOL[dtype]
+    assert y_c.dtype == dtype and y_c.shape == inputs["x"].shape
+    torch.testing.assert_close(y_c, y_r, **tol)
+    torch.testing.assert_close(s_c, s_r, **tol)
+    assert set(g_c) == {"x", "dt", "A", "B", "C", "D", "dt_bias", "initial_state"}
+    for k in g_r:
+        assert g_r[k].abs().max() > 0, k  # every input must actually influence the loss
+        torch.testing.assert_close(g_c[k], g_r[k], **tol, msg=lambda m, k=k: f"grad of {k}: {m}")
+
+
+def test_dispatch_backends_agree():
+    inputs = _inputs(11, 2, torch.float64)
+    ref = ssd(**inputs, backend="ref", dt_softplus=True)
+    for backend in ("auto", "chunked"):
+        torch.testing.assert_close(ssd(**inputs, backend=backend, dt_softplus=True, chunk_size=4), ref,
+                                   **TOL[torch.float64])
+    assert resolve_backend("auto", inputs["x"]) == "chunked"
+    with pytest.raises(ValueError, match="backend"):
+        ssd(**inputs, backend="triton")
+    assert set(BACKENDS) == {"auto", "chunked", "ref", "cuda"}
+
+
+def test_chunked_is_exact_with_long_decays():
+    # strongly decaying heads over many chunks: a naive exp(cumsum) factorization would over/underflow here
+    inputs = _inputs(200, 1, torch.float64)
+    inputs["A"] = torch.tensor([-50.0, -8.0, -1.0, -1e-3], dtype=torch.float64)
+    kw = dict(dt_softplus=True, return_final_state=True)
+    y_r, s_r = ssd_ref(**inputs, **kw)
+    for q in (16, 64):
+        y_c, s_c = ssd_chunked(**inputs, chunk_size=q, **kw)
+        assert torch.isfinite(y_c).all()
+        torch.testing.assert_close(y_c, y_r, **TOL[torch.float64])
+        torch.testing.assert_close(s_c, s_r, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_step_over_sequence_equals_full_pass(groups):
+    inputs = _inputs(9, groups, torch.float64, d_per_channel=(groups == 1))
+    kw = dict(dt_bias=inputs["dt_bias"], dt_softplus=True, dt_limit=(0.05, 2.0))
+    y_full, s_full = ssd_chunked(**inputs | kw, chunk_size=4, return_final_state=True)
+    state, ys = inputs["initial_state"], []
+    for t in range(inputs["x"].shape[1]):
+        y_t, state = ssd_step(state, inputs["x"][:, t], inputs["dt"][:, t], inputs["A"], inputs["B"][:, t],
+                              inputs["C"][:, t], inputs["D"], **kw)
+        ys.append(y_t)
+    torch.testing.assert_close(torch.stack(ys, 1), y_full, **TOL[torch.float64])
+    torch.testing.assert_close(state, s_full, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("backend,chunk", [("chunked", 4), ("chunked", 64), ("ref", 64)])
+def test_state_carry_across_halves_equals_one_pass(backend, chunk):
+    inputs = _inputs(15, 2, torch.float64)
+    kw = dict(dt_softplus=True, return_final_state=True, backend=backend, chunk_size=chunk)
+    y_one, s_one = ssd(**inputs, **kw)
+    first = {k: (v[:, :7] if k in ("x", "dt", "B", "C") else v) for k, v in inputs.items()}
+    second = {k: (v[:, 7:] if k in ("x", "dt", "B", "C") else v) for k, v in inputs.items()}
+    y1, s1 = ssd(**first, **kw)
+    y2, s2 = ssd(**second | {"initial_state": s1}, **kw)
+    torch.testing.assert_close(torch.cat([y1, y2], 1), y_one, **TOL[torch.float64])
+    torch.testing.assert_close(s2, s_one, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("backend", ["chunked", "ref"])
+def test_dt_preprocessing_semantics(backend):
+    inputs = _inputs(10, 1, torch.float64)
+    raw, bias = inputs.pop("dt"), inputs.pop("dt_bias")
+    plain = dict(backend=backend, chunk_size=4)
+
+    def run(dt, **kw):
+        return ssd(dt=dt, **inputs, **plain, **kw)
+
+    # bias added before softplus, then clamp
+    torch.testing.assert_close(run(raw, dt_bias=bias, dt_softplus=True), run(F.softplus(raw + bias)))
+    lim = (0.3, 0.9)
+    torch.testing.assert_close(run(raw, dt_bias=bias, dt_softplus=True, dt_limit=lim),
+                               run(F.softplus(raw + bias).clamp(*lim)))
+    # the default limit (0, inf) does not clamp (mamba_ssm behaviour): a negative raw dt passes through
+    y_neg = run(raw.clamp(max=-0.01) * 0.1)
+    y_zero = run(torch.zeros_like(raw))
+    assert not torch.allclose(y_neg, y_zero)
+    torch.testing.assert_close(run(raw, dt_limit=(0.0, 0.5)), run(raw.clamp(0.0, 0.5)))
+    with pytest.raises(ValueError, match="dt_limit"):
+        run(raw, dt_limit=(1.0, 0.5))
+
+
+def test_half_inputs_are_computed_in_fp32():
+    inputs = _inputs(20, 1, torch.float64)
+    ref = ssd_ref(**inputs, dt_softplus=True)
+    half = {k: v.to(torch.bfloat16) for k, v in inputs.items()}
+    y, s = ssd_chunked(**half, dt_softplus=True, chunk_size=8, return_final_state=True)
+    assert y.dtype == torch.bfloat16 and s.dtype == torch.float32
+    back = ssd_ref(**{k: v.double() for k, v in half.items()}, dt_softplus=True)  # same rounded inputs in fp64
+    torch.testing.assert_close(y.double(), back, atol=0.05, rtol=0.02)
+    assert (y.double() - ref).abs().max() < 0.5  # and still near the unrounded result
+
+
+def test_empty_sequence():
+    inputs = _inputs(0, 1, torch.float64)
+    y, s = ssd_chunked(**inputs, return_final_state=True)
+    assert y.shape == inputs["x"].shape
+    torch.testing.assert_close(s, inputs["initial_state"])
+    y_r, s_r = ssd_ref(**inputs, return_final_state=True)
+    torch.testing.assert_close(s_r, inputs["initial_state"])
+
+
+def test_cuda_backend_without_cuda_raises_clearly():
+    inputs = _inputs(5, 1, torch.float32)
+    with pytest.raises(RuntimeError, match="CUDA tensors"):
+        ssd(**inputs, backend="cuda")
+
+
+def test_cuda_backend_without_mamba_ssm_raises_clearly(monkeypatch):
+    import ratelab.kernels.ssd.cuda as cuda_mod
+
+    monkeypatch.setattr(cuda_mod, "mamba_ssm_installed", lambda: False)
+    x = torch.zeros(1, 2, 2, 2)
+
+    class _FakeCuda(torch.Tensor):  # pretend the tensor lives on CUDA so the package check is reached
+        @property
+        def is_cuda(self):
+            return True
+
+    with pytest.raises(RuntimeError, match="mamba-ssm"):
+        cuda_mod.ssd_cuda(x.as_subclass(_FakeCuda), torch.zeros(1, 2, 2), -torch.ones(2), torch.zeros(1, 2, 1, 3),
+                          torch.zeros(1, 2, 1, 3))
+
+
+BAD = [
+    ("x", lambda i: i["x"][..., 0], "x"),
+    ("dt", lambda i: i["dt"][:, :-1], "dt"),
+    ("A", lambda i: i["A"][:-1], "A"),
+    ("A", lambda i: i["A"][:, None], "A"),
+    ("B", lambda i: i["B"][:, :-1], "B"),
+    ("B", lambda i: torch.zeros(BATCH, 4, 3, DSTATE), "multiple"),  # 4 heads, 3 groups
+    ("C", lambda i: i["C"][..., :-1], "C"),
+    ("D", lambda i: torch.zeros(HEADS + 1), "D"),
+    ("dt_bias", lambda i: torch.zeros(HEADS, 1), "dt_bias"),
+    ("initial_state", lambda i: i["initial_state"][..., :-1], "initial_state"),
+]
+
+
+@pytest.mark.parametrize("backend", ["chunked", "ref"])
+@pytest.mark.parametrize("arg,make,match", BAD)
+def test_bad_shapes_name_the_argument(arg, make, match, backend):
+    inputs = _inputs(4, 1, torch.float32)
+    inputs[arg] = make(inputs)
+    if arg == "B":
+        inputs["C"] = inputs["B"].clone()
+    with pytest.raises(ValueError, match=match):
+        ssd(**inputs, backend=backend)
+
+
+def test_step_bad_shapes_and_chunk_size():
+    i = _inputs(1, 1, torch.float32)
+    with pytest.raises(ValueError, match="state"):
+        ssd_step(i["initial_state"][:, :, :1], i["x"][:, 0], i["dt"][:, 0], i["A"], i["B"][:, 0], i["C"][:, 0])
+    with pytest.raises(ValueError, match="x"):
+        ssd_step(i["initial_state"], i["x"], i["dt"][:, 0], i["A"], i["B"][:, 0], i["C"][:, 0])
+    with pytest.raises(ValueError, match="chunk_size"):
+        ssd_chunked(i["x"], i["dt"], i["A"], i["B"], i["C"], chunk_size=0)
+
+
+def test_import_is_quiet_and_lazy():
+    code = (
+        "import sys, warnings; warnings.simplefilter('error'); import ratelab.kernels.ssd; "
+        "assert 'mamba_ssm' not in sys.modules and 'triton' not in sys.modules, 'heavy import at package import'"
+    )
+    subprocess.run([sys.executable, "-W", "error", "-c", code], check=True)
+
+
+def test_reference_matches_mambapy_pscan():
+    """An independent scan (mambapy's Blelloch pscan) on the per-(head, channel) recurrence."""
+    pscan = pytest.importorskip("mambapy.pscan", reason="optional cross-check: pip install mambapy").pscan
+    inputs = _inputs(12, 2, torch.float64)
+    inputs["initial_state"] = None
+    y_r = ssd_ref(**inputs, dt_softplus=True)
+    dt = F.softplus(inputs["dt"] + inputs["dt_bias"])  # (b, l, h)
+    b, length, h, p = inputs["x"].shape
+    Bh = inputs["B"].repeat_interleave(h // 2, dim=2)
+    Ch = inputs["C"].repeat_interleave(h // 2, dim=2)
+    decay = torch.exp(dt * inputs["A"])[..., None, None].expand(b, length, h, p, DSTATE)
+    drive = (dt[..., None] * inputs["x"])[..., None] * Bh[:, :, :, None, :]
+    states = pscan(decay.reshape(b, length, h * p, DSTATE), drive.reshape(b, length, h * p, DSTATE))
+    y = (states.view(b, length, h, p, DSTATE) * Ch[:, :, :, None, :]).sum(-1) + inputs["x"] * inputs["D"][:, None]
+    torch.testing.assert_close(y_r, y, **TOL[torch.float64])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (GPU tier)")
+class TestCuda:
+    def test_chunked_on_cuda_matches_reference(self):
+        inputs = {k: v.cuda() for k, v in _inputs(37, 2, torch.float64).items()}
+        y_r, s_r, g_r = _value_and_grads(ssd_ref, inputs)
+        y_c, s_c, g_c = _value_and_grads(ssd_chunked, inputs, chunk_size=16)
+        torch.testing.assert_close(y_c, y_r, **TOL[torch.float64])
+        torch.testing.assert_close(s_c, s_r, **TOL[torch.float64])
+        for k in g_r:
+            torch.testing.assert_close(g_c[k], g_r[k], **TOL[torch.float64])
+
+    def test_fused_kernel_matches_chunked(self):
+        pytest.importorskip("mamba_ssm", reason="optional fused kernel: pip install mamba-ssm")
+        torch.backends.cuda.matmul.allow_tf32 = False
+        inputs = {k: v.cuda() for k, v in _inputs(300, 2, torch.float32).items()}
+        inputs["x"] = inputs["x"].repeat(1, 1, 1, 8)  # headdim 24
+        inputs["initial_state"] = inputs["initial_state"].repeat(1, 1, 8, 1)
+        assert resolve_backend("auto", inputs["x"]) == "cuda"
+        y_c, s_c, g_c = _value_and_grads(ssd_chunked, inputs, chunk_size=64)
+        y_k, s_k, g_k = _value_and_grads(ssd, inputs, chunk_size=64, backend="cuda")
+        torch.testing.assert_close(y_k, y_c, atol=2e-3, rtol=2e-3)
+        torch.testing.assert_close(s_k, s_c, atol=2e-3, rtol=2e-3)
+        for k in g_c:
+            torch.testing.assert_close(g_k[k], g_c[k], atol=5e-3, rtol=5e-3)
