@@ -8,6 +8,7 @@ Example:
 
 from ratelab.train.config import TrainConfig, add_config_args, config_from_args
 from ratelab.train.ema import ModelEma
+from ratelab.train.icl_task import ICLTask as ICLTask  # registers the "icl" task
 from ratelab.train.mcr2_task import MCR2Task as MCR2Task  # registers the "mcr2" task
 from ratelab.train.optim import build_optimizer, weight_decay_groups
 from ratelab.train.schedule import WarmupCosine, warmup_cosine_lr
@@ -17,6 +18,7 @@ from ratelab.train.trainer import Trainer, TrainingDiverged
 __all__ = [
     "TASKS",
     "ClassificationTask",
+    "ICLTask",
     "ModelEma",
     "Task",
     "TrainConfig",
