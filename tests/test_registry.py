@@ -55,3 +55,12 @@ def test_import_is_quiet_and_light():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stderr == ""
     assert out.stdout.strip() == "False"  # models are registered lazily, on first lookup
+
+
+@pytest.mark.parametrize("name", ["crate_tiny_patch16_224", "adventurer_tiny_patch16_224"])
+def test_named_patch_size_can_be_overridden(name):
+    # The entry point's patch size is a default, not a fixed argument: 224 / 8 = 28 -> 784 patch tokens + 1.
+    model = ratelab.create_model(name, patch_size=8, depth=1, num_classes=3)
+    logits = model(torch.randn(1, 3, 224, 224))
+    assert logits.shape == (1, 3)
+    assert model.forward_features(torch.randn(1, 3, 224, 224)).shape[1] == 785

@@ -21,6 +21,7 @@ from ratelab.eval.report import Report, write_json
 
 # Modules that define recipes; imported on first lookup so `import ratelab` stays light.
 _RECIPE_MODULES = (
+    "ratelab.recipes.adventurer.recipe",
     "ratelab.recipes.crate.digits",
     "ratelab.recipes.mcr2.landscape",
     "ratelab.recipes.mcr2.label_noise",

@@ -358,27 +358,27 @@ def _create_adventurer(variant: str, patch_size: int | None = None, **kwargs: An
 
 @register_model
 def adventurer_tiny_patch16_224(**kwargs: Any) -> Adventurer:
-    return _create_adventurer("tiny", patch_size=16, **kwargs)
+    return _create_adventurer("tiny", **{"patch_size": 16, **kwargs})
 
 
 @register_model
 def adventurer_small_patch16_224(**kwargs: Any) -> Adventurer:
-    return _create_adventurer("small", patch_size=16, **kwargs)
+    return _create_adventurer("small", **{"patch_size": 16, **kwargs})
 
 
 @register_model
 def adventurer_base_patch16_224(**kwargs: Any) -> Adventurer:
-    return _create_adventurer("base", patch_size=16, **kwargs)
+    return _create_adventurer("base", **{"patch_size": 16, **kwargs})
 
 
 @register_model
 def adventurer_large_patch16_224(**kwargs: Any) -> Adventurer:
-    return _create_adventurer("large", patch_size=16, **kwargs)
+    return _create_adventurer("large", **{"patch_size": 16, **kwargs})
 
 
 @register_model
 def adventurer_base_patch8_224(**kwargs: Any) -> Adventurer:
-    return _create_adventurer("base", patch_size=8, **kwargs)
+    return _create_adventurer("base", **{"patch_size": 8, **kwargs})
 
 
 @register_model

@@ -322,42 +322,42 @@ def _create_crate(variant: str, patch_size: int | None = None, **kwargs: Any) ->
 
 @register_model
 def crate_tiny_patch16_224(**kwargs: Any) -> Crate:
-    return _create_crate("tiny", patch_size=16, **kwargs)
+    return _create_crate("tiny", **{"patch_size": 16, **kwargs})
 
 
 @register_model
 def crate_small_patch16_224(**kwargs: Any) -> Crate:
-    return _create_crate("small", patch_size=16, **kwargs)
+    return _create_crate("small", **{"patch_size": 16, **kwargs})
 
 
 @register_model
 def crate_base_patch16_224(**kwargs: Any) -> Crate:
-    return _create_crate("base", patch_size=16, **kwargs)
+    return _create_crate("base", **{"patch_size": 16, **kwargs})
 
 
 @register_model
 def crate_large_patch16_224(**kwargs: Any) -> Crate:
-    return _create_crate("large", patch_size=16, **kwargs)
+    return _create_crate("large", **{"patch_size": 16, **kwargs})
 
 
 @register_model
 def crate_tiny_patch8_224(**kwargs: Any) -> Crate:
-    return _create_crate("tiny", patch_size=8, **kwargs)
+    return _create_crate("tiny", **{"patch_size": 8, **kwargs})
 
 
 @register_model
 def crate_small_patch8_224(**kwargs: Any) -> Crate:
-    return _create_crate("small", patch_size=8, **kwargs)
+    return _create_crate("small", **{"patch_size": 8, **kwargs})
 
 
 @register_model
 def crate_base_patch8_224(**kwargs: Any) -> Crate:
-    return _create_crate("base", patch_size=8, **kwargs)
+    return _create_crate("base", **{"patch_size": 8, **kwargs})
 
 
 @register_model
 def crate_large_patch8_224(**kwargs: Any) -> Crate:
-    return _create_crate("large", patch_size=8, **kwargs)
+    return _create_crate("large", **{"patch_size": 8, **kwargs})
 
 
 @register_model
