@@ -25,6 +25,7 @@ _RECIPE_MODULES = (
     "ratelab.recipes.crate.digits",
     "ratelab.recipes.mcr2.landscape",
     "ratelab.recipes.mcr2.label_noise",
+    "ratelab.recipes.wrong_line.recipe",
     "ratelab.recipes.icl.calibration",
 )
 
