@@ -65,44 +65,76 @@ def ssd_chunked(
 
     q = min(chunk_size, length)  # a short sequence is one chunk of its own length: no padding work
     pad = (-length) % q
-    xdt = xc * dtp[..., None]
-    Bc, Cc, a = B.to(ct), C.to(ct), dtp * A.to(ct)
+    c, hg = (length + pad) // q, h // g
+    grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, dt, A, B, C, D, dt_bias, initial_state)
+    )
+
+    # Chunk-major layout throughout: (b, c, Q, h, p) is a free view of the (b, L, h, p) input, so no big permute.
+    xdt = xc * dtp[..., None]  # (b, L, h, p), contiguous
+    a = dtp * A.to(ct)  # (b, L, h)
+    Bc, Cc = B.to(ct), C.to(ct)
     if pad:  # dt = 0 rows: exp(0) = 1 keeps the state, dt x B^T = 0 adds nothing
         xdt = F.pad(xdt, (0, 0, 0, 0, 0, pad))
         a = F.pad(a, (0, 0, 0, pad))
         Bc = F.pad(Bc, (0, 0, 0, 0, 0, pad))
         Cc = F.pad(Cc, (0, 0, 0, 0, 0, pad))
-    c, hg = (length + pad) // q, h // g
+    xdt = xdt.view(b, c, q, g, hg * p)
+    Bg = Bc.view(b, c, q, g, n).transpose(2, 3)  # (b, c, g, Q, n) views (strided; matmul reads them in place)
+    Cg = Cc.view(b, c, q, g, n).transpose(2, 3)
+    cs = a.view(b, c, q, h).cumsum(2)  # (b, c, Q, h): log-decay since the chunk start (<= 0 for A < 0, dt >= 0)
+    csT = cs.transpose(2, 3).contiguous()  # (b, c, h, Q), small
+    # exp() of arguments whose result is subnormal or 0 (including -inf) runs 5-40x slower on CPUs than in the normal
+    # range, so exponents are floored at log(smallest normal): each such term changes by < finfo.tiny (1e-38 in
+    # fp32, 1e-308 in fp64), invisible next to any O(eps) term; its gradient (of the same size) becomes 0.
+    floor = float(math.ceil(math.log(torch.finfo(ct).tiny)))
 
-    # Heads sharing B/C are kept next to each other (g, hg) so that the state matmuls fold them into one operand
-    # instead of broadcasting (and copying) B/C per head.
-    xdt = xdt.view(b, c, q, g, hg, p).permute(0, 3, 1, 2, 4, 5).contiguous()  # (b, g, c, Q, hg, p)
-    Bc = Bc.view(b, c, q, g, n).permute(0, 3, 1, 2, 4).contiguous()  # (b, g, c, Q, n)
-    Cc = Cc.view(b, c, q, g, n).permute(0, 3, 1, 2, 4).contiguous()
-    cs = a.view(b, c, q, g, hg).permute(0, 3, 1, 4, 2).cumsum(-1)  # (b, g, c, hg, Q): log-decay since chunk start
+    # 1. intra-chunk, per head: (C B^T) masked by exp(s_i - s_j), i >= j; -inf above the diagonal before exp.
+    scores = (Cg @ Bg.transpose(-1, -2)).unsqueeze(3)  # (b, c, g, 1, Q, Q)
+    # Above the diagonal the scores are zeroed and the exponent capped at 0 (one clamp with a (Q, Q) bound instead of
+    # a -inf fill), so exp never sees a large positive and those entries are exactly 0 with zero gradient.
+    upper = torch.ones(q, q, dtype=torch.bool, device=x.device).triu_(1)
+    scores = scores.masked_fill(upper, 0.0)
+    lo = torch.tensor(floor, dtype=ct, device=x.device)
+    hi = torch.zeros(q, q, dtype=ct, device=x.device).masked_fill_(~upper, math.inf)
+    seg = (csT[..., :, None] - csT[..., None, :]).view(b, c, g, hg, q, q)
+    if grad:
+        mix = seg.clamp(min=lo, max=hi).exp() * scores
+    else:  # same ops in place: no autograd graph to protect
+        mix = seg.clamp_(min=lo, max=hi).exp_().mul_(scores)
+    # Heads are unbound (not sliced) so the backward is one stack; each head's operand is a strided view of the
+    # chunk-major tensor that matmul reads without a copy, and the heads are stacked straight into (b, c, Q, h, p).
+    xh = xdt.view(b, c, q, h, p).unbind(3)
+    mh = mix.view(b, c, h, q, q).unbind(2)
 
-    # 1. intra-chunk: masked (C B^T) with per-head decays, applied to dt x
-    scores = (Cc @ Bc.transpose(-1, -2)).unsqueeze(3)  # (b, g, c, 1, Q, Q)
-    y = (scores * _decay_matrix(cs)) @ xdt.transpose(3, 4)  # (b, g, c, hg, Q, p)
+    # 2. each chunk's own end state, inputs weighted by their decay to the chunk end: (b, c, g, n, hg*p)
+    to_end = torch.exp((cs[:, :, -1:] - cs).clamp(min=floor))  # (b, c, Q, h), exponents <= 0
+    xw = (xdt.view(b, c, q, h, p) * to_end[..., None]).view(b, c, q, g, hg * p).transpose(2, 3)
+    local = Bg.transpose(-1, -2) @ xw  # (b, c, g, n, hg*p)
 
-    # 2. each chunk's own end state, inputs weighted by their decay to the chunk end
-    to_end = torch.exp(cs[..., -1:] - cs).transpose(-1, -2)  # (b, g, c, Q, hg)
-    local = Bc.transpose(-1, -2) @ (xdt * to_end[..., None]).flatten(-2)  # (b, g, c, n, hg*p)
+    # 3. states entering each chunk: a recurrence over the c chunks, S_{k+1} = exp(sum_k a) S_k + local_k. The loop
+    # is O(L/Q) small ops on unbound (not sliced) chunks, so its backward stays linear in L (slicing one big tensor
+    # per step would allocate a full-size gradient per step: quadratic).
+    decay = torch.exp(cs[:, :, -1].clamp(min=floor)).view(b, c, g, 1, hg, 1)  # (b, c, g, 1, hg, 1)
+    s = state0.view(b, g, hg, p, n).permute(0, 1, 4, 2, 3).reshape(b, g, n, hg, p)
+    entering = []
+    for loc_k, dec_k in zip(local.view(b, c, g, n, hg, p).unbind(1), decay.unbind(1), strict=True):
+        entering.append(s)
+        s = torch.addcmul(loc_k, s, dec_k)
+    final = s.permute(0, 1, 3, 4, 2).reshape(b, h, p, n)
+    ent = torch.stack(entering, 1).view(b, c, g, n, hg * p)
 
-    # 3. states entering each chunk: one product with the chunk-level decay matrix, initial state as chunk -1
-    chunk_cs = F.pad(cs[..., -1].transpose(-1, -2), (1, 0)).cumsum(-1)  # (b, g, hg, c+1)
-    s0 = state0.view(b, g, hg, p, n).permute(0, 1, 4, 2, 3).reshape(b, g, 1, n * hg * p)
-    states = torch.cat([s0, local.flatten(-2)], dim=2)  # (b, g, c+1, n*hg*p)
-    states = states.view(b, g, c + 1, n, hg, p).permute(0, 1, 4, 2, 3, 5).reshape(b, g, hg, c + 1, n * p)
-    states = _decay_matrix(chunk_cs) @ states  # (b, g, hg, c+1, n*p)
-    final = states[:, :, :, c].view(b, g, hg, n, p).transpose(-1, -2).reshape(b, h, p, n)
-    entering = states[:, :, :, :c].view(b, g, hg, c, n, p).permute(0, 1, 3, 4, 2, 5).reshape(b, g, c, n, hg * p)
-
-    # 4. read the entering state through C, decayed from the chunk start
-    y_in = (Cc @ entering).view(b, g, c, q, hg, p) * torch.exp(cs).transpose(-1, -2)[..., None]
-    y = y.transpose(3, 4) + y_in  # (b, g, c, Q, hg, p)
-
-    y = y.permute(0, 2, 3, 1, 4, 5).reshape(b, c * q, h, p)[:, :length]
+    # 4. the entering state read out through C and decayed from the chunk start, plus the intra-chunk term
+    y_in = (Cg @ ent).transpose(2, 3).reshape(b, c, q, h, p)  # (b, c, Q, h, p); a view when g == 1
+    y_in = y_in * torch.exp(cs.clamp(min=floor))[..., None]
+    yh = y_in.unbind(3)
+    if grad:
+        y = torch.stack([torch.baddbmm(yh[i].flatten(0, 1), mh[i].flatten(0, 1), xh[i].flatten(0, 1)) for i in range(h)], 2)
+    else:  # accumulate each head into its strided view of y_in (in place: no stack copy)
+        for i in range(h):
+            yh[i].flatten(0, 1).baddbmm_(mh[i].flatten(0, 1), xh[i].flatten(0, 1))
+        y = y_in
+    y = y.view(b, c * q, h, p)[:, :length]
     if D is not None:
         y = y + skip_term(xc, D.to(ct))
     y = y.to(x.dtype)

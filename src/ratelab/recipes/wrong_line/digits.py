@@ -57,6 +57,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ratelab.core.dist import resolve_device
+
 __all__ = [
     "PALETTE",
     "DigitsCueConfig",
@@ -331,7 +333,7 @@ def train_tracked(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, checkpo
         seed: fixes the minibatch order.
         evaluate: ``fn(model, epoch) -> dict``; its results are returned in checkpoint order.
     """
-    dev = torch.device(device)
+    dev = resolve_device(device)
     model.to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     g = torch.Generator().manual_seed(seed)
