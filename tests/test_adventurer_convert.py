@@ -92,13 +92,21 @@ def test_official_checkpoint_parity(tmp_path, wrap, flip, heading):
         assert (other(x) - expected).abs().max() > 1e-4
 
 
-def test_model_ema_preferred_over_model(tmp_path):
+def test_model_preferred_over_model_ema_unless_asked(tmp_path):
+    # The official training script (DeiT-style) evaluates and reports ``model``; ``model_ema`` is opt-in.
     ref, ema = make_reference(seed=0), make_reference(seed=1)
     path = tmp_path / "both.pth"
     torch.save({"model": ref.state_dict(), "model_ema": ema.state_dict()}, path)
     model = ratelab.create_model("test_adventurer", depth=4, checkpoint_path=str(path)).eval()
+    model_ema = ratelab.create_model("test_adventurer", depth=4, checkpoint_path=str(path),
+                                     checkpoint_use_ema=True).eval()
     with torch.no_grad():
-        torch.testing.assert_close(model(images()), ema(images()), atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(model(images()), ref(images()), atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(model_ema(images()), ema(images()), atol=ATOL, rtol=RTOL)
+    torch.save({"model": ref.state_dict()}, tmp_path / "no_ema.pth")
+    with pytest.raises(CheckpointError, match=r"no_ema\.pth.*use_ema=True.*model_ema"):
+        ratelab.create_model("test_adventurer", depth=4, checkpoint_path=str(tmp_path / "no_ema.pth"),
+                             checkpoint_use_ema=True)
 
 
 def test_missing_and_unexpected_keys_are_named(tmp_path):

@@ -24,7 +24,10 @@ import torch.nn as nn
 FORMAT_VERSION = 1
 MODEL_WEIGHTS = "model.safetensors"
 MODEL_CONFIG = "model_config.json"
-_WRAPPER_KEYS = ("model_ema", "model", "state_dict", "module")  # tried in this order when a file wraps its weights
+# Tried in this order when a file wraps its weights. The raw weights come first: DeiT-style training scripts
+# (Adventurer's among them) save ``model`` and ``model_ema`` side by side and report the accuracy of ``model``.
+_WRAPPER_KEYS = ("model", "state_dict", "module", "model_ema", "state_dict_ema")
+_EMA_KEYS = ("model_ema", "state_dict_ema")
 _PREFIXES = ("module.", "_orig_mod.", "_module.")  # DDP, torch.compile, opacus
 
 
@@ -111,10 +114,12 @@ def _resolve(path: str | os.PathLike) -> Path:
     return path
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | os.PathLike, *, use_ema: bool = False) -> dict[str, torch.Tensor]:
     """Read a flat tensor state dict from a safetensors or torch file, unwrapping common containers.
 
     ``.pth``/``.pt`` files are read with ``weights_only=True``: a pickle that would execute code is refused.
+    ``use_ema=True`` picks the EMA weights (``model_ema`` / ``state_dict_ema``) of a file that holds both; it is an
+    error when the file has none.
     """
     path = _resolve(path)
     if path.suffix == ".safetensors":
@@ -134,16 +139,25 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         ) from e
     except Exception as e:
         raise CheckpointError(f"{path}: could not read checkpoint ({type(e).__name__}: {e})") from e
-    return unwrap_state_dict(obj, source=str(path))
+    return unwrap_state_dict(obj, source=str(path), use_ema=use_ema)
 
 
-def unwrap_state_dict(obj: Any, *, source: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """Find the tensor dict inside ``{"model": ...}`` / ``{"state_dict": ...}`` wrappers and strip wrapper prefixes."""
+def unwrap_state_dict(obj: Any, *, source: str = "checkpoint", use_ema: bool = False) -> dict[str, torch.Tensor]:
+    """Find the tensor dict inside ``{"model": ...}`` / ``{"state_dict": ...}`` wrappers and strip wrapper prefixes.
+
+    ``use_ema=True`` descends into ``model_ema`` / ``state_dict_ema`` first (and requires one of them).
+    """
     # Descend into wrappers first: a training checkpoint can hold loose tensors beside its weights (the official
     # CRATE script saves ``best_acc1`` as a tensor next to ``state_dict``), so "has a tensor" does not mean "is it".
     top = obj
+    order = _WRAPPER_KEYS
+    if use_ema:
+        if not (isinstance(obj, dict) and any(isinstance(obj.get(k), dict) for k in _EMA_KEYS)):
+            keys = sorted(map(str, obj))[:20] if isinstance(obj, dict) else []
+            raise CheckpointError(f"{source}: use_ema=True but the file has no {' / '.join(_EMA_KEYS)}; keys {keys}")
+        order = _EMA_KEYS + _WRAPPER_KEYS
     while isinstance(obj, dict):
-        inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
+        inner = next((obj[k] for k in order if isinstance(obj.get(k), dict)), None)
         if inner is None:
             break
         obj = inner
@@ -185,14 +199,15 @@ def load_state_dict_strict(model: nn.Module, state_dict: dict[str, torch.Tensor]
     model.load_state_dict(state_dict, strict=True)
 
 
-def load_model_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+def load_model_weights(model: nn.Module, path: str | os.PathLike, *, use_ema: bool = False) -> nn.Module:
     """Load ratelab or official weights into ``model``.
 
     The family converter (``type(model).checkpoint_filter_fn``) recognizes an official layout by its keys and maps
-    it; ratelab's own layout passes through (position embeddings are resampled to the model's grid).
+    it; ratelab's own layout passes through (position embeddings are resampled to the model's grid). ``use_ema``:
+    see :func:`read_state_dict`.
     """
     src = _resolve(path)
-    sd = read_state_dict(src)
+    sd = read_state_dict(src, use_ema=use_ema)
     filt = getattr(type(model), "checkpoint_filter_fn", None)
     if filt is not None:
         try:

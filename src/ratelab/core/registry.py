@@ -69,6 +69,7 @@ def create_model(
     img_size: int | None = None,
     in_chans: int | None = None,
     checkpoint_path: str | None = None,
+    checkpoint_use_ema: bool = False,
     **kwargs: Any,
 ) -> nn.Module:
     """Build a registered model.
@@ -80,6 +81,7 @@ def create_model(
         in_chans: input channels.
         checkpoint_path: optional weights: ratelab's format (``*.safetensors`` with a ``config.json`` beside it, or
             a run directory / training checkpoint) or an official upstream file, detected by its keys.
+        checkpoint_use_ema: load the EMA weights (``model_ema``) of a file that stores both (default: ``model``).
         **kwargs: family-specific runtime options (``None`` values are dropped, as in timm).
 
     Raises:
@@ -96,5 +98,5 @@ def create_model(
     if checkpoint_path is not None:
         from ratelab.core.checkpoint import load_model_weights
 
-        load_model_weights(model, checkpoint_path)
+        load_model_weights(model, checkpoint_path, use_ema=checkpoint_use_ema)
     return model

@@ -4,7 +4,8 @@ The official model (``models_mamba.py``) keeps its blocks in ``layers``, names t
 ``norm_mlp``, the SwiGLU linears ``w1`` (gate), ``w2`` (value), ``w3`` (output) and the final norm ``norm_f``; the
 mixer is a ``mamba_ssm`` 2.x ``Mamba2`` whose parameter names ratelab's :class:`ratelab.layers.mamba2.Mamba2` shares.
 Released files (``adventurer_*_patch16_224.pth``) store the weights under ``"model"`` next to ``"model_ema"``;
-:func:`ratelab.core.checkpoint.read_state_dict` unwraps either (``model_ema`` first) before the filter runs.
+:func:`ratelab.core.checkpoint.read_state_dict` unwraps ``model`` (``model_ema`` with ``use_ema=True``) before the
+filter runs.
 
 No tensor needs a transpose or a reshape: the stem is a Conv2d in both codes and the Mamba-2 tensors are identical.
 """
