@@ -165,6 +165,19 @@ def test_ssd_backends_and_grad_checkpointing_agree(dtype):
         model.set_ssd_backend("fast")
 
 
+def test_inference_path_matches_ref_backend():
+    # no_grad runs the in-place SwiGLU / gate / conv / scan variants and the gathered un-flip: same logits as the
+    # reference scan with autograd on
+    model = ratelab.create_model("test_adventurer", img_size=16, depth=3).double().eval()
+    x = images(model, dtype=torch.float64)
+    model.set_ssd_backend("ref")
+    ref = model(x)
+    model.set_ssd_backend("chunked")
+    with torch.no_grad():
+        out = model(x)
+    torch.testing.assert_close(out, ref.detach(), atol=1e-10, rtol=1e-8)
+
+
 def test_forward_intermediates_and_mixing_matrix():
     model = ratelab.create_model("test_adventurer", depth=3).double().eval()
     x = images(model, dtype=torch.float64)

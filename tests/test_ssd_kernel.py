@@ -68,6 +68,35 @@ def test_chunked_matches_reference_values_and_grads(length, chunk, groups, dtype
         torch.testing.assert_close(g_c[k], g_r[k], **tol, msg=lambda m, k=k: f"grad of {k}: {m}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("length,chunk,groups", CASES)
+def test_chunked_inference_path_matches_reference(length, chunk, groups, dtype):
+    # without autograd the chunked kernel runs its in-place variant: it must give the same values and final state
+    inputs = _inputs(length, groups, dtype, d_per_channel=(groups == 2))
+    kw = dict(dt_softplus=True, return_final_state=True)
+    y_r, s_r = ssd_ref(**inputs, **kw)
+    with torch.no_grad():
+        y_c, s_c = ssd_chunked(**inputs, chunk_size=chunk, **kw)
+    torch.testing.assert_close(y_c, y_r, **TOL[dtype])
+    torch.testing.assert_close(s_c, s_r, **TOL[dtype])
+
+
+def test_chunked_fp32_with_underflowing_decays():
+    # decays far below fp32's smallest normal inside and across chunks (the exponent floor is active)
+    inputs = _inputs(40, 1, torch.float32)
+    inputs["A"] = torch.tensor([-400.0, -60.0, -3.0, -1e-3])
+    y_r, s_r, g_r = _value_and_grads(ssd_ref, inputs)
+    y_c, s_c, g_c = _value_and_grads(ssd_chunked, inputs, chunk_size=8)
+    with torch.no_grad():
+        y_n = ssd_chunked(**inputs, chunk_size=8, dt_softplus=True)
+    for got in (y_c, y_n):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, y_r, **TOL[torch.float32])
+    torch.testing.assert_close(s_c, s_r, **TOL[torch.float32])
+    for k in g_r:
+        torch.testing.assert_close(g_c[k], g_r[k], **TOL[torch.float32], msg=lambda m, k=k: f"grad of {k}: {m}")
+
+
 def test_dispatch_backends_agree():
     inputs = _inputs(11, 2, torch.float64)
     ref = ssd(**inputs, backend="ref", dt_softplus=True)

@@ -1,4 +1,4 @@
-"""Chunked SSD (state-space duality) forward in pure PyTorch: matmuls inside chunks, a batched pass between them.
+"""Chunked SSD (state-space duality) forward in pure PyTorch: matmuls inside chunks, a short recurrence between them.
 
 The sequence is cut into ``c`` chunks of ``Q`` tokens. With ``a_t = dt_t A`` and ``s`` the running sum of ``a`` inside
 a chunk, the output of position ``i`` of chunk ``k`` is
@@ -7,15 +7,21 @@ a chunk, the output of position ``i`` of chunk ``k`` is
   matmul, the attention-like dual form;
 * plus the state entering chunk ``k`` read out through ``C_i``, decayed by ``exp(s_i)``.
 
-The states entering the chunks come from one batched product with the ``(c+1) x (c+1)`` lower-triangular matrix of
-chunk-to-chunk decays (the optional initial state is chunk "-1"), so there is no Python loop over time or chunks and
-autograd sees a handful of large ops, whose backward is linear in ``L`` for a fixed number of chunks (the
-``(c+1)^2`` inter-chunk product is ``O((L/Q)^2 p n)``, small next to the intra-chunk work for the lengths used here).
+The states entering the chunks follow ``S_{k+1} = exp(s_end,k) S_k + local_k`` (``local_k``: chunk ``k``'s own end
+state, one batched matmul for all chunks). This is the only Python loop: ``c = L / Q`` steps of one small
+``addcmul`` on the ``(p, n)`` states per head, over chunks that are ``unbind``-ed (views whose backward is a single
+``stack``), never sliced out of a big tensor step by step (each slice's backward would allocate a full-size gradient:
+quadratic in ``L``). It replaces the earlier ``(c+1) x (c+1)`` decay-matrix product, which cost ``O((L/Q)^2 p n)``
+plus two permute copies of all chunk states. Everything is laid out chunk-major, ``(b, c, Q, h, p)``, a free view of
+the ``(b, L, h, p)`` input/output, so the large operands need no permute copies (matmul reads the per-head strided
+views in place). Without autograd (``torch.no_grad`` or no input requiring grad) the same ops run in place.
 
 Numerics: all exponents are differences ``s_i - s_j`` with ``i >= j`` (hence ``<= 0`` for ``A < 0``, ``dt >= 0``); the
-upper triangle is filled with ``-inf`` *before* ``exp`` so nothing large is ever exponentiated, and its gradient is
-exactly zero. Half inputs are computed in fp32. Lengths that are not a multiple of ``Q`` are padded at the end with
-``dt = 0`` (no decay, no input), which leaves the final state exact.
+upper triangle gets ``-inf`` *before* ``exp`` so nothing large is ever exponentiated, and its gradient is exactly zero.
+Exponents are floored at ``log(finfo.tiny)`` (about -87 in fp32, -708 in fp64) because CPU ``exp`` is 5-40x slower
+when its result is subnormal or zero; a term below the smallest normal number changes by less than ``finfo.tiny``.
+Half inputs are computed in fp32. Lengths that are not a multiple of ``Q`` are padded at the end with ``dt = 0`` (no
+decay, no input), which leaves the final state exact.
 """
 
 from __future__ import annotations
@@ -26,14 +32,6 @@ import torch
 import torch.nn.functional as F
 
 from ratelab.kernels.ssd.ref import DEFAULT_DT_LIMIT, check_inputs, compute_dtype, prepare_dt, skip_term
-
-
-def _decay_matrix(cs: torch.Tensor) -> torch.Tensor:
-    """``exp(cs_i - cs_j)`` for ``i >= j``, else 0, for cumulative log-decays ``cs (..., T)`` -> ``(..., T, T)``."""
-    t = cs.shape[-1]
-    seg = cs[..., :, None] - cs[..., None, :]
-    upper = torch.ones(t, t, dtype=torch.bool, device=cs.device).triu_(1)
-    return seg.masked_fill(upper, -math.inf).exp()
 
 
 def ssd_chunked(
@@ -80,8 +78,8 @@ def ssd_chunked(
         Bc = F.pad(Bc, (0, 0, 0, 0, 0, pad))
         Cc = F.pad(Cc, (0, 0, 0, 0, 0, pad))
     xdt = xdt.view(b, c, q, g, hg * p)
-    Bg = Bc.view(b, c, q, g, n).transpose(2, 3)  # (b, c, g, Q, n) views (strided; matmul reads them in place)
-    Cg = Cc.view(b, c, q, g, n).transpose(2, 3)
+    Bg = Bc.reshape(b, c, q, g, n).transpose(2, 3)  # (b, c, g, Q, n) views (strided; matmul reads them in place)
+    Cg = Cc.reshape(b, c, q, g, n).transpose(2, 3)
     cs = a.view(b, c, q, h).cumsum(2)  # (b, c, Q, h): log-decay since the chunk start (<= 0 for A < 0, dt >= 0)
     csT = cs.transpose(2, 3).contiguous()  # (b, c, h, Q), small
     # exp() of arguments whose result is subnormal or 0 (including -inf) runs 5-40x slower on CPUs than in the normal
@@ -91,21 +89,17 @@ def ssd_chunked(
 
     # 1. intra-chunk, per head: (C B^T) masked by exp(s_i - s_j), i >= j; -inf above the diagonal before exp.
     scores = (Cg @ Bg.transpose(-1, -2)).unsqueeze(3)  # (b, c, g, 1, Q, Q)
-    # Above the diagonal the scores are zeroed and the exponent capped at 0 (one clamp with a (Q, Q) bound instead of
-    # a -inf fill), so exp never sees a large positive and those entries are exactly 0 with zero gradient.
+    # Above the diagonal -inf is added and the exponent then floored (so exp sees the floor, never a large positive)
+    # and the scores are zeroed: those entries are exactly 0 with zero gradient. (Adding a -inf/0 (Q, Q) mask and
+    # a scalar clamp are cheaper than masked_fill, forward and backward.)
     upper = torch.ones(q, q, dtype=torch.bool, device=x.device).triu_(1)
     scores = scores.masked_fill(upper, 0.0)
-    lo = torch.tensor(floor, dtype=ct, device=x.device)
-    hi = torch.zeros(q, q, dtype=ct, device=x.device).masked_fill_(~upper, math.inf)
-    seg = (csT[..., :, None] - csT[..., None, :]).view(b, c, g, hg, q, q)
+    neg_upper = torch.zeros(q, q, dtype=ct, device=x.device).masked_fill_(upper, -math.inf)
+    seg = torch.sub(csT[..., :, None], csT[..., None, :]).add_(neg_upper).view(b, c, g, hg, q, q)
     if grad:
-        mix = seg.clamp(min=lo, max=hi).exp() * scores
+        mix = seg.clamp(min=floor).exp() * scores
     else:  # same ops in place: no autograd graph to protect
-        mix = seg.clamp_(min=lo, max=hi).exp_().mul_(scores)
-    # Heads are unbound (not sliced) so the backward is one stack; each head's operand is a strided view of the
-    # chunk-major tensor that matmul reads without a copy, and the heads are stacked straight into (b, c, Q, h, p).
-    xh = xdt.view(b, c, q, h, p).unbind(3)
-    mh = mix.view(b, c, h, q, q).unbind(2)
+        mix = seg.clamp_(min=floor).exp_().mul_(scores)
 
     # 2. each chunk's own end state, inputs weighted by their decay to the chunk end: (b, c, g, n, hg*p)
     to_end = torch.exp((cs[:, :, -1:] - cs).clamp(min=floor))  # (b, c, Q, h), exponents <= 0
@@ -117,24 +111,35 @@ def ssd_chunked(
     # per step would allocate a full-size gradient per step: quadratic).
     decay = torch.exp(cs[:, :, -1].clamp(min=floor)).view(b, c, g, 1, hg, 1)  # (b, c, g, 1, hg, 1)
     s = state0.view(b, g, hg, p, n).permute(0, 1, 4, 2, 3).reshape(b, g, n, hg, p)
-    entering = []
-    for loc_k, dec_k in zip(local.view(b, c, g, n, hg, p).unbind(1), decay.unbind(1), strict=True):
-        entering.append(s)
-        s = torch.addcmul(loc_k, s, dec_k)
+    loc, dec = local.view(b, c, g, n, hg, p).unbind(1), decay.unbind(1)
+    if grad:
+        entering = []
+        for k in range(c):
+            entering.append(s)
+            s = torch.addcmul(loc[k], s, dec[k])
+        ent = torch.stack(entering, 1).view(b, c, g, n, hg * p)
+    else:  # inference: the recurrence writes straight into one buffer (no list + stack copy)
+        buf = torch.empty((c + 1, b, g, n, hg, p), dtype=ct, device=x.device)
+        buf[0] = s
+        for k, st in enumerate(buf.unbind(0)[1:]):
+            torch.addcmul(loc[k], buf[k], dec[k], out=st)
+        s = buf[c]
+        ent = buf[:c].transpose(0, 1).reshape(b, c, g, n, hg * p)  # a view when b == 1
     final = s.permute(0, 1, 3, 4, 2).reshape(b, h, p, n)
-    ent = torch.stack(entering, 1).view(b, c, g, n, hg * p)
 
     # 4. the entering state read out through C and decayed from the chunk start, plus the intra-chunk term
     y_in = (Cg @ ent).transpose(2, 3).reshape(b, c, q, h, p)  # (b, c, Q, h, p); a view when g == 1
-    y_in = y_in * torch.exp(cs.clamp(min=floor))[..., None]
-    yh = y_in.unbind(3)
-    if grad:
-        y = torch.stack([torch.baddbmm(yh[i].flatten(0, 1), mh[i].flatten(0, 1), xh[i].flatten(0, 1)) for i in range(h)], 2)
-    else:  # accumulate each head into its strided view of y_in (in place: no stack copy)
-        for i in range(h):
-            yh[i].flatten(0, 1).baddbmm_(mh[i].flatten(0, 1), xh[i].flatten(0, 1))
+    e_in = torch.exp(cs.clamp(min=floor))[..., None]
+    y_in = y_in * e_in if g > 1 or grad else y_in.mul_(e_in)  # (g == 1: y_in is the matmul's own fresh buffer)
+    x5 = xdt.view(b, c, q, h, p)
+    mix = mix.view(b, c, h, q, q)
+    if grad:  # one batched matmul on a head-major copy of x dt, added back into the chunk-major y_in
+        y = y_in.add_((mix @ x5.transpose(2, 3)).transpose(2, 3))
+    else:  # accumulate each head into its strided view of y_in (in place; matmul reads the strided views directly)
+        for yi, mi, xi in zip(y_in.unbind(3), mix.unbind(2), x5.unbind(3), strict=True):
+            yi.flatten(0, 1).baddbmm_(mi.flatten(0, 1), xi.flatten(0, 1))
         y = y_in
-    y = y.view(b, c * q, h, p)[:, :length]
+    y = y.reshape(b, c * q, h, p)[:, :length]
     if D is not None:
         y = y + skip_term(xc, D.to(ct))
     y = y.to(x.dtype)

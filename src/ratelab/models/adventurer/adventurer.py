@@ -75,7 +75,10 @@ class SwiGLU(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.silu(self.fc1_g(x)) * self.fc1_x(x))
+        g, v = self.fc1_g(x), self.fc1_x(x)
+        if torch.is_grad_enabled() and (g.requires_grad or v.requires_grad):
+            return self.fc2(F.silu(g) * v)
+        return self.fc2(F.silu(g, inplace=True).mul_(v))  # inference: no extra full-size buffers
 
 
 def reverse_patches(t: torch.Tensor) -> torch.Tensor:
@@ -113,9 +116,13 @@ class AdventurerBlock(nn.Module):
 
     def _mixer_output(self, m: torch.Tensor) -> torch.Tensor:
         """Drop the heading output, undo the flip: back to canonical (B, N+1, D)."""
-        if self.heading_avg:
-            m = m[:, 1:]
-        return reverse_patches(m) if self.flip else m
+        if not self.flip:
+            return m[:, 1:] if self.heading_avg else m
+        # drop + reverse + keep-last as one gather (one copy instead of a flip copy and a cat copy)
+        n = m.shape[1]
+        first = 1 if self.heading_avg else 0
+        idx = torch.cat([torch.arange(n - 2, first - 1, -1), torch.tensor([n - 1])]).to(m.device)
+        return m.index_select(1, idx)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         h = h + drop_path(self._mixer_output(self.mixer(self._mixer_input(h))), self.drop_path, self.training)
