@@ -15,16 +15,18 @@ Setup. sklearn's 8x8 digits upsampled to 16x16 (one fixed stratified 80/20 split
 
 * Adventurer (``adventurer_nano_patch4_16`` with the scale's width/depth/state; heading average, alternating flips);
 * ViT: timm ``VisionTransformer``, same width and depth, heads of 16 channels, MLP ratio chosen (step 0.25) so that
-  its parameter count is the closest to the Adventurer's;
+  its parameter count is the closest to the Adventurer's; trained twice, with a class token and with average
+  pooling of the patch tokens (the class-token ViT learns slowly on 1.4k images at this budget);
 * CRATE (``crate_nano_patch4_16``): same depth, 4 heads, width chosen (step 4) for the closest parameter count.
 
 Every model gets the same budget: the library's Trainer, AdamW (lr 3e-3, wd 0.05, 1 warmup epoch, cosine to 1e-5),
-batch 64, label smoothing 0.1, gradient clipping 1.0, the dataset's 2-pixel random shifts, the same epochs and
-seeds. The ablation trains the Adventurer four ways, (heading average, flips) in {off, on}^2; "both" is the main
-Adventurer run itself (same config and seed, so the run is reused, not repeated). Throughput: inference images/s of
-the trained models on the validation set (16 tokens), and a token sweep on untrained models of the same sizes
-(1-channel images of side 16 ... 256 at patch 4, i.e. 16 ... 4096 tokens; batch = 4096 / tokens), each model timed
-once per round in rotated order, median over rounds.
+batch 64, label smoothing 0.1, gradient clipping 1.0, no augmentation (the digits dataset's 2-pixel random shifts
+are half a patch here and cost the ViT 0.91 -> 0.56 validation accuracy), the same epochs and seeds. The ablation
+trains the Adventurer four ways, (heading average, flips) in {off, on}^2; "both" is the main Adventurer run itself
+(same config and seed, so the run is reused, not repeated). Throughput: inference images/s of the trained models on
+the validation set (16 tokens), and a token sweep on untrained models of the same sizes (1-channel images of side 16
+... 256 at patch 4, i.e. 16 ... 4096 tokens; batch = 4096 / tokens), each model timed once per round in rotated
+order, median over rounds.
 
 Scales (see ``SCALES``)::
 
@@ -34,13 +36,13 @@ Scales (see ``SCALES``)::
 The "helps" checks compare mean validation accuracies and call a difference real only when it exceeds twice the
 binomial standard error of the difference (about 3.8 points for 359 validation images near 93%, one seed).
 
-Measured (quick at 12 epochs, seed 0, 1 thread on a 2-core machine loaded by other jobs, 195 s wall; the shipped
-quick runs 10 epochs to fit ~2 minutes on a quiet machine): validation accuracy Adventurer 0.930, ViT 0.496, CRATE
-0.947 (the ViT learns slowly on 1438 images at this budget; lr 1e-3 / 5e-4 gave it 0.42 / 0.38). Ablation: naive
-causal 0.864, + heading average 0.861, + flips 0.939, both 0.930: at this scale the flips carry the whole gain and
-the heading average alone does nothing measurable. Token sweep (untrained, inference): Adventurer / ViT throughput
-0.41x at 16 tokens, 0.23x at 64, 0.41x at 256, ~0.9x at 1024, 2.6x at 4096. Each run's ``checks`` record what it
-measured.
+Measured (quick, seed 0, 2 threads on a quiet 2-core machine, 62 s wall): validation accuracy Adventurer 0.989,
+ViT 0.783 (class token) / 0.905 (average pool), CRATE 0.986 at 70-71k parameters each. Ablation: naive causal
+0.947, + heading average 0.944, + flips 0.986, both 0.989 (2 SE = 1.6 points): the flips carry the whole gain and
+the heading average alone does nothing measurable at 16 tokens. Token sweep (untrained, inference): Adventurer / ViT
+throughput 0.36x at 16 tokens, 0.27x at 64, 0.54x at 256, 1.04x at 1024, 3.2x at 4096. An earlier version trained
+with the digits dataset's 2-pixel random shifts, which are half a patch here: the ViT fell to 0.42 / 0.56 and the
+Adventurer to 0.89. Each run's ``checks`` record what it measured.
 """
 
 from __future__ import annotations
@@ -126,12 +128,15 @@ def _adventurer(scale: Scale, heading_avg: bool = True, flip: str = "alternate",
                                 img_size=img_size, in_chans=IN_CHANS, num_classes=NUM_CLASSES)
 
 
-def _vit(scale: Scale, mlp_ratio: float, img_size: int = IMG_SIZE) -> nn.Module:
+def _vit(scale: Scale, mlp_ratio: float, img_size: int = IMG_SIZE, pool: str = "token") -> nn.Module:
+    # pool="avg": no class token, mean of the patch tokens. A class-token ViT trains slowly on 1.4k images at this
+    # budget, so the recipe reports both readouts rather than a ViT handicapped by its head.
     from timm.models.vision_transformer import VisionTransformer
 
+    kw = {"global_pool": "avg", "class_token": False} if pool == "avg" else {}
     return VisionTransformer(img_size=img_size, patch_size=PATCH, in_chans=IN_CHANS, num_classes=NUM_CLASSES,
                              embed_dim=scale.width, depth=scale.depth, num_heads=max(1, scale.width // 16),
-                             mlp_ratio=mlp_ratio)
+                             mlp_ratio=mlp_ratio, **kw)
 
 
 def _crate(scale: Scale, width: int, img_size: int = IMG_SIZE) -> nn.Module:
@@ -147,8 +152,9 @@ def match_family(scale: Scale) -> dict[str, Any]:
     target = n_params(_adventurer(scale))
     mlp, vit_n = match_params(target, lambda r: _vit(scale, r), [1 + 0.25 * i for i in range(29)])
     cw, crate_n = match_params(target, lambda w: _crate(scale, w), list(range(8, 4 * scale.width + 1, 4)))
-    return {"params": {"adventurer": target, "vit": vit_n, "crate": crate_n}, "vit_mlp_ratio": mlp,
-            "crate_width": cw}
+    vit_gap_n = n_params(_vit(scale, mlp, pool="avg"))
+    return {"params": {"adventurer": target, "vit": vit_n, "vit (avg pool)": vit_gap_n, "crate": crate_n},
+            "vit_mlp_ratio": mlp, "crate_width": cw}
 
 
 def build_family(scale: Scale, match: dict[str, Any], img_size: int = IMG_SIZE) -> dict[str, Callable[[], nn.Module]]:
@@ -160,6 +166,7 @@ def build_family(scale: Scale, match: dict[str, Any], img_size: int = IMG_SIZE) 
     factories: dict[str, Callable[[], nn.Module]] = {
         "adventurer": lambda: _adventurer(scale, img_size=img_size),
         "vit": lambda: _vit(scale, match["vit_mlp_ratio"], img_size),
+        "vit (avg pool)": lambda: _vit(scale, match["vit_mlp_ratio"], img_size, pool="avg"),
         "crate": lambda: _crate(scale, match["crate_width"], img_size),
     }
     for arm, (h, f) in ABLATION.items():
@@ -290,7 +297,9 @@ def run(out_dir: Path, *, quick: bool, smoke: bool, seed: int, device: str, prog
     scale = SCALES[mode]
     log = (lambda s: print(s, flush=True)) if progress else (lambda s: None)
     t_start = time.perf_counter()
-    data = {"train": build_dataset("digits", "train", img_size=IMG_SIZE, seed=0),
+    # No random shifts: at 16x16 a 2-pixel shift is half a patch, which cost the ViT (learned absolute position
+    # embedding) 0.91 -> 0.56 validation accuracy in the quick setting while barely touching the others.
+    data = {"train": build_dataset("digits", "train", img_size=IMG_SIZE, seed=0, augment=False),
             "val": build_dataset("digits", "val", img_size=IMG_SIZE, seed=0)}
     n_val = len(data["val"])
     info = match_family(scale)
@@ -298,7 +307,8 @@ def run(out_dir: Path, *, quick: bool, smoke: bool, seed: int, device: str, prog
     log(f"[adventurer] {mode}: params " + ", ".join(f"{k} {v}" for k, v in info["params"].items()))
 
     seeds = [seed + i for i in range(scale.seeds)]
-    order = ["adventurer", "vit", "crate"] + [a for a in ABLATION if ABLATION[a] != (True, "alternate")]
+    main = ["adventurer", "vit", "vit (avg pool)", "crate"]
+    order = main + [a for a in ABLATION if ABLATION[a] != (True, "alternate")]
     runs: list[dict[str, Any]] = []
     for s in seeds:
         for name in order:
@@ -307,7 +317,7 @@ def run(out_dir: Path, *, quick: bool, smoke: bool, seed: int, device: str, prog
             runs.append(r)
     for r in [r for r in runs if r["name"] == "adventurer"]:  # "both" is the main Adventurer run
         runs.append(dict(r, name="both (Adventurer)"))
-    accs = {n: [r["val_acc"] for r in runs if r["name"] == n] for n in order[:3] + list(ABLATION)}
+    accs = {n: [r["val_acc"] for r in runs if r["name"] == n] for n in main + list(ABLATION)}
     mean = {n: float(np.mean(v)) for n, v in accs.items()}
     time_s = {n: float(np.mean([r["time_s"] for r in runs if r["name"] == n])) for n in accs}
 
@@ -332,10 +342,13 @@ def run(out_dir: Path, *, quick: bool, smoke: bool, seed: int, device: str, prog
     flip_ok, flip_txt = helps("+ flips")
     first, lastrow = sweep[0], sweep[-1]
     grows = lastrow["adventurer_x_vit"] > first["adventurer_x_vit"]
+    best_vit = max(("vit", "vit (avg pool)"), key=lambda k: mean[k])
     checks = [
-        check("Adventurer is as accurate as a ViT of the same width, depth and parameter count (within 1 point)",
-              mean["adventurer"] >= mean["vit"] - 0.01,
-              f"Adventurer {mean['adventurer']:.4f} vs ViT {mean['vit']:.4f} ({len(seeds)} seed(s))"),
+        check("Adventurer is as accurate as a ViT of the same width, depth and parameter count (within 1 point; "
+              "the better of the class-token and average-pool ViT)",
+              mean["adventurer"] >= mean[best_vit] - 0.01,
+              f"Adventurer {mean['adventurer']:.4f} vs ViT {mean['vit']:.4f} (class token), "
+              f"{mean['vit (avg pool)']:.4f} (avg pool) ({len(seeds)} seed(s))"),
         check("Adventurer is as accurate as CRATE at the same parameter count (within 1 point)",
               mean["adventurer"] >= mean["crate"] - 0.01,
               f"Adventurer {mean['adventurer']:.4f} vs CRATE {mean['crate']:.4f}"),
@@ -377,8 +390,8 @@ def run(out_dir: Path, *, quick: bool, smoke: bool, seed: int, device: str, prog
     for c in checks:
         report.check(c["claim"], c["holds"], f"({c['measured']})")
     report.table(
-        [[k, info["params"][k], mean[k], float(np.std(accs[k])), time_s[k], infer[k]] for k in ("adventurer", "vit",
-                                                                                                  "crate")],
+        [[k, info["params"][k], mean[k], float(np.std(accs[k])), time_s[k], infer.get(k, float("nan"))]
+         for k in main],
         headers=["model", "params", "val acc (mean)", "std over seeds", "train time (s)", "infer img/s (16 tok)"],
     )
     report.table([[a, str(ABLATION[a][0]), ABLATION[a][1], mean[a], 100 * (mean[a] - naive)] for a in ABLATION],
