@@ -27,7 +27,7 @@ def test_recipe_smoke_writes_results(tmp_path):
     for key in ("params", "val_acc", "train_time_s", "infer_img_per_s_16_tokens", "sweep_adventurer_x_vit",
                 "vit_mlp_ratio", "crate_width", "binomial_se_diff"):
         assert key in s, key
-    arms = set(adv_recipe.ABLATION) | {"adventurer", "vit", "crate"}
+    arms = set(adv_recipe.ABLATION) | {"adventurer", "vit", "vit (avg pool)", "crate"}
     assert set(s["val_acc"]) == arms
     assert all(0.0 <= v <= 1.0 for v in s["val_acc"].values())
     # "both" is the main Adventurer run, reused (same config and seed), so the two must agree exactly
