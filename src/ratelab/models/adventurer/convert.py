@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ratelab.core.checkpoint import CheckpointError
+from ratelab.core.keymap import KeyMap
 from ratelab.layers.patch import resample_pos_embed
 
 _MIXER_KEYS = (
@@ -55,42 +56,22 @@ RATELAB_SIGNATURE = ("norm.weight", "blocks.0.mixer.in_proj.weight")
 OFFICIAL_SIGNATURE = ("norm_f.weight", "layers.0.mixer.in_proj.weight")
 
 
-def _compile(template: str) -> re.Pattern[str]:
-    return re.compile("^" + re.escape(template).replace(re.escape("{i}"), r"(?P<i>\d+)") + "$")
-
-
-_OFFICIAL_PATTERNS = [(_compile(src), dst) for src, dst in OFFICIAL_KEY_MAP.items()]
+KEY_MAP = KeyMap(OFFICIAL_KEY_MAP, ratelab_signature=RATELAB_SIGNATURE, official_signature=OFFICIAL_SIGNATURE)
 
 
 def detect_layout(state_dict: dict[str, torch.Tensor]) -> str | None:
     """``"ratelab"``, ``"official"`` (wangf3014/Adventurer) or ``None`` when the keys match neither."""
-    if all(k in state_dict for k in RATELAB_SIGNATURE):
-        return "ratelab"
-    if all(k in state_dict for k in OFFICIAL_SIGNATURE):
-        return "official"
-    return None
+    return KEY_MAP.detect_layout(state_dict)
 
 
 def official_to_ratelab_key(key: str) -> str | None:
     """The ratelab key for one official key, or ``None`` when the key is not in :data:`OFFICIAL_KEY_MAP`."""
-    for pattern, dst in _OFFICIAL_PATTERNS:
-        m = pattern.match(key)
-        if m:
-            return dst.replace("{i}", m.group("i")) if "{i}" in dst else dst
-    return None
+    return KEY_MAP.to_ratelab_key(key)
 
 
 def map_official_keys(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Rename official keys to ratelab keys. Returns (renamed dict, official keys that matched no template)."""
-    out: dict[str, torch.Tensor] = {}
-    leftover: list[str] = []
-    for key, value in state_dict.items():
-        new = official_to_ratelab_key(key)
-        if new is None:
-            leftover.append(key)
-        else:
-            out[new] = value
-    return out, sorted(leftover)
+    return KEY_MAP.map_keys(state_dict)
 
 
 def _fit_pos_embed(state_dict: dict[str, torch.Tensor], model: Any) -> None:
