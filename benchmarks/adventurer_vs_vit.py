@@ -53,7 +53,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from _machine import cpu_name  # benchmarks/ is on sys.path when a script here runs
+from _machine import device_name, write_record  # benchmarks/ is on sys.path when a script here runs
 
 import ratelab
 
@@ -63,12 +63,6 @@ SIDES = {"full": (224, 384, 512, 768, 1024), "quick": (224, 512, 1024), "smoke":
 PATCH = 16
 # Architecture overrides of --smoke: 2 blocks, 32 wide (numbers meaningless, runs in seconds).
 SMOKE_ARCH = {"embed_dim": 32, "depth": 2}
-
-
-def device_name(device: str) -> str:
-    if str(device).startswith("cuda"):
-        return f"GPU {torch.cuda.get_device_name(torch.device(device))}"
-    return f"CPU {cpu_name()}"
 
 
 def _import_adventurer() -> None:
@@ -388,12 +382,8 @@ def main(argv: list[str] | None = None) -> int:
         plot(rows, kinds, args.plot, f"{device_name(args.device)}, {torch.get_num_threads()} threads, fp32")
         log(f"wrote {args.plot}")
     if args.json:
-        record = {"command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-                  "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                  "torch": torch.__version__, "threads": torch.get_num_threads(), "device": device_name(args.device),
-                  "memory_method": mem_how, "rows": rows, "table": table}
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(record, indent=2))
+        write_record(args.json, args, argv, device=device_name(args.device), memory_method=mem_how, rows=rows,
+                     table=table)
         log(f"wrote {args.json}")
     return 0
 

@@ -28,9 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,15 +36,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from _machine import cpu_name  # benchmarks/ is on sys.path when a script here runs
+from _machine import device_name, write_record  # benchmarks/ is on sys.path when a script here runs
 
 import ratelab
-
-
-def device_name(device: str) -> str:
-    if str(device).startswith("cuda"):
-        return f"GPU {torch.cuda.get_device_name(torch.device(device))}"
-    return f"CPU {cpu_name()}"
 
 
 def build(args: argparse.Namespace) -> dict[str, nn.Module]:
@@ -236,20 +228,8 @@ def main(argv: list[str] | None = None) -> int:
             log(f"  {k:5s} vs {other}: {ratios[key]:.2f}x; {ratios[key + '_paired_median']:.2f}x")
 
     if args.json:
-        record = {
-            "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "cpu": cpu_name(),
-            "device": device_name(args.device),
-            "params": params,
-            "equivalence": eq,
-            "results": results,
-            "ratios": ratios,
-        }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(record, indent=2))
+        write_record(args.json, args, argv, device=device_name(args.device), params=params, equivalence=eq,
+                     results=results, ratios=ratios)
         log(f"wrote {args.json}")
     return 0
 

@@ -27,16 +27,14 @@ Example::
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _machine import cpu_name  # benchmarks/ is on sys.path when a script here runs
+from _machine import cpu_name, write_record  # benchmarks/ is on sys.path when a script here runs
 
 from ratelab.kernels.ssd import ssd_chunked, ssd_ref
 
@@ -217,19 +215,13 @@ def main(argv: list[str] | None = None) -> int:
             log("| " + " | ".join(cells) + " |")
 
     if args.json:
-        record = {
-            "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "cpu": cpu_name(),
-            "results": {str(k): v for k, v in results.items()},
-            "table_ms": {str(k): {kind: {n: {"ms": 1e3 * v[0], "extrapolated": v[1]} for n, v in row.items()}
-                                  for kind, row in kinds.items()} for k, kinds in table.items()},
-            "ratios": ratios,
-        }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(record, indent=2))
+        write_record(
+            args.json, args, argv,
+            results={str(k): v for k, v in results.items()},
+            table_ms={str(k): {kind: {n: {"ms": 1e3 * v[0], "extrapolated": v[1]} for n, v in row.items()}
+                               for kind, row in kinds.items()} for k, kinds in table.items()},
+            ratios=ratios,
+        )
         log(f"wrote {args.json}")
     return 0
 
