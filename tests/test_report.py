@@ -32,3 +32,12 @@ def test_fmt():
     assert fmt(True) == "yes"
     assert fmt(float("nan")) == "nan"
     assert fmt(3) == "3"
+
+
+def test_checks_renders_each_recipe_claim():
+    from ratelab.recipes import check
+
+    r = Report("t").checks([check("a & b", True, 0.5), check("c", False, "x < y")])
+    body = r.body()
+    assert '<span class="ok">[holds]</span> a &amp; b (0.5)' in body
+    assert '<span class="bad">[does not hold]</span> c (x &lt; y)' in body

@@ -73,6 +73,12 @@ class Report:
         self._parts.append(f'<p><span class="{cls}">[{word}]</span> {html.escape(claim)} {html.escape(detail)}</p>')
         return self
 
+    def checks(self, checks: Iterable[dict[str, Any]]) -> Report:
+        """One :meth:`check` line per claim dict ``{"claim", "holds", "measured"}`` (``ratelab.recipes.check``)."""
+        for c in checks:
+            self.check(c["claim"], c["holds"], f"({c['measured']})")
+        return self
+
     def table(self, rows: Iterable[Sequence[Any]], headers: Sequence[str] | None = None) -> Report:
         out = ["<table>"]
         if headers:

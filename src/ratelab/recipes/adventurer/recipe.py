@@ -391,8 +391,7 @@ def run(out_dir: Path, *, quick: bool, smoke: bool, seed: int, device: str, prog
         f"{len(seeds)} seed(s), digits 16x16 at patch 4 (16 tokens), {n_val} validation images. CPU fp32, "
         f"{torch.get_num_threads()} threads; throughput figures on a shared machine are noisy."
     )
-    for c in checks:
-        report.check(c["claim"], c["holds"], f"({c['measured']})")
+    report.checks(checks)
     report.table(
         [[k, info["params"][k], mean[k], float(np.std(accs[k])), time_s[k], infer.get(k, float("nan"))]
          for k in main],

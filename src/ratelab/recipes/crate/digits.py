@@ -203,8 +203,7 @@ def run(out_dir: Path, *, quick: bool, smoke: bool, seed: int, device: str, prog
         "1/2 logdet(I + p/(N eps^2) W W^T) of the token-normalized projections W = U_k^T LN(z) (official CRATE "
         "measurement, eps^2 = 0.01); sparsity = fraction of exact zeros of each ISTA output."
     )
-    for c in checks:
-        report.check(c["claim"], c["holds"], f"({c['measured']})")
+    report.checks(checks)
     report.table(
         [[f"seed {r['seed']}", r["final"]["val_acc"], r["final"].get("val_loss", float("nan")),
           r["final"].get("time_s", float("nan"))] for r in runs],

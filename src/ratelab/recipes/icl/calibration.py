@@ -352,8 +352,7 @@ def run(out_dir: Path, *, quick: bool, smoke: bool, seed: int, device: str, prog
         "demonstration sets for shot-specific fits). Probabilities are restricted to the task's label words and "
         "renormalized; ECE uses 10 equal-width (l, u] bins."
     )
-    for c in checks:
-        report.check(c["claim"], c["holds"], f"({c['measured']})")
+    report.checks(checks)
     report.table([[f"icl_gpt_{sz}", k, at(summ_rows[sz], k)["acc_mean"], at(summ_rows[sz], k)["ece_mean"],
                    at(summ_rows[sz], k)["conf_mean"]] for sz in sizes for k in shots],
                  headers=["model", "shots", "accuracy", "ECE", "mean confidence"])

@@ -294,8 +294,7 @@ def run(out_dir: Path, *, quick: bool, smoke: bool, seed: int, device: str, prog
         "every critical point: local_max means max eigenvalue <= 1e-6, strict_saddle a clearly positive one. "
         "'global' = local max whose rank split satisfies Theorem 1 (ii)."
     )
-    for c in checks:
-        report.check(c["claim"], c["holds"], f"({c['measured']})")
+    report.checks(checks)
     report.table(
         [[r["name"], r["d"], str(r["class_sizes"]), r["lam"], r["lambda_max"], r["starts"], r["converged"],
           r["n_local_max"], r["n_strict_saddle"] + r["n_not_critical"], r["n_global"],

@@ -361,8 +361,7 @@ def run(out_dir: Path, *, quick: bool, smoke: bool, seed: int, device: str, prog
         "fitted with the d_n -> ∞ reduction (squared-hinge SVM); exact accuracies for Gaussian test inputs. "
         "Statistics on probit-transformed accuracies."
     )
-    for c in checks:
-        report.check(c["claim"], c["holds"], f"({c['measured']})")
+    report.checks(checks)
     report.table(
         [[f"{k:g}", v["r_mean"], f"[{v['r_mean_ci'][0]:+.3f}, {v['r_mean_ci'][1]:+.3f}]", v["r_sd"], v["slope_mean"],
           v["spearman_mean"], v["pooled"]["pearson"], f"{v['n_negative']}/{v['n_curves']}",
