@@ -21,6 +21,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ratelab.core.errors import CheckpointError  # re-exported: its historical home
+
 FORMAT_VERSION = 1
 MODEL_WEIGHTS = "model.safetensors"
 MODEL_CONFIG = "model_config.json"
@@ -31,8 +33,6 @@ _EMA_KEYS = ("model_ema", "state_dict_ema")
 _PREFIXES = ("module.", "_orig_mod.", "_module.")  # DDP, torch.compile, opacus
 
 
-class CheckpointError(RuntimeError):
-    """A weight file could not be read or does not fit the model; the message names the file and the keys."""
 
 
 def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:

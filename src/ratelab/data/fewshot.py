@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch.utils.data import Dataset
 
+from ratelab.core.seeding import derive_seed
+
 __all__ = ["FewShotConfig", "FewShotSequences", "FewShotTask", "sample_points", "sample_sequence", "sample_task"]
 
 
@@ -144,7 +146,5 @@ class FewShotSequences(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not 0 <= index < self.length:
             raise IndexError(f"FewShotSequences: index {index} out of range [0, {self.length})")
-        from ratelab.train.data import derive_seed
-
         gen = torch.Generator().manual_seed(derive_seed(self.seed, index))
         return sample_sequence(self.cfg, gen)

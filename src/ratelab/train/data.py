@@ -12,20 +12,15 @@ DDP's gradient averaging the update equals the single-process update for the sam
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch.utils.data import Sampler
 
+from ratelab.core.seeding import derive_seed
+
 __all__ = ["EvalShardSampler", "ShardedBatchSampler", "derive_seed", "epoch_permutation", "to_device"]
-
-
-def derive_seed(*parts: int) -> int:
-    """A well-mixed 63-bit seed from integers (e.g. ``(seed, epoch)``); stable across processes and platforms."""
-    digest = hashlib.blake2b(repr(tuple(int(p) for p in parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
 def epoch_permutation(n: int, *, seed: int, epoch: int) -> torch.Tensor:

@@ -31,13 +31,11 @@ import importlib.util
 import json
 import math
 import os
-import random
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as torch_dist
 import torch.nn as nn
@@ -53,6 +51,8 @@ from ratelab.core.checkpoint import (
     save_model,
 )
 from ratelab.core.dist import DistInfo, all_reduce_mean, all_reduce_sum, barrier, cleanup, init_distributed
+from ratelab.core.errors import TrainingDiverged
+from ratelab.core.seeding import capture_rng_state, restore_rng_state, seed_everything
 from ratelab.train.config import TrainConfig
 from ratelab.train.data import DeviceLoader, EvalShardSampler, ShardedBatchSampler, derive_seed, to_device
 from ratelab.train.ema import ModelEma
@@ -83,61 +83,6 @@ _RESUME_MUST_MATCH = (
     "seed",
     "optimizer",
 )
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss or the gradient became NaN/inf. The last good checkpoint on disk is left untouched.
-
-    Attributes:
-        step: the optimizer step (1-based) that failed.
-        loss: the offending loss value (this rank's).
-    """
-
-    def __init__(self, message: str, *, step: int, loss: float) -> None:
-        super().__init__(message)
-        self.step, self.loss = step, loss
-
-
-# ---- RNG ---------------------------------------------------------------------------------------------------------
-
-
-def seed_everything(seed: int) -> None:
-    """Seed torch (CPU and CUDA), numpy and ``random``."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def capture_rng_state() -> dict[str, Any]:
-    """Every global RNG state training may consume, in a form ``torch.load(weights_only=True)`` accepts."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
-        "numpy": {
-            "name": name,
-            "keys": torch.from_numpy(keys.astype(np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "gauss": float(gauss),
-        },
-        "python": random.getstate(),
-    }
-
-
-def restore_rng_state(state: dict[str, Any]) -> None:
-    """Inverse of :func:`capture_rng_state`."""
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        cuda = state["cuda"]
-        if len(cuda) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda)
-    npst = state["numpy"]
-    np.random.set_state(
-        (npst["name"], npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"], npst["gauss"])
-    )
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
 
 
 # ---- running averages --------------------------------------------------------------------------------------------
