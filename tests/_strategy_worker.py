@@ -97,8 +97,11 @@ def train(
         for m, sl in enumerate(local_slices(strategy.dist, accum)):
             last = m == accum - 1
             with contextlib.nullcontext() if last else strategy.no_sync(wrapped):
-                loss = F.cross_entropy(wrapped(x[sl]), y[sl]) / accum
+                out = wrapped(x[sl])
+                loss = F.cross_entropy(out, y[sl]) / accum
                 loss.backward()
+            if probe is not None:
+                probe.setdefault("out_dtype", str(out.dtype))
             if not last and probe is not None and "after_no_sync" not in probe:
                 probe["after_no_sync"] = _grad_probe(strategy, params)
         norm = strategy.grad_norm(params)

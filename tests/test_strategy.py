@@ -160,6 +160,7 @@ def test_fsdp_activation_checkpointing_and_bf16(workers):
         assert _bitwise(res[variant]["sd"], res["fsdp"]["sd"]), variant
     bf16 = res["fsdp_bf16"]
     assert bf16["param_dtypes"] == ["torch.float32"]  # sharded master weights stay fp32
+    assert bf16["probe"]["out_dtype"] == "torch.float32" == res["fsdp"]["probe"]["out_dtype"]  # the loss sees fp32
     assert 0 < _max_diff(bf16["sd"], res["fsdp"]["sd"]) < 2e-2  # bf16 compute: close, but not the fp32 run
 
 

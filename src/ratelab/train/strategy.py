@@ -369,8 +369,9 @@ class FSDPStrategy(Strategy):
         ``find_unused_parameters`` is not needed (FSDP2 reduces per block, whatever ran) and is ignored. Rank 0's
         weights are broadcast first, as DDP does, so the ranks need not have drawn the same initialization.
         ``mixed_precision="bf16"``: the gathered parameters (hence the compute) are bf16, gradients are reduced and
-        kept in fp32, the sharded master weights and optimizer states stay fp32. Meant for GPUs; on a CPU it runs
-        (gloo) but bf16 matmuls there are slow and it is only useful for tests.
+        kept in fp32, the sharded master weights and optimizer states stay fp32, and the model's output is cast to
+        fp32. Autocast on top keeps its fp32 ops (norms, softmax) in fp32. Meant for GPUs; on a CPU it runs (gloo)
+        but bf16 matmuls there are slow: useful for tests only.
         """
         _check_mixed_precision(mixed_precision)
         units = _apply_activation_checkpointing(model) if activation_checkpointing else _block_units(model)
@@ -380,12 +381,17 @@ class FSDPStrategy(Strategy):
 
         self._broadcast_from_rank0(model)
         mesh = init_device_mesh(self.dist.device.type, (self.dist.world_size,))
-        kwargs: dict[str, Any] = {"mesh": mesh}
+        unit_kw: dict[str, Any] = {"mesh": mesh}
+        root_kw: dict[str, Any] = {"mesh": mesh}
         if mixed_precision == "bf16":
-            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            bf16, fp32 = torch.bfloat16, torch.float32
+            unit_kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)
+            # The root hands fp32 outputs to the loss (a cross-entropy over bf16 logits loses digits); between
+            # the blocks activations stay bf16.
+            root_kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32, output_dtype=fp32)
         for unit in units:
-            fully_shard(unit, **kwargs)
-        fully_shard(model, **kwargs)  # the root: embeddings, head and whatever lies outside the units
+            fully_shard(unit, **unit_kw)
+        fully_shard(model, **root_kw)  # the root: embeddings, head and whatever lies outside the units
         return model
 
     def _ensure_process_group(self) -> None:
