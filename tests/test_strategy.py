@@ -217,6 +217,8 @@ def test_block_units_and_the_error_without_blocks():
     with pytest.raises(ConfigError, match="no `blocks`"):
         SingleStrategy(ONE).wrap(nn.Linear(2, 2), activation_checkpointing=True)
     net = _NoSwitch()
+    with pytest.raises(ConfigError, match=r"move the model to cuda:0 before wrap \(found tensors on \['cpu'\]\)"):
+        FSDPStrategy(DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cuda", 0))).wrap(net)
     assert _block_units(net) == list(net.blocks)
     net.fsdp_units = lambda: [net.stem, *net.blocks]  # a model's own choice wins over `blocks`
     assert _block_units(net) == [net.stem, *net.blocks]

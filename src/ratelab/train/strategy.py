@@ -375,6 +375,10 @@ class FSDPStrategy(Strategy):
         """
         _check_mixed_precision(mixed_precision)
         units = _apply_activation_checkpointing(model) if activation_checkpointing else _block_units(model)
+        elsewhere = sorted({str(t.device) for t in [*model.parameters(), *model.buffers()]} - {str(self.dist.device)})
+        if elsewhere:
+            # The broadcast below and the mesh run on this device (nccl cannot send CPU tensors).
+            raise ConfigError(f"fsdp: move the model to {self.dist.device} before wrap (found tensors on {elsewhere})")
         self._ensure_process_group()
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
