@@ -64,3 +64,49 @@ def test_named_patch_size_can_be_overridden(name):
     logits = model(torch.randn(1, 3, 224, 224))
     assert logits.shape == (1, 3)
     assert model.forward_features(torch.randn(1, 3, 224, 224)).shape[1] == 785
+
+
+def test_unknown_model_suggests_similar_names():
+    from ratelab.core.errors import UnknownNameError
+
+    with pytest.raises(UnknownNameError) as info:
+        ratelab.create_model("crate_tiny_patch16_244")  # a typo of crate_tiny_patch16_224
+    msg = str(info.value)
+    assert "did you mean" in msg and "'crate_tiny_patch16_224'" in msg
+    # by similarity, not the whole family in registry order
+    assert "crate_large_patch8_224" not in msg and msg.count("crate_") <= 6
+    with pytest.raises(UnknownNameError, match="did you mean 'test_adventurer'"):
+        ratelab.create_model("test_adventurr")
+
+
+def test_old_import_paths_resolve_to_the_factory():
+    from ratelab.core import checkpoint, registry
+    from ratelab.models import _factory
+
+    assert registry.create_model is _factory.create_model is ratelab.create_model
+    assert registry.list_models is _factory.list_models is ratelab.list_models
+    assert checkpoint.load_model is _factory.load_model
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        registry.nope  # noqa: B018
+
+
+def test_model_args_round_trip_through_save_and_load(tmp_path):
+    # The failing case: an architecture argument outside num_classes/img_size/in_chans.
+    from ratelab.core.checkpoint import load_model, save_model
+
+    model = ratelab.create_model("mcr2_mlp_small", hidden=1024).eval()
+    save_model(model, tmp_path / "m")
+    back = load_model(tmp_path / "m").eval()
+    x = torch.randn(3, 1, model.img_size, model.img_size)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), model(x), atol=0, rtol=0)
+    assert back.model_args["hidden"] == 1024
+
+
+def test_model_args_follow_a_reset_classifier(tmp_path):
+    from ratelab.core.checkpoint import load_model, save_model
+
+    model = ratelab.create_model("test_crate", num_classes=4)
+    model.reset_classifier(6)
+    save_model(model, tmp_path / "m")
+    assert load_model(tmp_path / "m").num_classes == 6

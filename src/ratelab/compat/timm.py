@@ -2,6 +2,9 @@
 
 Nothing is registered at import: call :func:`register` once, then ``timm.create_model("ratelab_<name>")`` builds the
 ratelab model. Names carry a prefix so they never collide with (or overwrite) timm's own entries.
+``pretrained=True`` loads the official release from ratelab's local weights directory (see ``ratelab weights
+list``); nothing is downloaded. ``model.pretrained_cfg`` carries the release's input size, mean/std and
+interpolation, so ``timm.data.resolve_data_config(model=model)`` builds the matching transform.
 
 Example::
 
@@ -20,31 +23,30 @@ from typing import Any
 
 import torch.nn as nn
 
-from ratelab.core.registry import create_model, list_models
+from ratelab.core.errors import ConfigError
+from ratelab.models._factory import create_model, list_models
+from ratelab.models._pretrained import has_pretrained
 
 _TIMM_ONLY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 
 
 def _entrypoint(ratelab_name: str, timm_name: str) -> Callable[..., nn.Module]:
     def build(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-        if pretrained:
-            raise ValueError(
-                f"{timm_name}: ratelab ships no downloadable weights; load a file with "
+        # pretrained=True reads the official release from ratelab's local weights directory (never downloads).
+        if pretrained and not has_pretrained(ratelab_name):
+            raise ConfigError(
+                f"{timm_name}: ratelab ships no downloadable weights and has no release registered for "
+                f"{ratelab_name!r} (see `ratelab weights list`); load a file with "
                 f"ratelab.create_model({ratelab_name!r}, checkpoint_path=...) (ratelab or official layout)"
             )
         for k in _TIMM_ONLY_KWARGS:
             kwargs.pop(k, None)
         device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
-        model = create_model(ratelab_name, **kwargs)
+        model = create_model(ratelab_name, pretrained=pretrained, **kwargs)
         if device is not None or dtype is not None:
             model = model.to(device=device, dtype=dtype)
-        # timm's data helpers (resolve_data_config) read the input size from here.
-        in_chans, size = getattr(model, "in_chans", 3), getattr(model, "img_size", None)
-        model.pretrained_cfg = {
-            "architecture": timm_name,
-            "num_classes": getattr(model, "num_classes", None),
-            **({"input_size": (in_chans, size, size)} if isinstance(size, int) else {}),
-        }
+        # timm's data helpers (resolve_data_config) read input size, mean/std and interpolation from here.
+        model.pretrained_cfg = {**model.pretrained_cfg, "architecture": timm_name}
         return model
 
     build.__name__ = build.__qualname__ = timm_name

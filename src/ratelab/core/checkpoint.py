@@ -6,6 +6,13 @@ ratelab's model format is a directory (or file pair) with ``model.safetensors`` 
 
 Training checkpoints (optimizer, scheduler, RNG, data position) are ``*.pt`` files written by the trainer through
 :func:`atomic_torch_save`; their ``"model"`` entry is an unwrapped state dict, so they load here as well.
+
+``"model_args"`` (when the model has ``model.model_args``) is the complete set of keyword arguments that rebuild the
+architecture through its registered entry point; files without it are rebuilt from ``kwargs`` + ``arch``.
+
+Layering: this module is ``core`` and never imports the model families. :func:`load_model` has to rebuild a model
+by name, so it lives in the factory above them (:func:`ratelab.models._factory.load_model`); ``load_model`` is still
+importable from here and resolves to the factory on first access (module ``__getattr__``).
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ import torch.nn as nn
 
 from ratelab.core.errors import CheckpointError  # re-exported: its historical home
 
+StateDictFilter = Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]]
+
 FORMAT_VERSION = 1
 MODEL_WEIGHTS = "model.safetensors"
 MODEL_CONFIG = "model_config.json"
@@ -31,8 +40,6 @@ MODEL_CONFIG = "model_config.json"
 _WRAPPER_KEYS = ("model", "state_dict", "module", "model_ema", "state_dict_ema")
 _EMA_KEYS = ("model_ema", "state_dict_ema")
 _PREFIXES = ("module.", "_orig_mod.", "_module.")  # DDP, torch.compile, opacus
-
-
 
 
 def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
@@ -78,7 +85,16 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 def model_config(model: nn.Module) -> dict[str, Any]:
-    """What :func:`load_model` needs to rebuild ``model``: registry name, runtime kwargs, architecture."""
+    """What :func:`load_model` needs to rebuild ``model``: registry name, runtime kwargs, architecture.
+
+    ``model.model_args`` (a JSON-able dict such that the entry point called with it rebuilds the architecture) is
+    stored as ``"model_args"`` and is what :func:`load_model` uses; ``kwargs`` (``num_classes``/``img_size``/
+    ``in_chans``) and ``arch`` (the family config) are always written too, for readers and for older files.
+
+    Raises:
+        CheckpointError: the model has no ``model_name`` (not built by ``create_model``), or its ``model_args`` do
+            not serialize to JSON (the message names the offending argument).
+    """
     model = unwrap_model(model)
     name = getattr(model, "model_name", None)
     if name is None:
@@ -86,16 +102,31 @@ def model_config(model: nn.Module) -> dict[str, Any]:
     kwargs = {k: getattr(model, k) for k in ("num_classes", "img_size", "in_chans") if hasattr(model, k)}
     cfg = getattr(model, "cfg", None)
     arch = cfg.to_dict() if hasattr(cfg, "to_dict") else {}
-    return {"format_version": FORMAT_VERSION, "model": name, "kwargs": kwargs, "arch": arch}
+    meta: dict[str, Any] = {"format_version": FORMAT_VERSION, "model": name, "kwargs": kwargs, "arch": arch}
+    model_args = getattr(model, "model_args", None)
+    if model_args is not None:
+        for k, v in dict(model_args).items():
+            try:
+                json.dumps(v)
+            except TypeError as e:
+                raise CheckpointError(f"{name}: model_args[{k!r}] = {v!r} is not JSON-serializable ({e})") from e
+        # The runtime attributes are the model's current truth (``reset_classifier`` changes ``num_classes``).
+        meta["model_args"] = {**dict(model_args), **kwargs}
+    return meta
 
 
-def save_model(model: nn.Module, out_dir: str | os.PathLike) -> Path:
-    """Write ``model.safetensors`` + ``model_config.json`` into ``out_dir`` (atomically). Returns the weights path."""
+def save_model(model: nn.Module, out_dir: str | os.PathLike, *,
+               state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``model.safetensors`` + ``model_config.json`` into ``out_dir`` (atomically). Returns the weights path.
+
+    ``state_dict`` replaces ``model.state_dict()`` (the trainer passes the gathered full weights of a sharded model).
+    """
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
     model = unwrap_model(model)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    sd = model.state_dict() if state_dict is None else state_dict
+    state = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
     meta = model_config(model)
     _atomic_write(out_dir / MODEL_WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     atomic_write_text(json.dumps(meta, indent=2), out_dir / MODEL_CONFIG)
@@ -199,16 +230,32 @@ def load_state_dict_strict(model: nn.Module, state_dict: dict[str, torch.Tensor]
     model.load_state_dict(state_dict, strict=True)
 
 
-def load_model_weights(model: nn.Module, path: str | os.PathLike, *, use_ema: bool = False) -> nn.Module:
-    """Load ratelab or official weights into ``model``.
+def load_model_weights(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    use_ema: bool = False,
+    filter_fn: StateDictFilter | None = None,
+    keep_model_keys: tuple[str, ...] = (),
+) -> nn.Module:
+    """Load ratelab or official weights into ``model``, strictly.
 
-    The family converter (``type(model).checkpoint_filter_fn``) recognizes an official layout by its keys and maps
-    it; ratelab's own layout passes through (position embeddings are resampled to the model's grid). ``use_ema``:
-    see :func:`read_state_dict`.
+    Args:
+        model: the receiving model.
+        path: a weights file, a ratelab model directory or a run directory (see :func:`read_state_dict`).
+        use_ema: see :func:`read_state_dict`.
+        filter_fn: converter ``(state_dict, model) -> state_dict``; default: the family converter
+            ``type(model).checkpoint_filter_fn``, which recognizes an official layout by its keys and maps it
+            (ratelab's own layout passes through; position embeddings are resampled to the model's grid).
+        keep_model_keys: key prefixes (e.g. ``("head.",)``) whose tensors are dropped from the file and kept as the
+            model has them: a classifier re-initialized for another number of classes. Every other key must match.
+
+    Raises:
+        CheckpointError: unreadable file, failed conversion, or keys/shapes that do not match (all named).
     """
     src = _resolve(path)
     sd = read_state_dict(src, use_ema=use_ema)
-    filt = getattr(type(model), "checkpoint_filter_fn", None)
+    filt = filter_fn if filter_fn is not None else getattr(type(model), "checkpoint_filter_fn", None)
     if filt is not None:
         try:
             sd = filt(sd, model)
@@ -216,42 +263,19 @@ def load_model_weights(model: nn.Module, path: str | os.PathLike, *, use_ema: bo
             raise CheckpointError(f"{src}: conversion failed, key {e} missing") from e
         except CheckpointError as e:  # the filter cannot know the file name
             raise CheckpointError(f"{src}: {e}") from e
+    if keep_model_keys:
+        own = model.state_dict()
+        sd = {k: v for k, v in sd.items() if not k.startswith(keep_model_keys)}
+        sd.update({k: v for k, v in own.items() if k.startswith(keep_model_keys)})
     load_state_dict_strict(model, sd, source=str(src))
     return model
 
 
-def load_model(path: str | os.PathLike, **overrides: Any) -> nn.Module:
-    """Rebuild a saved model and load its weights.
+def __getattr__(name: str) -> Any:
+    # PEP 562: ``load_model`` rebuilds a model by registry name, so it lives in the factory above the families; it
+    # stays importable from here (its historical home) without core importing the models at import time.
+    if name == "load_model":
+        from ratelab.models._factory import load_model
 
-    ``path`` is a directory or ``model.safetensors`` written by :func:`save_model` (the config is the
-    ``model_config.json`` beside it), or a trainer checkpoint ``*.pt`` / a run directory holding only
-    ``checkpoints/last.pt`` (the config travels inside the checkpoint as ``model_config``).
-    """
-    from ratelab.core.registry import create_model
-
-    path = Path(path)
-    cfg_path = (path if path.is_dir() else path.parent) / MODEL_CONFIG
-    if cfg_path.exists():
-        meta = json.loads(cfg_path.read_text())
-        source, state = cfg_path, None
-    else:
-        pt = path / "checkpoints" / "last.pt" if path.is_dir() else path
-        if pt.suffix == ".safetensors" or not pt.is_file():
-            raise CheckpointError(f"{cfg_path} not found: cannot tell which model {path} holds; use create_model("
-                                  f"name, checkpoint_path=...) instead")
-        try:
-            ckpt = torch.load(str(pt), map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise CheckpointError(f"{pt}: cannot read checkpoint ({type(e).__name__}: {e})") from e
-        meta = ckpt.get("model_config") if isinstance(ckpt, dict) else None
-        if not meta:
-            raise CheckpointError(f"{pt}: no model_config inside; it was not written by the ratelab trainer")
-        source, state = pt, ckpt["model"]
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{source}: format_version {meta['format_version']} is newer than this ratelab")
-    kwargs = {**meta.get("kwargs", {}), **meta.get("arch", {}), **overrides}
-    if state is None:
-        return create_model(meta["model"], checkpoint_path=str(path), **kwargs)
-    model = create_model(meta["model"], **kwargs)
-    load_state_dict_strict(model, state, source=str(source))
-    return model
+        return load_model
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,8 +1,15 @@
-"""Model registry: every model in ratelab is built by name.
+"""Model registry: the passive table behind :func:`ratelab.create_model`.
 
 Entry points are one-line functions decorated with :func:`register_model`; they receive the runtime kwargs
-(``num_classes``, ``img_size``, ``in_chans`` ...) and return an ``nn.Module``. The registry is ratelab's own;
-exporting to timm is an explicit opt-in (:func:`ratelab.compat.timm.register`) and never happens at import.
+(``num_classes``, ``img_size``, ``in_chans`` ...) and return an ``nn.Module``. This module only holds the tables and
+looks names up: it imports nothing from ratelab above ``core``, so every layer may depend on it. A family's names
+appear here once its module has been imported; the complete view (every family imported first) and the
+checkpoint-aware ``create_model`` / ``load_model`` live in :mod:`ratelab.models._factory`, which sits above the
+families (timm's ``_registry`` / ``_factory`` split).
+
+``create_model``, ``list_models``, ``is_model`` and ``model_family`` stay importable from here for existing callers;
+they resolve to the factory on first access (see :func:`__getattr__`) and are not defined in this module.
+The registry is ratelab's own; exporting to timm is an explicit opt-in (:func:`ratelab.compat.timm.register`).
 """
 
 from __future__ import annotations
@@ -13,8 +20,14 @@ from typing import Any
 
 import torch.nn as nn
 
+from ratelab.core.errors import UnknownNameError, did_you_mean
+
 _MODEL_ENTRYPOINTS: dict[str, Callable[..., nn.Module]] = {}
 _MODEL_FAMILY: dict[str, str] = {}
+
+# Names re-exported from the factory for the import paths that predate it (``from ratelab.core.registry import
+# create_model``). Resolved lazily so that this module never imports the model families at import time.
+_FACTORY_NAMES = ("create_model", "list_models", "is_model", "model_family")
 
 
 def named_decorator(table: dict[str, Any], kind: str, name: str) -> Callable[[Any], Any]:
@@ -40,63 +53,39 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     return fn
 
 
-def _ensure_models_imported() -> None:
-    # Importing the models package runs every family's @register_model decorators. Done lazily so that
-    # ``import ratelab`` stays cheap.
-    import ratelab.models  # noqa: F401
+def model_entrypoint(name: str) -> Callable[..., nn.Module]:
+    """The entry point registered as ``name`` (among the families imported so far).
+
+    Raises:
+        UnknownNameError: no such name; the message lists the closest registered names.
+    """
+    try:
+        return _MODEL_ENTRYPOINTS[name]
+    except KeyError:
+        raise UnknownNameError(
+            f"unknown model {name!r}{did_you_mean(name, _MODEL_ENTRYPOINTS)}; see `ratelab models`"
+        ) from None
 
 
-def list_models(pattern: str = "*") -> list[str]:
-    """Sorted registered model names matching a shell-style ``pattern`` (e.g. ``"crate_*"``)."""
-    _ensure_models_imported()
+def registered_models(pattern: str = "*") -> list[str]:
+    """Sorted names registered so far that match the shell-style ``pattern``; no family is imported here."""
     return sorted(n for n in _MODEL_ENTRYPOINTS if fnmatch.fnmatchcase(n, pattern))
 
 
-def is_model(name: str) -> bool:
-    _ensure_models_imported()
-    return name in _MODEL_ENTRYPOINTS
-
-
-def model_family(name: str) -> str:
-    _ensure_models_imported()
+def registered_family(name: str) -> str:
+    """Family (package name, e.g. ``"crate"``) of a registered name."""
+    model_entrypoint(name)  # the error for an unknown name
     return _MODEL_FAMILY[name]
 
 
-def create_model(
-    name: str,
-    *,
-    num_classes: int | None = None,
-    img_size: int | None = None,
-    in_chans: int | None = None,
-    checkpoint_path: str | None = None,
-    checkpoint_use_ema: bool = False,
-    **kwargs: Any,
-) -> nn.Module:
-    """Build a registered model.
+def __getattr__(name: str) -> Any:
+    # PEP 562: only called for names this module does not define.
+    # A plain import statement (not importlib) so the layering test sees this function-level dependency.
+    if name in _FACTORY_NAMES:
+        from ratelab.models import _factory
 
-    Args:
-        name: registered name, e.g. ``"crate_tiny_patch16_224"`` (see :func:`list_models`).
-        num_classes: classifier width; ``0`` gives a model without head.
-        img_size: input resolution; position embeddings are sized (or interpolated on load) for it.
-        in_chans: input channels.
-        checkpoint_path: optional weights: ratelab's format (``*.safetensors`` with a ``config.json`` beside it, or
-            a run directory / training checkpoint) or an official upstream file, detected by its keys.
-        checkpoint_use_ema: load the EMA weights (``model_ema``) of a file that stores both (default: ``model``).
-        **kwargs: family-specific runtime options (``None`` values are dropped, as in timm).
+        return getattr(_factory, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-    Raises:
-        KeyError: unknown model name (the message lists close matches).
-    """
-    _ensure_models_imported()
-    if name not in _MODEL_ENTRYPOINTS:
-        close = [n for n in _MODEL_ENTRYPOINTS if name.split("_")[0] in n][:10]
-        raise KeyError(f"unknown model {name!r}; close matches: {close or 'none'}; see `ratelab models`")
-    kw = {"num_classes": num_classes, "img_size": img_size, "in_chans": in_chans, **kwargs}
-    kw = {k: v for k, v in kw.items() if v is not None}
-    model = _MODEL_ENTRYPOINTS[name](**kw)
-    model.model_name = name
-    if checkpoint_path is not None:
-        from ratelab.core.checkpoint import load_model_weights
 
-        load_model_weights(model, checkpoint_path, use_ema=checkpoint_use_ema)
-    return model
+__all__ = ["model_entrypoint", "named_decorator", "register_model", "registered_family", "registered_models"]

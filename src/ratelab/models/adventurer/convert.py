@@ -12,13 +12,13 @@ No tensor needs a transpose or a reshape: the stem is a Conv2d in both codes and
 
 from __future__ import annotations
 
-import re
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from ratelab.core.checkpoint import CheckpointError
-from ratelab.core.keymap import KeyMap
+from ratelab.core.keymap import KeyMap, OfficialConverter
 from ratelab.layers.patch import resample_pos_embed
 
 _MIXER_KEYS = (
@@ -74,74 +74,49 @@ def map_official_keys(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, to
     return KEY_MAP.map_keys(state_dict)
 
 
-def _fit_pos_embed(state_dict: dict[str, torch.Tensor], model: Any) -> None:
-    """Resample the file's position embedding in place when its patch grid differs from the model's.
+checkpoint_filter_fn = OfficialConverter(
+    family="Adventurer",
+    source="wangf3014/Adventurer",
+    key_map=KEY_MAP,
+    width_key=("norm_f.weight", 0),
+    resample_pos_embed=resample_pos_embed,
+    prefix_last=True,  # the class token's row is the LAST one (kept as is; only the N grid rows are resampled)
+)
+"""Turn an Adventurer state dict (ratelab or official layout) into ``model``'s keys: ``converter(sd, model)``.
 
-    The class token's row is the LAST one; it is kept as is and only the N grid rows are resampled (the official
-    fine-tuning code keeps the first row instead, see the model docstring).
-    """
-    pe = state_dict.get("pos_embed")
-    own = model.pos_embed
-    if pe is None or pe.ndim != 3 or pe.shape[1:] == own.shape[1:] or pe.shape[-1] != own.shape[-1]:
-        return  # equal, absent, or a width mismatch the strict loader reports
-    try:
-        state_dict["pos_embed"] = resample_pos_embed(
-            pe, model.grid_size, num_prefix_tokens=model.num_prefix_tokens, prefix_last=True
-        )
-    except ValueError as e:
-        raise CheckpointError(f"pos_embed {tuple(pe.shape)} cannot be resampled to grid {model.grid_size}: {e}") from e
+``state_dict`` is a flat tensor dict (``model``/``model_ema`` containers and ``module.`` prefixes are unwrapped by
+:func:`ratelab.core.checkpoint.read_state_dict`); ``model`` is the :class:`ratelab.models.adventurer.Adventurer` that
+receives it. ``pos_embed`` is resampled to the model's grid with the class token kept last (the official fine-tuning
+code keeps the first row instead, see the model docstring); with ``num_classes=0`` the head is dropped. A file that
+matches neither layout, has keys outside the official map or another depth/width than ``model`` raises
+:class:`~ratelab.core.errors.CheckpointError` naming the keys (missing keys and shape mismatches are reported by the
+strict loader that runs after this filter).
+"""
 
 
-def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: Any) -> dict[str, torch.Tensor]:
-    """Turn an Adventurer state dict (ratelab or official layout) into ``model``'s keys.
+def convert_official(path_in: str | os.PathLike, out_dir: str | os.PathLike, model_name: str, **kwargs: Any) -> Path:
+    """Convert an official wangf3014/Adventurer checkpoint to ratelab's format (``model.safetensors`` + config).
 
     Args:
-        state_dict: flat tensor dict, already unwrapped from ``model``/``model_ema`` containers and ``module.``
-            prefixes (see :func:`ratelab.core.checkpoint.read_state_dict`).
-        model: the :class:`ratelab.models.adventurer.Adventurer` that will receive the weights.
+        path_in: official ``.pth`` (``{"model": ..., "model_ema": ...}`` as released, or plain / ``module.``-prefixed).
+        out_dir: directory to write; created if needed.
+        model_name: ratelab registry name with the file's architecture, e.g. ``"adventurer_base_patch16_224"``.
+        **kwargs: forwarded to :func:`ratelab.create_model` (``img_size``, ``flip`` ...). ``num_classes`` defaults to
+            the width of the file's classifier.
 
     Returns:
-        A state dict with ratelab keys; ``pos_embed`` is resampled to the model's grid (class token kept last) when
-        the file was trained at another image size. With ``num_classes=0`` the file's head is dropped.
-
-    Raises:
-        CheckpointError: the keys match neither layout, or an official file has keys outside the known map or a
-            different depth/width than ``model``. The message lists the offending keys. (Missing keys and shape
-            mismatches are reported by the strict loader that runs after this filter.)
+        Path of the written ``model.safetensors``.
     """
-    layout = detect_layout(state_dict)
-    if layout is None:
-        keys = sorted(state_dict)
-        raise CheckpointError(
-            f"not an Adventurer checkpoint: expected ratelab keys {list(RATELAB_SIGNATURE)} or official "
-            f"wangf3014/Adventurer keys {list(OFFICIAL_SIGNATURE)}. File keys ({len(keys)}): {keys[:16]}"
-        )
-    if layout == "ratelab":
-        out = dict(state_dict)
-    else:
-        out, leftover = map_official_keys(state_dict)
-        layers = {int(m.group(1)) for k in state_dict if (m := re.match(r"^layers\.(\d+)\.", k))}
-        depth = max(layers) + 1 if layers else 0
-        width = state_dict["norm_f.weight"].shape[0]
-        problems = []
-        if leftover:
-            problems.append(f"keys outside the official Adventurer layout ({len(leftover)}): {leftover[:12]}")
-        if (depth, width) != (model.cfg.depth, model.cfg.embed_dim):
-            problems.append(
-                f"file is an official Adventurer with depth {depth} and width {width}, the model has depth "
-                f"{model.cfg.depth} and width {model.cfg.embed_dim} (pick the matching model or pass depth=/embed_dim=)"
-            )
-        if problems:
-            raise CheckpointError("official Adventurer checkpoint does not fit: " + "; ".join(problems))
-    if getattr(model, "num_classes", None) == 0:
-        out = {k: v for k, v in out.items() if not k.startswith("head.")}
-    _fit_pos_embed(out, model)
-    return out
+    from ratelab.models._factory import convert_official as convert
+
+    return convert(path_in, out_dir, model_name, detect_layout=detect_layout, official_head="head.weight",
+                   source="wangf3014/Adventurer", **kwargs)
 
 
 __all__ = [
     "OFFICIAL_KEY_MAP",
     "checkpoint_filter_fn",
+    "convert_official",
     "detect_layout",
     "map_official_keys",
     "official_to_ratelab_key",

@@ -17,14 +17,12 @@ No tensor needs a transpose or a reshape:
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ratelab.core.checkpoint import CheckpointError
-from ratelab.core.keymap import KeyMap
+from ratelab.core.keymap import KeyMap, OfficialConverter
 from ratelab.layers.patch import resample_pos_embed
 
 # Official key -> ratelab key. ``{i}`` is the layer index (kept as is). Every official tensor is listed; the
@@ -76,13 +74,6 @@ def map_official_keys(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, to
     return KEY_MAP.map_keys(state_dict)
 
 
-def _official_shape(state_dict: dict[str, torch.Tensor]) -> tuple[int, int]:
-    """(depth, width) of an official state dict, read from its layer indices and the [CLS] token."""
-    layers = {int(m.group(1)) for k in state_dict if (m := re.match(r"^transformer\.layers\.(\d+)\.", k))}
-    width = state_dict["cls_token"].shape[-1] if "cls_token" in state_dict else -1
-    return (max(layers) + 1 if layers else 0), width
-
-
 def _fill_identity_out_proj(out: dict[str, torch.Tensor], model: Any) -> None:
     # The official Attention replaces ``to_out`` by Identity when heads == 1 and dim_head == dim, so such files
     # have no output-map keys; ratelab always has the Linear, and identity weights reproduce the computation.
@@ -96,77 +87,24 @@ def _fill_identity_out_proj(out: dict[str, torch.Tensor], model: Any) -> None:
             out[f"blocks.{i}.attn.proj.bias"] = torch.zeros(d, dtype=ref.dtype)
 
 
-def _fit_pos_embed(state_dict: dict[str, torch.Tensor], model: Any) -> None:
-    """Resample the file's position embedding in place when its patch grid differs from the model's."""
-    pe = state_dict.get("pos_embed")
-    own = model.pos_embed
-    if pe is None or pe.ndim != 3 or pe.shape[1:] == own.shape[1:] or pe.shape[-1] != own.shape[-1]:
-        return  # equal, absent, or a width mismatch the strict loader reports
-    try:
-        state_dict["pos_embed"] = resample_pos_embed(pe, model.grid_size, num_prefix_tokens=model.num_prefix_tokens)
-    except ValueError as e:
-        raise CheckpointError(f"pos_embed {tuple(pe.shape)} cannot be resampled to grid {model.grid_size}: {e}") from e
+checkpoint_filter_fn = OfficialConverter(
+    family="CRATE",
+    source="Ma-Lab-Berkeley/CRATE",
+    key_map=KEY_MAP,
+    width_key=("cls_token", -1),
+    resample_pos_embed=resample_pos_embed,
+    foreign_hints={"patch_embed.proj.weight": " It looks like a timm/DeiT ViT checkpoint."},
+    fix_official=_fill_identity_out_proj,
+)
+"""Turn a CRATE state dict (ratelab or official layout) into ``model``'s keys: ``checkpoint_filter_fn(sd, model)``.
 
-
-def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: Any) -> dict[str, torch.Tensor]:
-    """Turn a CRATE state dict (ratelab or official layout) into ``model``'s keys.
-
-    Args:
-        state_dict: flat tensor dict, already unwrapped from ``model``/``state_dict`` containers and ``module.``
-            prefixes (see :func:`ratelab.core.checkpoint.read_state_dict`).
-        model: the :class:`ratelab.models.crate.Crate` that will receive the weights.
-
-    Returns:
-        A state dict with ratelab keys; ``pos_embed`` is resampled to the model's grid when the file was trained
-        at another image size. With ``num_classes=0`` the file's head is dropped (features-only model).
-
-    Raises:
-        CheckpointError: the keys match neither layout, or an official file has keys outside the known map or a
-            different depth/width than ``model``. The message lists the offending keys.
-    """
-    layout = detect_layout(state_dict)
-    if layout is None:
-        keys = sorted(state_dict)
-        hint = " It looks like a timm/DeiT ViT checkpoint." if "patch_embed.proj.weight" in state_dict else ""
-        raise CheckpointError(
-            f"not a CRATE checkpoint: expected ratelab keys {list(RATELAB_SIGNATURE)} or official "
-            f"Ma-Lab-Berkeley/CRATE keys {list(OFFICIAL_SIGNATURE)}.{hint} File keys ({len(keys)}): {keys[:16]}"
-        )
-    if layout == "ratelab":
-        out = dict(state_dict)
-    else:
-        out, leftover = map_official_keys(state_dict)
-        depth, width = _official_shape(state_dict)
-        problems = []
-        if leftover:
-            problems.append(f"keys outside the official CRATE layout ({len(leftover)}): {leftover[:12]}")
-        if (depth, width) != (model.cfg.depth, model.cfg.embed_dim):
-            layer_of = {k: int(m.group(1)) for k in state_dict if (m := re.match(r"^transformer\.layers\.(\d+)\.", k))}
-            extra = sorted(k for k, i in layer_of.items() if i >= model.cfg.depth)
-            missing = sorted(
-                k for k in model.state_dict() if (m := re.match(r"^blocks\.(\d+)\.", k)) and int(m.group(1)) >= depth
-            )
-            problems.append(
-                f"file is an official CRATE with depth {depth} and width {width}, the model has depth "
-                f"{model.cfg.depth} and width {model.cfg.embed_dim} (pick the matching model or pass depth=/embed_dim=)"
-                + (f"; file layers beyond the model ({len(extra)} keys): {extra[:8]}" if extra else "")
-                + (f"; model layers missing from the file ({len(missing)} keys): {missing[:8]}" if missing else "")
-            )
-            if width != model.cfg.embed_dim:
-                own = model.state_dict()
-                wrong = sorted(
-                    f"{k} {tuple(v.shape)} vs model {tuple(own[new].shape)}"
-                    for k, v in state_dict.items()
-                    if (new := official_to_ratelab_key(k)) in own and v.shape != own[new].shape
-                )
-                problems.append(f"shape mismatches ({len(wrong)}): {wrong[:6]}")
-        if problems:
-            raise CheckpointError("official CRATE checkpoint does not fit: " + "; ".join(problems))
-        _fill_identity_out_proj(out, model)
-    if getattr(model, "num_classes", None) == 0:
-        out = {k: v for k, v in out.items() if not k.startswith("head.")}
-    _fit_pos_embed(out, model)
-    return out
+``state_dict`` is a flat tensor dict (containers and ``module.`` prefixes are unwrapped by
+:func:`ratelab.core.checkpoint.read_state_dict`); ``model`` is the :class:`ratelab.models.crate.Crate` that receives
+it. ``pos_embed`` is resampled to the model's grid when the file was trained at another image size; with
+``num_classes=0`` the file's head is dropped. A file that matches neither layout, has keys outside the official map
+or another depth/width than ``model`` raises :class:`~ratelab.core.errors.CheckpointError` naming the keys. The
+CRATE quirk: an official model with one head of the full width has no output map, which is filled in as identity.
+"""
 
 
 def convert_official(path_in: str | os.PathLike, out_dir: str | os.PathLike, model_name: str, **kwargs: Any) -> Path:
@@ -183,16 +121,10 @@ def convert_official(path_in: str | os.PathLike, out_dir: str | os.PathLike, mod
     Returns:
         Path of the written ``model.safetensors``.
     """
-    from ratelab.core.checkpoint import read_state_dict, save_model
-    from ratelab.core.registry import create_model
+    from ratelab.models._factory import convert_official as convert
 
-    sd = read_state_dict(path_in)
-    if detect_layout(sd) != "official":
-        raise CheckpointError(f"{path_in}: not an official Ma-Lab-Berkeley/CRATE checkpoint (no {OFFICIAL_SIGNATURE})")
-    if kwargs.get("num_classes") is None and "mlp_head.1.weight" in sd:
-        kwargs["num_classes"] = sd["mlp_head.1.weight"].shape[0]
-    model = create_model(model_name, checkpoint_path=str(path_in), **kwargs)
-    return save_model(model, out_dir)
+    return convert(path_in, out_dir, model_name, detect_layout=detect_layout, official_head="mlp_head.1.weight",
+                   source="Ma-Lab-Berkeley/CRATE", **kwargs)
 
 
 __all__ = [
