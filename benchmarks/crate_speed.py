@@ -9,18 +9,20 @@ Three contenders, all fp32 on CPU:
 * ``vit``: timm ``VisionTransformer`` with the same width, depth, heads and patch (CRATE-T/16: ViT-S/16 shape).
 
 Measured: a train step (forward, cross-entropy, backward, AdamW step) and inference (forward under
-``torch.inference_mode``), in images per second. Timing is interleaved: every round times each contender once, in
-a rotated order, so a slow spell on a shared machine hits all of them; the reported figure is the median over
-rounds, warmup excluded. Before timing, the fast and reference logits (fp32) and all gradients (fp64) are compared on
-the same weights and the run stops if they differ beyond fp32 rounding.
+``torch.inference_mode``), seconds per step and images per second. Protocol (``_machine.py``): for each of
+``--threads`` (default 1 and 2), ``--warmup`` untimed calls, then ``--repeats`` (default 5) repeats in which every
+contender runs once, in rotated order, so a slow spell on a shared machine hits all of them; medians and IQRs, and
+the speed-up of the fast path as the median of per-repeat ratios. Before timing, the fast and reference logits
+(fp32) and all gradients (fp64) are compared on the same weights and the run stops if they differ beyond fp32
+rounding. The AdamW implementation is the same for every contender (``--adamw``).
 
-On a machine shared with other jobs, prefer ``--threads 1``: with more OpenMP threads than free cores, every
-parallel op waits at a barrier for a descheduled thread, which adds seconds per step that have nothing to do with
-the model and compress the ratios. The AdamW implementation is the same for every contender (``--adamw``).
+With more OpenMP threads than free cores (2 threads on a 2-core machine that other jobs use), every parallel op
+waits at a barrier for a descheduled thread; the load line printed after each thread count shows when that
+happened.
 
 Example::
 
-    python benchmarks/crate_speed.py --batch-size 32 --rounds 5 --threads 2 --json runs/bench/crate_speed.json
+    python benchmarks/crate_speed.py --batch-size 32 --threads 1 2 --json runs/bench/crate_speed.json
 """
 
 from __future__ import annotations
@@ -28,15 +30,26 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import statistics
-import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from _machine import device_name, write_record  # benchmarks/ is on sys.path when a script here runs
+from _machine import (  # benchmarks/ is on sys.path when a script here runs
+    LoadMonitor,
+    add_protocol_args,
+    device_name,
+    fmt_range,
+    fmt_ratio,
+    machine_info,
+    machine_line,
+    print_header,
+    ratio_summary,
+    set_threads,
+    summary,
+    time_interleaved,
+    write_record,
+)
 
 import ratelab
 
@@ -123,39 +136,28 @@ def make_steps(
     return steps
 
 
-def time_interleaved(
-    steps: dict[str, dict[str, Callable]], kind: str, *, rounds: int, iters: int, warmup: int, log: Callable
-) -> dict[str, list[float]]:
-    """Seconds per call, one entry per round, each contender timed once per round in rotated order."""
-    names = list(steps)
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    for name in names:
-        for _ in range(warmup):
-            steps[name][kind]()
-    sync()
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(rounds):
-        order = names[r % len(names) :] + names[: r % len(names)]
-        for name in order:
-            t0 = time.perf_counter()
-            for _ in range(iters):
-                steps[name][kind]()
-            sync()  # CUDA launches are asynchronous: wait for the work before reading the clock
-            times[name].append((time.perf_counter() - t0) / iters)
-        log(f"  {kind} round {r + 1}/{rounds}: " + ", ".join(f"{n} {times[n][-1]:.3f}s" for n in names))
-    return times
+def markdown(runs: dict[int, dict], kinds: list[str], names: list[str], batch: int, threads: list[int]) -> str:
+    head = ["pass", "contender", *[f"{t} thr s/step" for t in threads], *[f"{t} thr img/s" for t in threads],
+            *[f"fast faster, {t} thr" for t in threads]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for k in kinds:
+        for n in names:
+            cells = [k, n]
+            cells += [fmt_range(runs[t][k]["summary_s"][n], digits=3) for t in threads]
+            cells += [f"{batch / runs[t][k]['summary_s'][n]['median']:.2f}" for t in threads]
+            cells += [fmt_ratio(runs[t][k]["speedup_of_fast"].get(n)) for t in threads]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    add_protocol_args(ap)
     ap.add_argument("--model", default="crate_tiny_patch16_224", help="ratelab CRATE model name")
     ap.add_argument("--img-size", type=int, default=224, help="input resolution")
     ap.add_argument("--num-classes", type=int, default=1000, help="classifier width")
     ap.add_argument("--batch-size", type=int, default=32, help="images per step")
-    ap.add_argument("--iters", type=int, default=1, help="timed calls per contender per round")
-    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the median is reported")
-    ap.add_argument("--warmup", type=int, default=1, help="untimed calls per contender before timing")
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    ap.add_argument("--iters", type=int, default=1, help="calls per contender per timed repeat (GPU: several)")
     ap.add_argument(
         "--adamw",
         choices=["fused", "foreach", "loop"],
@@ -169,12 +171,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", help="cpu or cuda (the GPU rows of docs/benchmarks.md)")
     ap.add_argument("--amp", choices=["none", "bf16"], default="none",
                     help="bf16 autocast for the timed steps (the equivalence check always runs in fp32/fp64)")
-    ap.add_argument("--json", type=Path, default=None, help="write the results here as JSON")
     args = ap.parse_args(argv)
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     log = lambda s: print(s, flush=True)  # noqa: E731
+    info = machine_info(packages=("timm",))
+    print_header(f"CRATE speed: {args.model} batch {args.batch_size} at {args.img_size}px, amp {args.amp}, "
+                 f"{device_name(args.device)}", info, log)
+    set_threads(args.threads[0])
     models = build(args)
     g = torch.Generator().manual_seed(args.seed)
     x = torch.randn(args.batch_size, models["fast"].in_chans, args.img_size, args.img_size, generator=g)
@@ -184,10 +187,6 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     params = {n: sum(p.numel() for p in m.parameters()) for n, m in models.items()}
-    log(
-        f"{args.model} batch {args.batch_size} at {args.img_size}px, amp {args.amp}, "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}, {device_name(args.device)}"
-    )
     log("params: " + ", ".join(f"{n} {v / 1e6:.2f}M" for n, v in params.items()))
 
     eq = check_equal(models["fast"], models["ref"], x[: min(8, args.batch_size)], args.tol)
@@ -198,38 +197,41 @@ def main(argv: list[str] | None = None) -> int:
 
     steps = make_steps(models, x, y, args.adamw, args.amp)
     kinds = ["train"] + ([] if args.skip_infer else ["infer"])
-    results: dict[str, dict] = {}
-    for kind in kinds:
-        times = time_interleaved(steps, kind, rounds=args.rounds, iters=args.iters, warmup=args.warmup, log=log)
-        med = {n: statistics.median(t) for n, t in times.items()}
-        results[kind] = {
-            "seconds_per_step_median": med,
-            "img_per_s": {n: args.batch_size / s for n, s in med.items()},
-            "seconds_per_round": times,
-        }
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else None
+    runs: dict[int, dict] = {}
+    loads: dict[int, dict] = {}
+    for t in args.threads:
+        set_threads(t)
+        runs[t] = {}
+        with LoadMonitor() as mon:
+            for kind in kinds:
+                calls = {n: (lambda f=steps[n][kind]: [f() for _ in range(args.iters)]) for n in models}
+                times = time_interleaved(calls, repeats=args.repeats, warmup=args.warmup, sync=sync, log=log,
+                                         label=f"{t} thr {kind} ")
+                times = {n: [s / args.iters for s in v] for n, v in times.items()}
+                runs[t][kind] = {
+                    "seconds_per_repeat": times,
+                    "summary_s": {n: summary(v) for n, v in times.items()},
+                    "speedup_of_fast": {n: ratio_summary(v, times["fast"]) for n, v in times.items() if n != "fast"},
+                }
+        loads[t] = mon.record
+        log(f"  {t} thread(s): {mon.line()}")
 
     log("")
-    log(f"{'':6s} " + " ".join(f"{k + ' img/s':>12s}" for k in kinds))
-    for n in models:
-        log(f"{n:6s} " + " ".join(f"{results[k]['img_per_s'][n]:12.2f}" for k in kinds))
-    ratios: dict[str, float] = {}
-    for k in kinds:
-        per_round = results[k]["seconds_per_round"]
-        for other in [n for n in models if n != "fast"]:
-            med = results[k]["seconds_per_step_median"]
-            ratios[f"{k}_fast_over_{other}"] = med[other] / med["fast"]
-            # Same-round pairs are timed back to back, so their ratio is the least disturbed by other load.
-            paired = [o / f for o, f in zip(per_round[other], per_round["fast"])]
-            ratios[f"{k}_fast_over_{other}_paired_median"] = statistics.median(paired)
-    log("speed-ups of the fast path (ratio of medians; median of same-round ratios):")
-    for k in kinds:
-        for other in [n for n in models if n != "fast"]:
-            key = f"{k}_fast_over_{other}"
-            log(f"  {k:5s} vs {other}: {ratios[key]:.2f}x; {ratios[key + '_paired_median']:.2f}x")
-
+    log(f"machine: {machine_line(info)}")
+    log(f"{args.model}, batch {args.batch_size} at {args.img_size}px, amp {args.amp}, AdamW {args.adamw}; median "
+        f"[IQR] of {args.repeats} interleaved repeats after {args.warmup} warm-up call(s); 'fast faster' = median "
+        "[IQR] of the per-repeat ratios contender / fast")
+    for t in args.threads:
+        r = loads[t]
+        log(f"load, {t} thread(s): 1-min load average {r['loadavg_before'][0]:.2f} -> {r['loadavg_after'][0]:.2f}, "
+            f"other processes {100 * r.get('other_cpu_frac', float('nan')):.0f}% of the CPU time")
+    table = markdown(runs, kinds, list(models), args.batch_size, args.threads)
+    log(table)
     if args.json:
-        write_record(args.json, args, argv, device=device_name(args.device), params=params, equivalence=eq,
-                     results=results, ratios=ratios)
+        write_record(args.json, args, argv, machine=info, device=device_name(args.device), params=params,
+                     equivalence=eq, runs={str(t): r for t, r in runs.items()},
+                     load={str(t): v for t, v in loads.items()}, table=table)
         log(f"wrote {args.json}")
     return 0
 

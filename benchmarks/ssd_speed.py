@@ -12,29 +12,41 @@ Contenders, all fp32, same inputs (``dt`` goes through ``dt_bias`` + softplus in
 
 Default shapes are Adventurer-T's mixer (research notes §1.3): d_model 256 -> d_inner 512 = 8 heads x headdim 64,
 d_state 64, ngroups 1. Timed: the forward under ``torch.no_grad`` ("fwd"), and forward + backward of a random
-projection of ``y`` to every input ("fwd+bwd"). Every round times each contender once, in rotated order; the median
-over rounds is reported. The slow contenders get ``--slow-rounds`` rounds (default 1) and can be skipped above a
-length (``--ref-max-len``, ``--pscan-max-len``); a skipped cell is then extrapolated linearly in ``L`` from the
-largest measured length and marked ``~`` (the reference is a loop of identical steps, so its time is linear in
-``L``; the scan is O(L) work too, up to its power-of-two padding). Before timing, at each length, chunked and pscan
-are compared with the reference on the first ``--check-len`` tokens (outputs, fp32), and the run stops on a mismatch.
+projection of ``y`` to every input ("fwd+bwd"). Protocol (``_machine.py``): for each of ``--threads`` (default 1
+and 2) and each length, ``--warmup`` untimed calls, then ``--repeats`` (default 5) repeats in which every contender
+runs once, in rotated order; medians, IQRs, and the speed-up of the chunked path as the median of per-repeat ratios.
+A slow contender can be skipped above a length (``--ref-max-len``, ``--pscan-max-len``: pscan's memory grows as
+``L * h * p * n``); its cell is then extrapolated linearly in ``L`` from the longest measured length and marked
+``~`` (the reference is a loop of identical steps, so its time is linear in ``L``; the scan is O(L) work too, up to
+its power-of-two padding). Before timing, at each length, chunked and pscan are compared with the reference on the
+first ``--check-len`` tokens (outputs, fp32), and the run stops on a mismatch.
 
 Example::
 
-    python benchmarks/ssd_speed.py --threads 1 --batch-size 2 --lengths 256 1024 4096 --json runs/bench/ssd_speed.json
+    python benchmarks/ssd_speed.py --threads 1 2 --lengths 256 1024 4096 --json runs/bench/ssd_speed.json
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _machine import cpu_name, write_record  # benchmarks/ is on sys.path when a script here runs
+from _machine import (  # benchmarks/ is on sys.path when a script here runs
+    LoadMonitor,
+    add_protocol_args,
+    fmt_range,
+    fmt_ratio,
+    machine_info,
+    machine_line,
+    print_header,
+    ratio_summary,
+    set_threads,
+    summary,
+    time_interleaved,
+    write_record,
+)
 
 from ratelab.kernels.ssd import ssd_chunked, ssd_ref
 
@@ -111,8 +123,64 @@ def check(inputs: dict[str, torch.Tensor], fns: dict[str, Callable], names: list
     return out
 
 
+def extrapolate(results: dict[int, dict], lengths: list[int], names: list[str], kind: str
+                ) -> dict[int, dict[str, tuple[float, bool]]]:
+    """Median seconds per (length, contender); a contender not run at a length is scaled linearly in L from the
+    longest length it ran at and flagged ``True`` (extrapolated)."""
+    out: dict[int, dict[str, tuple[float, bool]]] = {}
+    for n in names:
+        measured = [length for length in lengths if n in results[length][kind]["summary_s"]]
+        for length in lengths:
+            s = results[length][kind]["summary_s"]
+            if n in s:
+                val = (s[n]["median"], False)
+            elif measured:
+                base = max(measured)
+                val = (results[base][kind]["summary_s"][n]["median"] * length / base, True)
+            else:
+                val = (float("nan"), True)
+            out.setdefault(length, {})[n] = val
+    return out
+
+
+def markdown(runs: dict[int, dict], lengths: list[int], names: list[str], threads: list[int]) -> str:
+    """Chunked medians and the per-repeat speed-up over each other contender, 1- and 2-thread columns."""
+    others = [n for n in names if n != "chunked"]
+    head = ["L", "pass", *[f"chunked ms, {t} thr" for t in threads]]
+    for n in others:
+        head += [f"{n} / chunked, {t} thr" for t in threads]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for length in lengths:
+        for kind in ("fwd", "fwd+bwd"):
+            cells = [str(length), kind]
+            cells += [fmt_range(runs[t][length][kind]["summary_s"]["chunked"], 1e3) for t in threads]
+            for n in others:
+                for t in threads:
+                    r = runs[t][length][kind]["speedup_of_chunked"].get(n)
+                    if r is not None:
+                        cells.append(fmt_ratio(r, 1))
+                    else:  # not run at this length: ratio of the extrapolated median, marked ~
+                        ext = extrapolate(runs[t], lengths, names, kind)[length]
+                        cells.append(f"~{ext[n][0] / ext['chunked'][0]:.1f}x (extrapolated)")
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def detail(runs: dict[int, dict], lengths: list[int], names: list[str], t: int) -> str:
+    """Median ms of every contender at one thread count (~ = extrapolated linearly in L)."""
+    head = ["L", "pass", *[f"{n} ms" for n in names]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for length in lengths:
+        for kind in ("fwd", "fwd+bwd"):
+            ext = extrapolate(runs[t], lengths, names, kind)[length]
+            lines.append("| " + " | ".join([str(length), kind, *[("~" if ext[n][1] else "") + f"{1e3 * ext[n][0]:.1f}"
+                                                                  for n in names]]) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    add_protocol_args(ap)
     ap.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096], help="sequence lengths L")
     ap.add_argument("--batch-size", type=int, default=2, help="sequences per call")
     ap.add_argument("--heads", type=int, default=8, help="heads h (Adventurer-T: 512 / 64 = 8)")
@@ -120,21 +188,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--d-state", type=int, default=64, help="state size n")
     ap.add_argument("--groups", type=int, default=1, help="B/C groups g")
     ap.add_argument("--chunk", type=int, default=64, help="chunk size of the chunked path")
-    ap.add_argument("--rounds", type=int, default=5, help="timed rounds of the chunked path; the median is reported")
-    ap.add_argument("--slow-rounds", type=int, default=1, help="timed rounds of ref and pscan")
     ap.add_argument("--ref-max-len", type=int, default=4096, help="longer L: reference extrapolated, not run")
     ap.add_argument("--pscan-max-len", type=int, default=1024,
                     help="longer L: pscan extrapolated, not run (its memory is ~b*L*h*p*n*4 bytes per tensor)")
     ap.add_argument("--no-pscan", action="store_true", help="skip the mambapy baseline entirely")
     ap.add_argument("--check-len", type=int, default=256, help="tokens compared with the reference before timing")
     ap.add_argument("--tol", type=float, default=1e-4, help="max relative output difference before aborting")
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     ap.add_argument("--seed", type=int, default=0, help="data seed")
-    ap.add_argument("--json", type=Path, default=None, help="write the results here as JSON")
     args = ap.parse_args(argv)
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     log = lambda s: print(s, flush=True)  # noqa: E731
     names = [n for n in NAMES if not (n == "pscan" and args.no_pscan)]
     if "pscan" in names:
@@ -142,86 +204,62 @@ def main(argv: list[str] | None = None) -> int:
             import mambapy  # noqa: F401
         except ImportError:
             raise SystemExit("mambapy is not installed (pip install mambapy==1.2.0), or pass --no-pscan") from None
+    info = machine_info(packages=("mambapy",))
+    shape = (f"b={args.batch_size} h={args.heads} p={args.headdim} n={args.d_state} g={args.groups} "
+             f"chunk={args.chunk}")
+    print_header(f"SSD {shape}, fp32", info, log)
     fns = contenders(args.chunk)
     max_len = {"chunked": None, "ref": args.ref_max_len, "pscan": args.pscan_max_len}
-    rounds = {"chunked": args.rounds, "ref": args.slow_rounds, "pscan": args.slow_rounds}
-    log(
-        f"SSD b={args.batch_size} h={args.heads} p={args.headdim} n={args.d_state} g={args.groups} chunk={args.chunk}, "
-        f"fp32, {torch.get_num_threads()} threads, torch {torch.__version__}, CPU {cpu_name()}"
-    )
     warm = make_inputs(args, 64, args.seed)
     for name in names:  # one short untimed call each: first-call setup is not what is measured
         for call in make_calls(fns[name], warm).values():
             call()
 
-    results: dict[int, dict] = {}
-    for length in args.lengths:
-        inputs = make_inputs(args, length, args.seed)
-        check_err = check(inputs, fns, names, min(length, args.check_len), args.tol)
-        run = [n for n in names if max_len[n] is None or length <= max_len[n]]
-        res: dict[str, dict] = {"check_max_rel_err": check_err}
-        for kind in ("fwd", "fwd+bwd"):
-            calls = {n: make_calls(fns[n], inputs)[kind] for n in run}
-            calls["chunked"]()  # warm the allocator at this size (cheap for the fast path)
-            times: dict[str, list[float]] = {n: [] for n in run}
-            r = 0
-            while any(len(times[n]) < rounds[n] for n in run):
-                order = run[r % len(run):] + run[: r % len(run)]
-                for n in order:
-                    if len(times[n]) < rounds[n]:
-                        t0 = time.perf_counter()
-                        calls[n]()
-                        times[n].append(time.perf_counter() - t0)
-                r += 1
-            res[kind] = {n: statistics.median(t) for n, t in times.items()}
-            res[kind + "_rounds"] = times
-            log(f"  L={length} {kind}: " + ", ".join(f"{n} {1e3 * res[kind][n]:.1f} ms" for n in run))
-        results[length] = res
-
-    # extrapolate skipped cells linearly in L from the longest measured length
-    table: dict[int, dict[str, dict[str, tuple[float, bool]]]] = {}
-    for kind in ("fwd", "fwd+bwd"):
-        for n in names:
-            measured = [length for length in args.lengths if n in results[length][kind]]
+    checks: dict[int, dict] = {}
+    runs: dict[int, dict] = {}
+    loads: dict[int, dict] = {}
+    for t in args.threads:
+        set_threads(t)
+        runs[t] = {}
+        with LoadMonitor() as mon:
             for length in args.lengths:
-                if n in results[length][kind]:
-                    val = (results[length][kind][n], False)
-                elif measured:
-                    base = max(measured)
-                    val = (results[base][kind][n] * length / base, True)
-                else:
-                    val = (float("nan"), True)
-                table.setdefault(length, {}).setdefault(kind, {})[n] = val
-
-    def fmt(v: tuple[float, bool]) -> str:
-        return ("~" if v[1] else "") + f"{1e3 * v[0]:.1f}"
+                inputs = make_inputs(args, length, args.seed)
+                if length not in checks:
+                    checks[length] = check(inputs, fns, names, min(length, args.check_len), args.tol)
+                run = [n for n in names if max_len[n] is None or length <= max_len[n]]
+                res: dict[str, dict] = {}
+                for kind in ("fwd", "fwd+bwd"):
+                    calls = {n: make_calls(fns[n], inputs)[kind] for n in run}
+                    times = time_interleaved(calls, repeats=args.repeats, warmup=args.warmup, log=log,
+                                             label=f"{t} thr L={length} {kind} ")
+                    res[kind] = {"times_s": times, "summary_s": {n: summary(v) for n, v in times.items()},
+                                 "speedup_of_chunked": {n: ratio_summary(v, times["chunked"])
+                                                        for n, v in times.items() if n != "chunked"}}
+                runs[t][length] = res
+        loads[t] = mon.record
+        log(f"  {t} thread(s): {mon.line()}")
 
     log("")
-    log(f"CPU {cpu_name()}, {torch.get_num_threads()} threads, fp32, b={args.batch_size}, h={args.heads}, "
-        f"p={args.headdim}, n={args.d_state}, g={args.groups}, chunk {args.chunk}; times in ms, ~ = extrapolated")
-    others = [n for n in names if n != "chunked"]
-    head = ["L", "pass", *[f"{n} ms" for n in names], *[f"{n} / chunked" for n in others]]
-    log("| " + " | ".join(head) + " |")
-    log("|" + "---|" * len(head))
-    ratios: dict[str, float] = {}
-    for length in args.lengths:
-        for kind in ("fwd", "fwd+bwd"):
-            row = table[length][kind]
-            cells = [str(length), kind, *[fmt(row[n]) for n in names]]
-            for n in others:
-                ratio = row[n][0] / row["chunked"][0]
-                ratios[f"L{length}_{kind}_{n}_over_chunked"] = ratio
-                cells.append(("~" if row[n][1] else "") + f"{ratio:.1f}x")
-            log("| " + " | ".join(cells) + " |")
-
+    log(f"machine: {machine_line(info)}")
+    log(f"SSD {shape}, fp32; median [IQR] of {args.repeats} interleaved repeats after {args.warmup} warm-up "
+        "call(s); 'x / chunked' = median [IQR] of the per-repeat ratios; ~ = extrapolated linearly in L")
+    for t in args.threads:
+        r = loads[t]
+        log(f"load, {t} thread(s): 1-min load average {r['loadavg_before'][0]:.2f} -> {r['loadavg_after'][0]:.2f}, "
+            f"other processes {100 * r.get('other_cpu_frac', float('nan')):.0f}% of the CPU time")
+    table = markdown(runs, args.lengths, names, args.threads)
+    log(table)
+    details = {}
+    for t in args.threads:
+        details[t] = detail(runs, args.lengths, names, t)
+        log("")
+        log(f"all medians, {t} thread(s):")
+        log(details[t])
     if args.json:
-        write_record(
-            args.json, args, argv,
-            results={str(k): v for k, v in results.items()},
-            table_ms={str(k): {kind: {n: {"ms": 1e3 * v[0], "extrapolated": v[1]} for n, v in row.items()}
-                               for kind, row in kinds.items()} for k, kinds in table.items()},
-            ratios=ratios,
-        )
+        write_record(args.json, args, argv, machine=info, checks=checks,
+                     runs={str(t): {str(k): v for k, v in r.items()} for t, r in runs.items()},
+                     load={str(t): v for t, v in loads.items()}, table=table,
+                     detail={str(t): v for t, v in details.items()})
         log(f"wrote {args.json}")
     return 0
 
