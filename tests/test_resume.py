@@ -81,7 +81,7 @@ def test_crash_and_resume_in_process_is_bitwise(tmp_path, reference):
 def test_resume_config_mismatch_is_an_error(tmp_path):
     cfg = _cfg(tmp_path, max_steps=4)
     Trainer(cfg, ClassificationTask()).fit()
-    with pytest.raises(ValueError, match=r"different run \(seed: checkpoint 0 vs now 1\)"):
+    with pytest.raises(ValueError, match=r"settings differ from the run saved in .*seed: saved 0, now 1"):
         Trainer(cfg.replace(resume=True, seed=1), ClassificationTask())
 
 

@@ -1,5 +1,5 @@
-"""CLI error type: raised for mistakes in a user's input; printed as one line without a traceback."""
+"""CLI error type (re-exported from :mod:`ratelab.core.errors`): printed as one line without a traceback."""
 
+from ratelab.core.errors import UsageError
 
-class UsageError(Exception):
-    """An error caused by the user's input."""
+__all__ = ["UsageError"]

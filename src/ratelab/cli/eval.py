@@ -1,7 +1,9 @@
-"""``ratelab eval``: accuracy and cross-entropy of a saved classifier on a dataset split.
+"""``ratelab eval``: score a saved model the way its training task does, on a dataset split.
 
-The dataset, its root, image size, seed (which fixes train/val partitions) and options default to those of the
-training run when the checkpoint sits in a run directory (``config.json``), so ``ratelab eval --checkpoint RUN``
+The run's task is rebuilt from its saved config (the checkpoint's, else ``config.json``) and its ``evaluate`` is
+called: a classifier gets accuracy and cross-entropy, an MCR² network nearest-subspace accuracy and its rates, and
+so on for every task, with no task-specific code here. The dataset, its root, image size, seed (which fixes
+train/val partitions) and options default to those of the training run, so ``ratelab eval --checkpoint RUN``
 evaluates on exactly the run's validation split.
 """
 
@@ -11,6 +13,8 @@ import argparse
 import json
 from pathlib import Path
 from typing import Any
+
+import torch
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -41,9 +45,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default: 256)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N (default: auto)")
-    p.add_argument("--n-components", type=int, default=30,
+    p.add_argument("--n-components", type=int, default=None,
                    help="MCR² runs only: principal directions per class for nearest-subspace scoring "
-                   "(default: 30, as the task)")
+                   "(default: the run's task setting)")
     p.add_argument("--calibration", action="store_true",
                    help="also report calibration: top-label ECE (15 equal-width and equal-mass bins), classwise ECE, "
                    "MCE, RMS-CE, Brier, NLL; with --out also DIR/reliability.png")
@@ -52,14 +56,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_config(path: Path) -> dict[str, Any]:
-    """The training config of the run ``path`` belongs to ({} when there is none)."""
+    """The training config of the run ``path`` belongs to ({} when there is none): the checkpoint's, else
+    ``config.json``."""
+    from ratelab.core.errors import UsageError
+
     for cand in (path, path.parent, path.parent.parent):
+        if not cand.is_dir():
+            continue
+        if (cand / "checkpoints").is_dir():
+            from ratelab.train.trainer import read_checkpoint_config
+
+            try:
+                return read_checkpoint_config(cand)[1]
+            except Exception:  # noqa: BLE001 -- fall back to config.json beside it
+                pass
         f = cand / "config.json"
-        if cand.is_dir() and f.is_file():
+        if f.is_file():
             try:
                 data = json.loads(f.read_text())
             except json.JSONDecodeError as e:
-                raise ValueError(f"{f}: not valid JSON ({e.msg})") from None
+                raise UsageError(f"{f}: not valid JSON ({e.msg})") from None
             return data if isinstance(data, dict) and "dataset" in data else {}
     return {}
 
@@ -68,66 +84,87 @@ def load_classifier(path: str | Path):
     """Rebuild a model from a run directory, a ``model.safetensors`` or a trainer checkpoint ``*.pt``.
 
     Raises:
-        FileNotFoundError: nothing loadable at ``path``.
-        ratelab.core.checkpoint.CheckpointError: the file is unreadable or does not fit the model.
+        UsageError: nothing loadable at ``path``.
+        ratelab.core.errors.CheckpointError: the file is unreadable or does not fit the model.
     """
     from ratelab.core.checkpoint import MODEL_CONFIG, load_model
+    from ratelab.core.errors import UsageError
 
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"--checkpoint: {p} does not exist")
+        raise UsageError(f"--checkpoint: {p} does not exist")
     if p.is_dir() and not (p / MODEL_CONFIG).is_file() and not (p / "checkpoints" / "last.pt").is_file():
-        raise FileNotFoundError(
-            f"--checkpoint: {p} holds neither {MODEL_CONFIG} + model.safetensors nor checkpoints/last.pt"
-        )
+        raise UsageError(f"--checkpoint: {p} holds neither {MODEL_CONFIG} + model.safetensors nor checkpoints/last.pt")
     return load_model(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ratelab.core.dist import resolve_device
-    from ratelab.data import build_dataset
-    from ratelab.eval.classification import evaluate_classifier
+    from ratelab.core.dist import get_dist_info
+    from ratelab.core.errors import UsageError
+    from ratelab.train import TrainConfig, build_task
+    from ratelab.train.data import DeviceLoader, EvalShardSampler
+    from ratelab.train.tasks import EvalContext
 
     if args.batch_size <= 0:
-        raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
+        raise UsageError(f"--batch-size must be positive, got {args.batch_size}")
     path = Path(args.checkpoint)
     model = load_classifier(path)
     run_cfg = _run_config(path)
     dataset = args.dataset or run_cfg.get("dataset")
     if not dataset:
-        raise ValueError("--dataset is required: the checkpoint is not inside a training run with a config.json")
+        raise UsageError("--dataset is required: the checkpoint is not inside a training run with a config.json")
     same = dataset == run_cfg.get("dataset")
     img_size = args.img_size or (run_cfg.get("img_size") if same else None) or getattr(model, "img_size", None)
     seed = args.seed if args.seed is not None else (run_cfg.get("seed", 0) if same else 0)
     root = args.data_root or (run_cfg.get("data_root") if same else None)
-    extra = dict(run_cfg.get("dataset_kwargs") or {}) if same else {}
-    ds = build_dataset(dataset, args.split, root=root, img_size=img_size, seed=seed, augment=False, **extra)
-    device = resolve_device(args.device)
-    model = model.to(device)
-    if run_cfg.get("task") == "mcr2":
-        # An MCR² network outputs features, not logits: score it as its task does, by nearest subspace with class
-        # subspaces fitted on the (un-augmented) training split.
-        res = _evaluate_mcr2(model, ds, root=root, img_size=img_size, seed=seed, extra=extra, dataset=dataset,
-                             batch_size=args.batch_size, device=device, n_components=args.n_components)
-    else:
-        res = evaluate_classifier(model, ds, batch_size=args.batch_size, device=device)
-        if args.calibration:
-            res["calibration"] = _calibration(model, ds, batch_size=args.batch_size, device=device,
-                                              figure=Path(args.out) / "reliability.png" if args.out else None)
-    if args.calibration and "calibration" not in res:
-        raise ValueError("--calibration needs a classifier's logits; this run trains features (task mcr2)")
+    # The run's own config (task section included) with the data settings of this evaluation.
+    base = {k: v for k, v in run_cfg.items() if k in {f for f in TrainConfig.__dataclass_fields__}}
+    base.update(dataset=dataset, img_size=img_size, seed=seed, data_root=root, resume=False, progress=False,
+                device=args.device)
+    if not same:
+        base["dataset_kwargs"] = {}
+    cfg = TrainConfig.from_dict(base, source=f"{path} (run config)")
+    if args.n_components is not None and hasattr(cfg.task, "n_components"):
+        cfg = cfg.with_overrides([("task.n_components", str(args.n_components))])
+    task = build_task(cfg)
+    _, val = task.build_datasets(cfg)
+    ds = val
+    if args.split != "val" or val is None:
+        from ratelab.data import build_dataset
+
+        ds = build_dataset(dataset, args.split, root=root, img_size=img_size, seed=seed, augment=False,
+                           **cfg.dataset_kwargs)
+    dist = get_dist_info(args.device)
+    device = dist.device
+    model = model.to(device).eval()
+    task.setup(device, dist)
+    sampler = EvalShardSampler(len(ds), batch_size=args.batch_size)
+    loader = DeviceLoader(torch.utils.data.DataLoader(ds, batch_sampler=sampler), device)
+    ctx = EvalContext(loader=loader, out_dir=Path(args.out) if args.out else path, step=0, epoch=0, dist=dist,
+                      device=device)
+    with torch.no_grad():
+        metrics = task.evaluate(model, ctx)
+    res: dict[str, Any] = {(k[4:] if k.startswith("val_") else k): v for k, v in metrics.items()}
+    res["n"] = len(ds)
+    if args.calibration:
+        if cfg.task.name != "classification":
+            raise UsageError(f"--calibration needs a classifier's logits; this run's task is {cfg.task.name!r}")
+        res["calibration"] = _calibration(model, ds, batch_size=args.batch_size, device=device,
+                                          figure=Path(args.out) / "reliability.png" if args.out else None)
     out = {
         "checkpoint": str(path),
         "model": getattr(model, "model_name", type(model).__name__),
+        "task": cfg.task.name,
         "dataset": dataset,
         "split": args.split,
         "img_size": img_size,
         "seed": seed,
         **res,
     }
-    metric = f"nearest-subspace acc {res['acc']:.4f}, delta_R {res['delta_R']:.3f}" if "delta_R" in res else (
-        f"acc {res['acc']:.4f}, loss {res['loss']:.4f}")
-    print(f"{out['model']} on {dataset}/{args.split} ({res['n']} items): {metric}")
+    label = "nearest-subspace acc" if cfg.task.name == "mcr2" else "acc"
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in res.items() if isinstance(v, float) and k != "acc")
+    acc = f"{label} {res['acc']:.4f}, " if "acc" in res else ""
+    print(f"{out['model']} ({cfg.task.name}) on {dataset}/{args.split} ({res['n']} items): {acc}{shown}")
     for k, v in res.get("calibration", {}).items():
         print(f"  {k:18s} {v:.4f}")
     if args.out:
@@ -138,24 +175,6 @@ def run(args: argparse.Namespace) -> int:
         atomic_write_text(json.dumps(out, indent=2), out_dir / "eval.json")
         print(f"wrote {out_dir / 'eval.json'}")
     return 0
-
-
-def _evaluate_mcr2(model, ds, *, root, img_size, seed, extra, dataset, batch_size, device, n_components) -> dict:
-    """Nearest-subspace accuracy and rate reduction of an MCR² feature network on ``ds``."""
-    from ratelab.data import build_dataset
-    from ratelab.eval.subspace import nearest_subspace_fit, nearest_subspace_predict
-    from ratelab.objectives.rate_reduction import rate_reduction
-    from ratelab.train.mcr2_task import EPS_OFFICIAL, extract_features
-
-    train = build_dataset(dataset, "train", root=root, img_size=img_size, seed=seed, augment=False, **extra)
-    model.eval()
-    f_tr, y_tr = extract_features(model, train, device=device, batch_size=batch_size, normalize=True)
-    f_te, y_te = extract_features(model, ds, device=device, batch_size=batch_size, normalize=True)
-    fit = nearest_subspace_fit(f_tr, y_tr, n_components, num_classes=ds.num_classes)
-    acc = (nearest_subspace_predict(fit, f_te) == y_te).double().mean().item()
-    dR, R, Rc = rate_reduction(f_te.double(), y_te, EPS_OFFICIAL, num_classes=ds.num_classes)
-    return {"acc": acc, "n": int(len(y_te)), "delta_R": float(dR), "R": float(R), "Rc": float(Rc),
-            "n_components": n_components, "eps": EPS_OFFICIAL}
 
 
 def _calibration(model, ds, *, batch_size, device, figure) -> dict[str, float]:

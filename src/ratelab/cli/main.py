@@ -1,8 +1,10 @@
 """``ratelab`` command line: one subcommand per module in this package.
 
-Each module exposes ``add_parser(subparsers)`` and ``run(args) -> int``. Mistakes a user can make (bad paths,
-unknown names, malformed options, diverged training) end in one clear line on stderr and a non-zero exit code, not
-a traceback; ``RATELAB_DEBUG=1`` shows the traceback.
+Each module exposes ``add_parser(subparsers)`` and ``run(args) -> int`` (``run(args, extra)`` for commands that set
+``accepts_extra``: they take dotted options such as ``--task.eps 0.5``). Mistakes a user can make (bad paths,
+unknown names, malformed options, diverged training) raise the library's own errors
+(:class:`ratelab.core.errors.RatelabError`) and end in one clear line on stderr and a non-zero exit code;
+``RATELAB_DEBUG=1`` shows their traceback. Any other exception is a bug and shows its full traceback.
 """
 
 from __future__ import annotations
@@ -12,10 +14,8 @@ import importlib
 import os
 import sys
 
-from ratelab.cli.errors import UsageError
-
 # Order is the order shown in --help.
-_COMMANDS = ("train", "eval", "measure", "models", "reproduce", "demo")
+_COMMANDS = ("train", "eval", "measure", "models", "weights", "reproduce", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,22 +35,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ratelab.core.errors import RatelabError, TrainingDiverged
+
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "accepts_extra", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        return int((args.func(args, extra) if getattr(args, "accepts_extra", False) else args.func(args)) or 0)
     except KeyboardInterrupt:
         print("ratelab: interrupted", file=sys.stderr)
         return 130
-    except (UsageError, ValueError, FileNotFoundError, KeyError, RuntimeError) as e:
+    except RatelabError as e:
         if os.environ.get("RATELAB_DEBUG"):
             raise
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"ratelab {args.command}: error: {msg}", file=sys.stderr)
-        return 2 if not isinstance(e, RuntimeError) else 1
+        print(f"ratelab {args.command}: error: {e}", file=sys.stderr)
+        return 1 if isinstance(e, TrainingDiverged) else 2
 
 
 if __name__ == "__main__":

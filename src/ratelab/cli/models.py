@@ -17,10 +17,11 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ratelab import create_model, list_models
+    from ratelab.core.errors import UsageError
 
     names = list_models(args.pattern)
     if not names:
-        raise ValueError(f"no model matches {args.pattern!r}")
+        raise UsageError(f"no model matches {args.pattern!r}")
     for name in names:
         if args.params:
             with torch.device("meta"):

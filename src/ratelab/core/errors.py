@@ -18,6 +18,7 @@ __all__ = [
     "RatelabError",
     "TrainingDiverged",
     "UnknownNameError",
+    "UsageError",
     "WeightsNotFound",
     "did_you_mean",
 ]
@@ -25,6 +26,10 @@ __all__ = [
 
 class RatelabError(Exception):
     """Base of every error ratelab raises for a problem with its input (options, files, names)."""
+
+
+class UsageError(RatelabError, ValueError):
+    """A command-line argument is wrong (a path that does not exist, a flag that does not apply)."""
 
 
 class ConfigError(RatelabError, ValueError):

@@ -1,4 +1,5 @@
-"""Training: one :class:`Trainer` for every task, a typed :class:`TrainConfig`, and the :class:`Task` protocol.
+"""Training: one :class:`Trainer` for every task, a typed :class:`TrainConfig`, the :class:`Task` base class with its
+hooks, trainer :class:`Plugin` s and data-parallel strategies.
 
 Example:
     >>> from ratelab.train import ClassificationTask, TrainConfig, Trainer
@@ -6,21 +7,44 @@ Example:
     >>> result = Trainer(cfg, ClassificationTask()).fit()   # {"val_acc": ..., "val_loss": ..., ...}
 """
 
+from ratelab.core.errors import TrainingDiverged
 from ratelab.train.config import TrainConfig, add_config_args, config_from_args
 from ratelab.train.ema import ModelEma
 from ratelab.train.icl_task import ICLTask as ICLTask  # registers the "icl" task
+from ratelab.train.icl_task import ICLTaskConfig
 from ratelab.train.mcr2_task import MCR2Task as MCR2Task  # registers the "mcr2" task
+from ratelab.train.mcr2_task import MCR2TaskConfig
 from ratelab.train.optim import build_optimizer, weight_decay_groups
+from ratelab.train.plugins import PLUGINS, Plugin, register_plugin
 from ratelab.train.schedule import WarmupCosine, warmup_cosine_lr
-from ratelab.train.tasks import TASKS, ClassificationTask, Task, build_task, register_task
-from ratelab.train.trainer import Trainer, TrainingDiverged
+from ratelab.train.tasks import (
+    TASKS,
+    ClassificationConfig,
+    ClassificationTask,
+    EvalContext,
+    OptimizerSpec,
+    Task,
+    TaskConfig,
+    build_task,
+    register_task,
+)
+from ratelab.train.trainer import Trainer
 
 __all__ = [
+    "PLUGINS",
     "TASKS",
+    "ClassificationConfig",
     "ClassificationTask",
+    "EvalContext",
     "ICLTask",
+    "ICLTaskConfig",
+    "MCR2Task",
+    "MCR2TaskConfig",
     "ModelEma",
+    "OptimizerSpec",
+    "Plugin",
     "Task",
+    "TaskConfig",
     "TrainConfig",
     "Trainer",
     "TrainingDiverged",
@@ -29,6 +53,7 @@ __all__ = [
     "build_optimizer",
     "build_task",
     "config_from_args",
+    "register_plugin",
     "register_task",
     "warmup_cosine_lr",
     "weight_decay_groups",

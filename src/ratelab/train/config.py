@@ -1,10 +1,14 @@
 """Typed training configuration and its command-line mapping.
 
-:class:`TrainConfig` is a flat dataclass; each field's ``metadata["help"]`` is its documentation and the ``--help``
-text of the matching ``ratelab train --kebab-case`` option. :func:`add_config_args` generates those options and
-:func:`config_from_args` turns a parsed namespace (plus an optional ``--config`` JSON/YAML file) back into a
-validated config. Values are type-checked against the field types without ``eval``/``exec``; errors name the option
-or key.
+:class:`TrainConfig` is a dataclass tree: flat run fields plus two sections -- ``task`` (the task's own registered
+config dataclass, chosen by its ``name``) and ``plugins`` (one config dataclass per enabled plugin). Each field's
+``metadata["help"]`` is its documentation and the ``--help`` text of its ``ratelab train --kebab-case`` option;
+section fields are set with dotted options (``--task.eps 0.5``) or ``--set task.eps=0.5``. The generic machinery
+(type checks without ``eval``, dotted overrides, files) is :mod:`ratelab.core.config`; every error is a
+:class:`~ratelab.core.errors.ConfigError` naming the key or option.
+
+What may change when a run is resumed is :data:`RESUMABLE_CHANGES`; any other difference between a resumed run's
+settings and the saved ones is an error (see :meth:`TrainConfig.resume_diff`).
 """
 
 from __future__ import annotations
@@ -12,22 +16,64 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import types
-import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields
-from pathlib import Path
+from dataclasses import dataclass, fields
 from typing import Any
 
-__all__ = ["TrainConfig", "add_config_args", "config_from_args", "load_config_file", "parse_value"]
+from ratelab.core.config import (
+    add_dataclass_args,
+    apply_overrides,
+    config_diff,
+    config_field,
+    dataclass_from_dict,
+    dataclass_to_dict,
+    load_config_file,
+    parse_dotted_options,
+    parse_value,
+    validate_dataclass,
+)
+from ratelab.core.errors import ConfigError
+
+__all__ = [
+    "RESUMABLE_CHANGES",
+    "TrainConfig",
+    "add_config_args",
+    "config_from_args",
+    "load_config_file",
+    "parse_value",
+]
+
+_f = config_field
+
+# Settings that may differ between a run and its resumption. The run length (epochs / max_steps) may grow or shrink:
+# the learning-rate schedule keeps the length it was built with (steps past its end run at min_lr), the change is
+# logged. The others do not change what is computed (or change it only as a device change would).
+RESUMABLE_CHANGES = (
+    "epochs",
+    "max_steps",
+    "out_dir",
+    "resume",
+    "progress",
+    "log_every",
+    "ckpt_every",
+    "eval_every",
+    "eval_batch_size",
+    "num_workers",
+    "device",
+    "data_root",
+    "deterministic",
+)
 
 
-def _f(default: Any, help: str, *, choices: tuple[str, ...] | None = None) -> Any:
-    meta: dict[str, Any] = {"help": help}
-    if choices is not None:
-        meta["choices"] = choices
-    if isinstance(default, (dict, list)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
-    return field(default=default, metadata=meta)
+def _resolve_task(value: Any, key: str) -> Any:
+    from ratelab.train.tasks import resolve_task_config
+
+    return resolve_task_config(value, key)
+
+
+def _resolve_plugins(value: Any, key: str) -> Any:
+    from ratelab.train.plugins import resolve_plugin_configs
+
+    return resolve_plugin_configs(value, key)
 
 
 @dataclass
@@ -35,7 +81,17 @@ class TrainConfig:
     """Everything one training run needs. Saved as ``out_dir/config.json`` and inside every checkpoint."""
 
     # ---- what to train -----------------------------------------------------------------------------------------
-    task: str = _f("classification", "Task: what the model learns and how it is evaluated (see ratelab.train.TASKS).")
+    task: Any = _f(
+        None,
+        "Task section: its name (what the model learns and how it is evaluated; see `ratelab train --list-tasks`) "
+        "and the task's own options, e.g. --task mcr2 --task.eps 0.5.",
+        resolve=lambda v, key: _resolve_task(v, key),
+    )
+    plugins: dict = _f(
+        {},
+        "Trainer plugins by name with their options, e.g. --plugin NAME or --set plugins.NAME.option=VALUE.",
+        resolve=lambda v, key: _resolve_plugins(v, key),
+    )
     model: str = _f("crate_nano_patch4_16", "Registered model name (see `ratelab models`).")
     model_kwargs: dict = _f({}, "Extra keyword arguments for create_model, as JSON or key=value pairs.")
     num_classes: int | None = _f(None, "Classifier width; default: the dataset's number of classes.")
@@ -49,7 +105,8 @@ class TrainConfig:
     # ---- length and batch --------------------------------------------------------------------------------------
     epochs: int = _f(10, "Number of passes over the training set.")
     max_steps: int | None = _f(None, "Stop after this many optimizer steps (overrides epochs for the run length).")
-    batch_size: int = _f(64, "GLOBAL batch size (split evenly across ranks).")
+    batch_size: int = _f(64, "GLOBAL batch size per optimizer step (split evenly across ranks and micro-steps).")
+    accum_steps: int = _f(1, "Gradient accumulation: split each rank's share of a batch into this many micro-steps.")
     eval_batch_size: int | None = _f(None, "Global evaluation batch size; default: batch_size.")
     # ---- optimization ------------------------------------------------------------------------------------------
     optimizer: str = _f("adamw", "Optimizer.", choices=("adamw", "lion"))
@@ -67,361 +124,193 @@ class TrainConfig:
         "Mixed precision: auto = bf16 autocast on CUDA and none on CPU.",
         choices=("auto", "bf16", "fp16", "none"),
     )
+    # ---- distribution ------------------------------------------------------------------------------------------
+    strategy: str = _f(
+        "ddp",
+        "Data-parallel strategy under torchrun: ddp (replicated weights) or fsdp (FSDP2: weights, gradients and "
+        "optimizer state sharded per block). Ignored in a single process.",
+        choices=("ddp", "fsdp"),
+    )
+    activation_checkpointing: bool = _f(False, "Recompute each block's activations in the backward pass (less memory).")
     # ---- run management ----------------------------------------------------------------------------------------
     seed: int = _f(0, "Seed for model init, data order and augmentation.")
     out_dir: str = _f("runs/train", "Run directory: config.json, metrics.jsonl, checkpoints/, model.safetensors.")
     ckpt_every: int = _f(500, "Write checkpoints/last.pt every this many optimizer steps (0 = only at the end).")
     eval_every: int = _f(1, "Evaluate every this many epochs (the end of the run is always evaluated; 0 = only then).")
     log_every: int = _f(50, "Log training metrics every this many optimizer steps.")
-    resume: bool = _f(False, "Continue from out_dir/checkpoints/last.pt (starts fresh if there is none).")
+    resume: bool = _f(
+        False,
+        "Continue the run in out_dir exactly (its saved config is used; an error if out_dir has no checkpoint).",
+    )
     save_init: bool = _f(False, "Also save the initial weights to out_dir/init/ (model.safetensors).")
     device: str = _f("auto", "auto, cpu, cuda or cuda:N (under torchrun, cuda means cuda:LOCAL_RANK).")
     progress: bool = _f(True, "Show a tqdm progress bar on rank 0.")
+    seeded_augmentation: bool = _f(
+        True,
+        "Draw each sample's augmentation from a seed of (seed, epoch, index), so N processes (and any num_workers) "
+        "see exactly the augmentation one process sees. Off: one RNG stream per rank (the pre-v2 behaviour).",
+    )
     deterministic: bool = _f(False, "torch.use_deterministic_algorithms for the run (slower on GPU).")
 
     def __post_init__(self) -> None:
-        self.validate()
+        validate_dataclass(self)
 
     # ---- validation --------------------------------------------------------------------------------------------
     def validate(self) -> None:
-        """Check types and ranges of every field.
+        """Coerce and check every field (types, choices, ranges, the sections).
 
         Raises:
-            ValueError: naming the offending field.
+            ConfigError: naming the offending field.
         """
-        hints = _type_hints(type(self))
-        for f in fields(self):
-            value = getattr(self, f.name)
-            setattr(self, f.name, _coerce(value, hints[f.name], f.name))
-            choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
-                raise ValueError(f"{f.name}: must be one of {list(choices)}, got {getattr(self, f.name)!r}")
-        positive = ("epochs", "batch_size", "log_every")
-        for name in positive:
+        validate_dataclass(self)
+
+    def check(self) -> None:
+        """Ranges and cross-field rules (called by :meth:`validate` after the type checks)."""
+        for name in ("epochs", "batch_size", "log_every", "accum_steps"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
+                raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
         for name in ("max_steps", "eval_batch_size", "num_classes", "img_size"):
             v = getattr(self, name)
             if v is not None and v <= 0:
-                raise ValueError(f"{name}: must be positive, got {v}")
-        for name in (
-            "lr",
-            "weight_decay",
-            "warmup_epochs",
-            "min_lr",
-            "grad_clip",
-            "num_workers",
-            "ckpt_every",
-            "eval_every",
-        ):
+                raise ConfigError(f"{name}: must be positive, got {v}")
+        for name in ("lr", "weight_decay", "warmup_epochs", "min_lr", "grad_clip", "num_workers", "ckpt_every",
+                     "eval_every"):
             v = getattr(self, name)
             if v < 0 or (isinstance(v, float) and not math.isfinite(v)):
-                raise ValueError(f"{name}: must be a finite number >= 0, got {v}")
+                raise ConfigError(f"{name}: must be a finite number >= 0, got {v}")
         if self.warmup_steps is not None and self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
+            raise ConfigError(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
         if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing: must be in [0, 1), got {self.label_smoothing}")
+            raise ConfigError(f"label_smoothing: must be in [0, 1), got {self.label_smoothing}")
         if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay: must be in [0, 1), got {self.ema_decay}")
+            raise ConfigError(f"ema_decay: must be in [0, 1), got {self.ema_decay}")
         if self.betas is not None and not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ValueError(f"betas: each must be in [0, 1), got {self.betas}")
+            raise ConfigError(f"betas: each must be in [0, 1), got {self.betas}")
         if self.min_lr > self.lr:
-            raise ValueError(f"min_lr: must not exceed lr ({self.lr}), got {self.min_lr}")
+            raise ConfigError(f"min_lr: must not exceed lr ({self.lr}), got {self.min_lr}")
 
     # ---- serialization ----------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (tuples become lists)."""
-        d = asdict(self)
-        if d["betas"] is not None:
-            d["betas"] = list(d["betas"])
-        return d
+        """JSON-ready nested dict (tuples become lists; the sections become mappings)."""
+        return dataclass_to_dict(self)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, source: str = "config") -> TrainConfig:
-        """Build from a dict; unknown keys and ill-typed values are errors naming the key and ``source``."""
-        if not isinstance(d, dict):
-            raise ValueError(f"{source}: expected a mapping of config fields, got {type(d).__name__}")
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"{source}: unknown config keys {unknown}; valid keys: {sorted(names)}")
-        try:
-            return cls(**d)
-        except ValueError as e:
-            raise ValueError(f"{source}: {e}") from None
+        """Build from a (nested) dict; unknown keys and ill-typed values are errors naming the key and ``source``."""
+        return dataclass_from_dict(cls, d, source=source)
 
     @classmethod
     def from_json(cls, text: str, *, source: str = "config") -> TrainConfig:
         return cls.from_dict(json.loads(text), source=source)
 
     def replace(self, **changes: Any) -> TrainConfig:
-        """A validated copy with ``changes`` applied."""
-        return type(self).from_dict({**self.to_dict(), **changes}, source="replace")
+        """A validated copy with ``changes`` applied (``task=`` and ``plugins=`` replace whole sections)."""
+        d = self.to_dict()
+        for k, v in changes.items():
+            d[k] = dataclass_to_dict(v)
+        return type(self).from_dict(d, source="replace")
 
+    def with_overrides(self, overrides: list[tuple[str, str]], *, source: str = "--set") -> TrainConfig:
+        """A validated copy with dotted ``[(key, text)]`` overrides applied (``("task.eps", "0.5")``)."""
+        return type(self).from_dict(apply_overrides(type(self), self.to_dict(), overrides), source=source)
 
-# ---- type handling ---------------------------------------------------------------------------------------------
+    def resume_diff(self, saved: TrainConfig) -> tuple[list[tuple[str, Any, Any]], list[tuple[str, Any, Any]]]:
+        """Compare with the saved config of the run being resumed.
 
-_HINTS: dict[type, dict[str, Any]] = {}
-
-
-def _type_hints(cls: type) -> dict[str, Any]:
-    if cls not in _HINTS:
-        _HINTS[cls] = typing.get_type_hints(cls)
-    return _HINTS[cls]
-
-
-def _split_optional(tp: Any) -> tuple[Any, bool]:
-    """``X | None`` -> (X, True); anything else -> (tp, False)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1 and len(typing.get_args(tp)) == 2:
-            return args[0], True
-    return tp, False
-
-
-def _type_name(tp: Any) -> str:
-    base, optional = _split_optional(tp)
-    origin = typing.get_origin(base)
-    if origin is tuple:
-        name = "tuple of " + ", ".join(a.__name__ for a in typing.get_args(base))
-    elif base is dict or origin is dict:
-        name = "dict"
-    else:
-        name = getattr(base, "__name__", str(base))
-    return f"{name} or null" if optional else name
-
-
-def _coerce(value: Any, tp: Any, name: str) -> Any:
-    """Check an already-parsed value (from Python, JSON or YAML) against a field type; lists become tuples."""
-    base, optional = _split_optional(tp)
-    if value is None:
-        if optional:
-            return None
-        raise ValueError(f"{name}: must be {_type_name(tp)}, got None")
-    origin = typing.get_origin(base)
-    bad = ValueError(f"{name}: must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
-    if base is bool:
-        if not isinstance(value, bool):
-            raise bad
-        return value
-    if base is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad
-        return value
-    if base is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad
-        return float(value)
-    if base is str:
-        if not isinstance(value, str):
-            raise bad
-        return value
-    if base is dict or origin is dict:
-        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-            raise bad
-        return dict(value)
-    if origin is tuple:
-        args = typing.get_args(base)
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise bad
-        return tuple(_coerce(v, a, f"{name}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    raise TypeError(f"{name}: unsupported field type {tp!r}")  # a programming error in TrainConfig
-
-
-def parse_value(text: str, tp: Any, name: str) -> Any:
-    """Parse a command-line string for a field of type ``tp``.
-
-    Numbers and strings are parsed as such; ``none``/``null`` gives None for optional fields; booleans accept
-    true/false/1/0/yes/no; tuples accept ``a,b`` or a JSON list; dicts accept JSON (``'{"depth": 2}'``) or
-    ``key=value`` pairs separated by commas (values parsed as JSON when they can be, else kept as strings).
-
-    Raises:
-        ValueError: naming ``name`` and the expected type.
-    """
-    base, optional = _split_optional(tp)
-    s = text.strip()
-    if optional and s.lower() in ("none", "null"):
-        return None
-    origin = typing.get_origin(base)
-    err = ValueError(f"{name}: expected {_type_name(tp)}, got {text!r}")
-    if base is bool:
-        low = s.lower()
-        if low in ("true", "1", "yes", "on"):
-            return True
-        if low in ("false", "0", "no", "off"):
-            return False
-        raise err
-    if base is int:
-        try:
-            return int(s)
-        except ValueError:
-            raise err from None
-    if base is float:
-        try:
-            v = float(s)
-        except ValueError:
-            raise err from None
-        return v
-    if base is str:
-        return text
-    if origin is tuple:
-        if s.startswith("["):
-            try:
-                parts = json.loads(s)
-            except json.JSONDecodeError:
-                raise err from None
-        else:
-            parts = [p.strip() for p in s.split(",")]
-        args = typing.get_args(base)
-        if not isinstance(parts, list) or len(parts) != len(args):
-            raise err
-        try:
-            return tuple(a(p) if isinstance(p, str) else _coerce(p, a, name) for p, a in zip(parts, args))
-        except ValueError:
-            raise err from None
-    if base is dict or origin is dict:
-        if s.startswith("{"):
-            try:
-                d = json.loads(s)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{name}: invalid JSON {text!r} ({e.msg})") from None
-            if not isinstance(d, dict):
-                raise err
-            return d
-        out: dict[str, Any] = {}
-        for item in (p for p in s.split(",") if p.strip()):
-            if "=" not in item:
-                raise ValueError(f"{name}: expected JSON or key=value pairs, got {item!r} in {text!r}")
-            k, v = item.split("=", 1)
-            try:
-                out[k.strip()] = json.loads(v)
-            except json.JSONDecodeError:
-                out[k.strip()] = v.strip()
-        return out
-    raise TypeError(f"{name}: unsupported field type {tp!r}")
+        Returns:
+            ``(forbidden, allowed)``: lists of ``(dotted key, saved value, this value)``; ``allowed`` holds the
+            differences in :data:`RESUMABLE_CHANGES`.
+        """
+        forbidden, allowed = [], []
+        for key, old, new in config_diff(saved, self):
+            if key == "resume":
+                continue
+            (allowed if key.split(".")[0] in RESUMABLE_CHANGES else forbidden).append((key, old, new))
+        return forbidden, allowed
 
 
 # ---- command line ----------------------------------------------------------------------------------------------
 
 
-def _option(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _default_text(f: Any) -> str:
-    default = f.default if f.default is not MISSING else f.default_factory()
-    return "unset" if default is None else json.dumps(default) if isinstance(default, (dict, tuple)) else str(default)
-
-
 def add_config_args(parser: argparse.ArgumentParser, config_cls: type = TrainConfig) -> None:
-    """Add one ``--kebab-case`` option per dataclass field, plus ``--config FILE``.
+    """Add ``--config FILE``, one ``--kebab-case`` option per top-level field, ``--plugin NAME`` and ``--set K=V``.
 
-    Options default to "not given" (``argparse.SUPPRESS``) so that :func:`config_from_args` can layer
-    dataclass defaults < ``--config`` file < explicit options. Booleans get ``--x/--no-x``.
+    Dotted options (``--task.eps 0.5``) are not declared (their keys depend on the task); pass the leftovers of
+    ``parser.parse_known_args`` to :func:`config_from_args` as ``extra``.
     """
     parser.add_argument(
         "--config",
         metavar="FILE",
         default=argparse.SUPPRESS,
-        help="JSON or YAML file with config fields; explicit options override it.",
+        help="JSON or YAML file of config fields (sections as mappings); explicit options override it.",
     )
-    hints = typing.get_type_hints(config_cls)
-    for f in fields(config_cls):
-        tp = hints[f.name]
-        base, _ = _split_optional(tp)
-        help_text = f"{f.metadata.get('help', '')} (default: {_default_text(f)})"
-        opt = _option(f.name)
-        if base is bool and tp is bool:
-            parser.add_argument(
-                opt, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
-            )
-            continue
-        choices = f.metadata.get("choices")
-        parser.add_argument(
-            opt,
-            dest=f.name,
-            type=_arg_parser(tp, opt),
-            default=argparse.SUPPRESS,
-            choices=choices,
-            metavar=_metavar(tp, choices),
-            help=help_text,
-        )
+    add_dataclass_args(parser, config_cls)
+    parser.add_argument("--plugin", dest="plugin_names", action="append", default=argparse.SUPPRESS,
+                        metavar="NAME", help="enable a trainer plugin with its default options (repeatable)")
+    parser.add_argument("--set", dest="set_items", action="append", default=argparse.SUPPRESS, metavar="KEY=VALUE",
+                        help="set any config key by its dotted path, e.g. --set task.eps=0.5 (repeatable)")
 
 
-def _metavar(tp: Any, choices: Any) -> str | None:
-    if choices:
-        return "{" + ",".join(choices) + "}"
-    base, _ = _split_optional(tp)
-    if base is dict or typing.get_origin(base) is dict:
-        return "JSON|K=V,..."
-    if typing.get_origin(base) is tuple:
-        return ",".join(["X"] * len(typing.get_args(base)))
-    return None if base is str else getattr(base, "__name__", "VALUE").upper()
+def given_options(args: argparse.Namespace, extra: list[str] | None = None,
+                  config_cls: type = TrainConfig) -> list[tuple[str, Any]]:
+    """Every setting given on the command line, in order of precedence: ``[(dotted key, value or text)]``."""
+    names = {f.name for f in fields(config_cls)}
+    out: list[tuple[str, Any]] = [(k, v) for k, v in vars(args).items() if k in names]
+    for name in getattr(args, "plugin_names", None) or []:
+        out.append((f"plugins.{name}", {}))
+    for item in getattr(args, "set_items", None) or []:
+        if "=" not in item:
+            raise ConfigError(f"--set: expected KEY=VALUE (e.g. --set task.eps=0.5), got {item!r}")
+        k, v = item.split("=", 1)
+        out.append((k.strip(), v))
+    out.extend(parse_dotted_options(list(extra or [])))
+    return out
 
 
-def _arg_parser(tp: Any, opt: str) -> Any:
-    def parse(text: str) -> Any:
-        try:
-            return parse_value(text, tp, opt)
-        except ValueError as e:
-            # argparse prefixes "argument --opt:"; keep only the part after our own "name: ".
-            raise argparse.ArgumentTypeError(str(e).split(": ", 1)[-1]) from None
+def config_from_args(
+    args: argparse.Namespace,
+    config_cls: type = TrainConfig,
+    *,
+    extra: list[str] | None = None,
+    base: dict[str, Any] | None = None,
+) -> Any:
+    """Layer ``base`` (or the dataclass defaults) < ``--config`` file < options < ``--set`` / dotted options.
 
-    parse.__name__ = _type_name(tp)
-    return parse
-
-
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a JSON (``.json``) or YAML (``.yaml``/``.yml``) file of config fields.
+    Args:
+        args: the parsed namespace of a parser built with :func:`add_config_args`.
+        config_cls: the config dataclass.
+        extra: unparsed dotted options (``["--task.eps", "0.5"]``).
+        base: a starting mapping (e.g. a saved run's config when resuming).
 
     Raises:
-        FileNotFoundError: the file does not exist.
-        ValueError: it does not parse or is not a mapping (the message names the file).
+        ConfigError: a bad file, key or value; the message names the option, the dotted key or the file.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--config: file not found: {path}")
-    text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
-    except Exception as e:
-        raise ValueError(f"--config {path}: could not parse ({type(e).__name__}: {e})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"--config {path}: expected a mapping of config fields, got {type(data).__name__}")
-    return data
-
-
-def config_from_args(args: argparse.Namespace, config_cls: type = TrainConfig) -> Any:
-    """Layer dataclass defaults < ``--config`` file < options given on the command line, then validate.
-
-    Raises:
-        ValueError / FileNotFoundError: a bad file or value; the message names the option or file key.
-    """
-    values: dict[str, Any] = {}
+    values: dict[str, Any] = dict(base or {})
     source = "command line"
     cfg_file = getattr(args, "config", None)
     if cfg_file:
-        values.update(load_config_file(cfg_file))
+        values = _deep_update(values, load_config_file(cfg_file))
         source = f"--config {cfg_file} / command line"
-    names = {f.name for f in fields(config_cls)}
-    given = {k: v for k, v in vars(args).items() if k in names}
-    values.update(given)
+    given = given_options(args, extra, config_cls)
     try:
+        values = apply_overrides(config_cls, values, [(k, v) for k, v in given])
         return config_cls.from_dict(values, source=source)
-    except ValueError as e:
+    except ConfigError as e:
         # Name the option the user typed: "command line: min_lr: ..." -> "--min-lr: ...".
         msg = str(e)
-        for name in sorted(names, key=len, reverse=True):
-            if f": {name}:" in msg and name in given:
-                msg = msg.replace(f"{source}: {name}:", f"{_option(name)}:", 1)
+        for name in sorted({k for k, _ in given}, key=len, reverse=True):
+            if f"{source}: {name}:" in msg:
+                opt = "--" + name.replace("_", "-") if "." not in name else "--" + name
+                msg = msg.replace(f"{source}: {name}:", f"{opt}:", 1)
                 break
-        raise ValueError(msg) from None
+        raise ConfigError(msg) from None
+
+
+def _deep_update(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out

@@ -20,7 +20,16 @@ from torch.utils.data import Sampler
 
 from ratelab.core.seeding import derive_seed
 
-__all__ = ["EvalShardSampler", "ShardedBatchSampler", "derive_seed", "epoch_permutation", "to_device"]
+__all__ = [
+    "EvalShardSampler",
+    "PoissonBatchSampler",
+    "SeededItems",
+    "ShardedBatchSampler",
+    "collate_or_none",
+    "derive_seed",
+    "epoch_permutation",
+    "to_device",
+]
 
 
 def epoch_permutation(n: int, *, seed: int, epoch: int) -> torch.Tensor:
@@ -30,7 +39,7 @@ def epoch_permutation(n: int, *, seed: int, epoch: int) -> torch.Tensor:
 
 
 class ShardedBatchSampler(Sampler[list[int]]):
-    """Batches of dataset indices for one epoch on one rank (drop_last: the ragged tail is never used).
+    """Fixed-size batches of dataset indices for one epoch on one rank (drop_last: the ragged tail is never used).
 
     Args:
         n: dataset length.
@@ -39,6 +48,8 @@ class ShardedBatchSampler(Sampler[list[int]]):
         seed, epoch: select the permutation (:func:`epoch_permutation`).
         start_step: skip the first ``start_step`` batches (resuming mid-epoch).
     """
+
+    fixed_size = True
 
     def __init__(
         self,
@@ -71,19 +82,104 @@ class ShardedBatchSampler(Sampler[list[int]]):
 
 
 class EvalShardSampler(Sampler[list[int]]):
-    """In-order batches of this rank's contiguous shard of ``range(n)``; every item is seen by exactly one rank."""
+    """In-order batches of this rank's contiguous shard of ``range(n)``; every item is seen by exactly one rank.
+
+    Every rank yields the SAME number of batches, ``ceil(ceil(n / world_size) / batch_size)``, with sizes as equal
+    as possible (a rank's shard is split like ``numpy.array_split``): sharded models (FSDP) run a collective in
+    every forward pass, so a rank with one batch more than the others would hang the job.
+    """
 
     def __init__(self, n: int, *, batch_size: int, rank: int = 0, world_size: int = 1) -> None:
         self.start = rank * n // world_size
         self.stop = (rank + 1) * n // world_size
-        self.batch_size = batch_size
+        largest = -(-n // world_size)
+        self.num_batches = -(-largest // batch_size) if n else 0
 
     def __len__(self) -> int:
-        return -(-(self.stop - self.start) // self.batch_size)
+        return self.num_batches if self.stop > self.start else 0
 
     def __iter__(self) -> Iterator[list[int]]:
-        for i in range(self.start, self.stop, self.batch_size):
-            yield list(range(i, min(i + self.batch_size, self.stop)))
+        m, k = self.stop - self.start, self.num_batches
+        if m == 0:
+            return
+        k = min(k, m)  # only when the shard is shorter than the batch count (n < world_size * batches)
+        q, r = divmod(m, k)
+        i = self.start
+        for b in range(k):
+            size = q + (b < r)
+            yield list(range(i, i + size))
+            i += size
+
+
+class PoissonBatchSampler(Sampler[list[int]]):
+    """Poisson sampling: every example joins each batch independently with probability ``q`` (DP-SGD's sampler).
+
+    Batches vary in size and can be empty. A batch is a pure function of ``(seed, epoch, step)``, so resumption
+    needs no saved RNG state and N ranks draw the same global batch (each keeps its contiguous share of it).
+    An "epoch" is ``round(1 / q)`` steps (every example is expected once).
+
+    Args:
+        n: dataset length.
+        sample_rate: ``q`` in (0, 1]; ``global_batch / n`` gives the expected batch size ``global_batch``.
+        rank, world_size: this process's share.
+        seed, epoch: select the draws.
+        start_step: skip the first ``start_step`` batches (resuming mid-epoch), without drawing them.
+    """
+
+    fixed_size = False
+
+    def __init__(self, n: int, *, sample_rate: float, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 epoch: int = 0, start_step: int = 0) -> None:
+        if not 0.0 < sample_rate <= 1.0:
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+        self.n, self.q, self.rank, self.world_size = n, float(sample_rate), rank, world_size
+        self.seed, self.epoch, self.start_step = seed, epoch, start_step
+        self.steps = max(1, round(1.0 / self.q))
+        if not 0 <= start_step <= self.steps:
+            raise ValueError(f"start_step {start_step} outside [0, {self.steps}]")
+
+    def __len__(self) -> int:
+        return self.steps - self.start_step
+
+    def global_batch(self, step: int) -> torch.Tensor:
+        """The (m,) indices of the whole batch ``step`` of this epoch (before the split over ranks)."""
+        g = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, step, 0x9015))
+        return torch.nonzero(torch.rand(self.n, generator=g) < self.q).flatten()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for s in range(self.start_step, self.steps):
+            idx = self.global_batch(s)
+            m = len(idx)
+            lo, hi = self.rank * m // self.world_size, (self.rank + 1) * m // self.world_size
+            yield idx[lo:hi].tolist()
+
+
+class SeededItems(torch.utils.data.Dataset):
+    """A view of ``dataset`` whose item ``i`` is drawn under torch's global RNG seeded by ``(seed, epoch, i)``.
+
+    Augmentations draw from torch's global RNG (:mod:`ratelab.data.common`); seeding it per item makes an item's
+    augmentation independent of which process, worker or position in the batch loads it, so N data-parallel
+    processes see exactly the augmentation one process sees, and so does any ``num_workers``. The caller's RNG
+    stream is left untouched (``fork_rng``), so dropout and other training-time draws do not depend on data loading.
+    """
+
+    def __init__(self, dataset: Any, *, seed: int, epoch: int) -> None:
+        self.dataset, self.seed, self.epoch = dataset, int(seed), int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(self.seed, self.epoch, int(index), 0xA06) % 2**63)
+            return self.dataset[index]
+
+
+def collate_or_none(items: list[Any]) -> Any:
+    """``default_collate`` that returns None for an empty batch (Poisson sampling can draw one)."""
+    from torch.utils.data import default_collate
+
+    return default_collate(items) if items else None
 
 
 def to_device(batch: Any, device: torch.device) -> Any:

@@ -7,8 +7,8 @@ averaged over all n positions, so one sequence trains 0-, 1-, ..., (n-1)-shot pr
 
 The generated stream fits the trainer's map-style data model directly: :class:`~ratelab.data.fewshot.FewShotSequences`
 makes item ``i`` a pure function of ``(seed, i)``, so sharding, shuffling and bitwise resumption work unchanged.
-``cfg.dataset`` is ignored; ``cfg.dataset_kwargs`` may override fields of :class:`~ratelab.data.fewshot.FewShotConfig`
-(e.g. ``noise_std=0.7``), which is how ``ratelab train --task icl`` sets the task distribution.
+``cfg.dataset`` is ignored; the task distribution is the task config's ``fewshot`` section
+(``ratelab train --task icl --task.fewshot.noise_std 0.7``).
 
 Evaluation reports ``val_loss``, ``val_acc`` (all positions) and ``val_acc_{k}shot`` for k in (0, 1, 2, 4, 8, 16)
 below the sequence length, with argmax over the whole vocabulary (restricted label-word probabilities and
@@ -17,7 +17,7 @@ calibration are measured by the ``icl-calibration`` recipe, not here).
 
 from __future__ import annotations
 
-from dataclasses import fields, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,49 +25,72 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from ratelab.core.dist import DistInfo, all_reduce_sum
+from ratelab.core.dist import all_reduce_sum
+from ratelab.core.errors import ConfigError
 from ratelab.data.fewshot import FewShotConfig, FewShotSequences
 from ratelab.train.config import TrainConfig
-from ratelab.train.tasks import register_task
+from ratelab.train.tasks import EvalContext, Task, TaskConfig, register_task
 
-__all__ = ["EVAL_SHOTS", "ICLTask"]
+__all__ = ["EVAL_SHOTS", "ICLTask", "ICLTaskConfig"]
 
 EVAL_SHOTS = (0, 1, 2, 4, 8, 16)
 
 
-@register_task("icl")
-class ICLTask:
-    """Train a model to classify in context (see the module docstring).
+@dataclass
+class ICLTaskConfig(TaskConfig):
+    """Options of the ``icl`` task (``--task icl --task.fewshot.noise_std 0.7 --task.val_sequences 256``).
 
-    Args:
-        fewshot: the task distribution (default :class:`FewShotConfig()`); ``cfg.dataset_kwargs`` override it.
+    Attributes:
+        fewshot: the task distribution (:class:`~ratelab.data.fewshot.FewShotConfig`).
         train_sequences: length of the (indexable) training stream; one epoch = ``train_sequences // batch_size``
-            steps, so set ``max_steps`` in the config for the run length.
+            steps, so set ``max_steps`` in the run config for the run length.
         val_sequences: number of held-out sequences (another seed) for evaluation; 0 = no evaluation.
     """
 
-    def __init__(self, fewshot: FewShotConfig | None = None, train_sequences: int = 1 << 20,
-                 val_sequences: int = 512) -> None:
-        if train_sequences < 1 or val_sequences < 0:
-            raise ValueError(f"ICLTask: train_sequences must be >= 1 and val_sequences >= 0, got "
-                             f"{train_sequences}, {val_sequences}")
-        self.fewshot = fewshot if fewshot is not None else FewShotConfig()
-        self.train_sequences, self.val_sequences = int(train_sequences), int(val_sequences)
+    name: str = "icl"
+    fewshot: FewShotConfig = field(default_factory=FewShotConfig)
+    train_sequences: int = 1 << 20
+    val_sequences: int = 512
+
+    def check(self) -> None:
+        if self.train_sequences < 1 or self.val_sequences < 0:
+            raise ValueError(f"train_sequences must be >= 1 and val_sequences >= 0, got "
+                             f"{self.train_sequences}, {self.val_sequences}")
+
+
+@register_task("icl", config=ICLTaskConfig)
+class ICLTask(Task):
+    """Train a model to classify in context (see the module docstring).
+
+    Args:
+        fewshot: the task distribution (default :class:`FewShotConfig()`), or a whole :class:`ICLTaskConfig`.
+        train_sequences, val_sequences: see :class:`ICLTaskConfig`.
+    """
+
+    def __init__(self, fewshot: FewShotConfig | ICLTaskConfig | None = None, train_sequences: int | None = None,
+                 val_sequences: int | None = None) -> None:
+        if isinstance(fewshot, ICLTaskConfig):
+            if train_sequences is not None or val_sequences is not None:
+                raise TypeError("ICLTask: pass either an ICLTaskConfig or its fields, not both")
+            super().__init__(fewshot)
+        else:
+            opts: dict[str, Any] = {"fewshot": fewshot if fewshot is not None else FewShotConfig()}
+            if train_sequences is not None:
+                opts["train_sequences"] = train_sequences
+            if val_sequences is not None:
+                opts["val_sequences"] = val_sequences
+            try:
+                super().__init__(None, **opts)
+            except ConfigError as e:
+                raise ConfigError(f"ICLTask: {e}") from None
+        self.fewshot = self.config.fewshot
+        self.train_sequences, self.val_sequences = self.config.train_sequences, self.config.val_sequences
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
 
-    def resolved_fewshot(self, cfg: TrainConfig) -> FewShotConfig:
-        """The task's :class:`FewShotConfig` with ``cfg.dataset_kwargs`` applied."""
-        names = {f.name for f in fields(FewShotConfig)}
-        bad = sorted(set(cfg.dataset_kwargs) - names)
-        if bad:
-            raise ValueError(f"dataset_kwargs: unknown few-shot option(s) {bad} for task 'icl'; valid: {sorted(names)}")
-        return replace(self.fewshot, **cfg.dataset_kwargs)
-
     def build_datasets(self, cfg: TrainConfig) -> tuple[Dataset, Dataset | None]:
-        from ratelab.train.data import derive_seed
+        from ratelab.core.seeding import derive_seed
 
-        self.fewshot = self.resolved_fewshot(cfg)
         self.train_dataset = FewShotSequences(self.fewshot, self.train_sequences, seed=cfg.seed)
         # A seed derived from (seed, tag) that no training index maps to the same stream.
         val_seed = derive_seed(cfg.seed, 0x1C1)
@@ -75,7 +98,7 @@ class ICLTask:
         return self.train_dataset, self.val_dataset
 
     def build_model(self, cfg: TrainConfig) -> nn.Module:
-        from ratelab.core.registry import create_model
+        from ratelab import create_model
 
         fs = self.fewshot
         kw: dict[str, Any] = {"input_dim": fs.input_dim, "vocab_size": fs.vocab_size, **cfg.model_kwargs}
@@ -91,7 +114,10 @@ class ICLTask:
         return loss, {"acc": correct.mean(), "acc_last": correct[:, -1].mean()}
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, loader: Any, dist: DistInfo) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, ctx: EvalContext) -> dict[str, float]:
+        loader, dist = ctx.loader, ctx.dist
+        if loader is None:
+            return {}
         n_pairs = self.fewshot.n_pairs
         loss_sum = torch.zeros((), dtype=torch.float64, device=dist.device)
         correct = torch.zeros(n_pairs, dtype=torch.float64, device=dist.device)

@@ -17,6 +17,7 @@ The small feature networks used with it on digits (``mcr2_cnn_small``, ``mcr2_ml
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,11 +25,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from ratelab.core.dist import DistInfo, is_dist
+from ratelab.core.dist import is_dist
+from ratelab.core.errors import ConfigError
 from ratelab.train.config import TrainConfig
-from ratelab.train.tasks import register_task
+from ratelab.train.tasks import EvalContext, Task, TaskConfig, _dataset_kwargs, register_task
 
-__all__ = ["EPS_OFFICIAL", "MCR2Task", "extract_features"]
+__all__ = ["EPS_OFFICIAL", "MCR2Task", "MCR2TaskConfig", "extract_features"]
 
 # The official training scripts pass eps^2 = 0.5 (their argument named ``eps`` is epsilon squared, design note §1.4);
 # ratelab's objectives take epsilon itself, so the same setting is sqrt(0.5).
@@ -69,20 +71,48 @@ def extract_features(
 # ---- the task --------------------------------------------------------------------------------------------------
 
 
-@register_task("mcr2")
-class MCR2Task:
-    """Supervised MCR² feature learning (see the module docstring).
+@dataclass
+class MCR2TaskConfig(TaskConfig):
+    """Options of the ``mcr2`` task (``--task mcr2 --task.eps 0.5 ...``).
 
-    Args:
+    Attributes:
         feature_dim: output width of the model's head = feature dimension d (official: 128).
         eps: precision epsilon, NOT squared (default sqrt(0.5), the official eps^2 = 0.5).
         gamma1: weight inside R's logdet (official option ``gam1``, 1 = plain MCR²).
         gamma2: weight of R in the loss (official option ``gam2``, 1 = plain MCR²).
-        num_classes: number of label classes K; default ``cfg.num_classes``, else the training dataset's
-            ``num_classes`` attribute.
+        num_classes: number of label classes K; default ``cfg.num_classes``, else the training dataset's.
         n_components: principal directions per class for nearest-subspace evaluation (official default 30).
         centered: nearest subspace with class means subtracted (official reported variant) or not.
         probe: also report a logistic-regression linear probe accuracy (``val_probe_acc``) at each evaluation.
+    """
+
+    name: str = "mcr2"
+    feature_dim: int = 128
+    eps: float = EPS_OFFICIAL
+    gamma1: float = 1.0
+    gamma2: float = 1.0
+    num_classes: int | None = None
+    n_components: int = 30
+    centered: bool = True
+    probe: bool = False
+
+    def check(self) -> None:
+        if self.feature_dim < 1:
+            raise ValueError(f"feature_dim: must be a positive int, got {self.feature_dim!r}")
+        if not (self.eps > 0 and math.isfinite(self.eps)):
+            raise ValueError(f"eps: must be a finite positive number (epsilon, not squared), got {self.eps!r}")
+        if self.num_classes is not None and self.num_classes < 1:
+            raise ValueError(f"num_classes: must be a positive int, got {self.num_classes!r}")
+        if self.n_components < 1:
+            raise ValueError(f"n_components: must be a positive int, got {self.n_components!r}")
+
+
+@register_task("mcr2", config=MCR2TaskConfig)
+class MCR2Task(Task):
+    """Supervised MCR² feature learning (see the module docstring).
+
+    Args:
+        config: an :class:`MCR2TaskConfig` (or give its fields as keyword options: ``MCR2Task(feature_dim=32)``).
         train_dataset, val_dataset: datasets to use instead of building ``cfg.dataset`` (items ``(image, label)``).
         fit_dataset: the data the class subspaces (and the probe) are fitted on at evaluation time; default: an
             un-augmented copy of the training split when built from ``cfg``, else ``train_dataset`` itself (pass an
@@ -90,45 +120,42 @@ class MCR2Task:
 
     Under DDP (``torch.distributed`` initialized) the training loss all-gathers the features of the global batch
     first, so every rank computes the rates of the whole batch; evaluation runs the (small) fit set on every rank
-    and gathers the validation features.
+    and gathers the validation features. The loss is a function of the whole batch, so gradient accumulation over
+    micro-batches would change the objective (``supports_accumulation = False``).
     """
+
+    supports_accumulation = False
 
     def __init__(
         self,
-        feature_dim: int = 128,
-        eps: float = EPS_OFFICIAL,
-        gamma1: float = 1.0,
-        gamma2: float = 1.0,
-        num_classes: int | None = None,
-        n_components: int = 30,
-        centered: bool = True,
-        probe: bool = False,
+        config: MCR2TaskConfig | None = None,
+        *,
         train_dataset: Dataset | None = None,
         val_dataset: Dataset | None = None,
         fit_dataset: Dataset | None = None,
+        **options: Any,
     ) -> None:
-        if isinstance(feature_dim, bool) or not isinstance(feature_dim, int) or feature_dim < 1:
-            raise ValueError(f"MCR2Task: feature_dim must be a positive int, got {feature_dim!r}")
-        if not (isinstance(eps, (int, float)) and eps > 0 and math.isfinite(eps)):
-            raise ValueError(f"MCR2Task: eps must be a finite positive number (epsilon, not squared), got {eps!r}")
+        try:
+            super().__init__(config, **options)
+        except ConfigError as e:
+            raise ConfigError(f"MCR2Task: {e}") from None
         if (val_dataset is not None or fit_dataset is not None) and train_dataset is None:
             raise ValueError("MCR2Task: val_dataset/fit_dataset were given without train_dataset")
-        if num_classes is not None and (isinstance(num_classes, bool) or int(num_classes) < 1):
-            raise ValueError(f"MCR2Task: num_classes must be a positive int, got {num_classes!r}")
-        self.feature_dim, self.eps, self.gamma1, self.gamma2 = feature_dim, float(eps), float(gamma1), float(gamma2)
-        self.n_components, self.centered, self.probe = int(n_components), bool(centered), bool(probe)
+        c = self.config
+        self.feature_dim, self.eps, self.gamma1, self.gamma2 = c.feature_dim, float(c.eps), c.gamma1, c.gamma2
+        self.n_components, self.centered, self.probe = c.n_components, c.centered, c.probe
         self._given = train_dataset is not None
         self.train_dataset, self.val_dataset = train_dataset, val_dataset
         self.fit_dataset = fit_dataset if fit_dataset is not None else train_dataset
-        self._num_classes_arg = num_classes
-        self.num_classes: int | None = num_classes
+        self._num_classes_arg = c.num_classes
+        self.num_classes: int | None = c.num_classes
 
     # ---- data and model -------------------------------------------------------------------------------------
     def build_datasets(self, cfg: TrainConfig) -> tuple[Dataset, Dataset | None]:
         if not self._given:
             from ratelab.data import build_dataset
 
-            common = {"root": cfg.data_root, "img_size": cfg.img_size, "seed": cfg.seed, **cfg.dataset_kwargs}
+            common = _dataset_kwargs(cfg)
             self.train_dataset = build_dataset(cfg.dataset, "train", augment=cfg.augment, **common)
             self.val_dataset = build_dataset(cfg.dataset, "val", **common)
             self.fit_dataset = build_dataset(cfg.dataset, "train", augment=False, **common)
@@ -156,7 +183,7 @@ class MCR2Task:
         return kw
 
     def build_model(self, cfg: TrainConfig) -> nn.Module:
-        from ratelab.core.registry import create_model
+        from ratelab import create_model
 
         if self.train_dataset is None:
             raise RuntimeError("MCR2Task.build_model: call build_datasets first")
@@ -180,10 +207,13 @@ class MCR2Task:
 
     # ---- evaluation -----------------------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, loader: Any, dist: DistInfo) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, ctx: EvalContext) -> dict[str, float]:
         """Nearest-subspace accuracy (``val_acc``), optional probe accuracy, and the rates of the val features."""
         from ratelab.eval.subspace import linear_probe, nearest_subspace_fit, nearest_subspace_predict
 
+        loader, dist = ctx.loader, ctx.dist
+        if loader is None:
+            return {}
         if self.fit_dataset is None:
             raise RuntimeError("MCR2Task.evaluate: no fit dataset (call build_datasets first)")
         fit_z, fit_y = extract_features(model, self.fit_dataset, device=dist.device, normalize=True)
