@@ -140,6 +140,17 @@ def run_variants(dist: DistInfo, ckpt_dir: Path) -> dict[str, Any]:
         strategy, model, wrapped, opt = build(strategy_name, dist, init_seed=seed, **kwargs)
         probe: dict[str, Any] = {}
         norms = train(strategy, model, wrapped, opt, batches, accum=accum, probe=probe)
+        if name in ("ddp", "fsdp"):
+            probe["finite"] = strategy.all_finite(model.parameters())
+            # A NaN in rank 1's part only: every rank must hear of it.
+            last = list(model.parameters())[-1]
+            with torch.no_grad():
+                local = last.to_local() if hasattr(last, "to_local") else last
+                saved = local.clone()
+                if dist.rank == 1:
+                    local.view(-1)[0] = float("nan")
+                probe["finite_with_nan_on_rank1"] = strategy.all_finite(model.parameters())
+                local.copy_(saved)
         res[name] = {
             "type": type(strategy).__name__,
             "sd": strategy.full_state_dict(model),

@@ -98,6 +98,14 @@ def test_no_sync_defers_the_reduction(workers):
 
 
 @pytest.mark.distributed
+def test_all_finite_sees_every_ranks_shard(workers):
+    _, res = workers
+    for variant in ("ddp", "fsdp"):
+        assert res[variant]["probe"]["finite"] is True
+        assert res[variant]["probe"]["finite_with_nan_on_rank1"] is False  # rank 0 reports rank 1's NaN
+
+
+@pytest.mark.distributed
 def test_fsdp_resume_is_bitwise(workers):
     root, res = workers
     r = res["fsdp_resume"]
@@ -225,6 +233,12 @@ def test_block_units_and_the_error_without_blocks():
     net.fsdp_units = lambda: []
     with pytest.raises(ConfigError, match="fsdp_units"):
         _block_units(net)
+
+
+def test_all_finite_one_process():
+    s = SingleStrategy(ONE)
+    assert s.all_finite([torch.ones(3), torch.zeros(2, 2)]) and s.all_finite([])
+    assert not s.all_finite([torch.ones(3), torch.tensor([1.0, float("inf")])])
 
 
 def test_build_strategy_and_options():

@@ -21,6 +21,7 @@ Call order (every method marked *collective* must be called by every rank, in th
         with ctx:
             (loss_fn(wrapped(x_micro)) / accum_steps).backward()
     norm = strategy.grad_norm(params)                 # collective under FSDP
+    ok = strategy.all_finite(model.parameters())      # collective; local shards + one scalar all-reduce
     strategy.clip_grads_with_norm_(params, max_norm, norm)
     optimizer.step()
     strategy.save_checkpoint(strategy.checkpoint_path(out_dir), model=model, optimizers=..., extra=...)  # collective
@@ -224,6 +225,20 @@ class Strategy:
         if not grads:
             return torch.zeros((), device=self.dist.device)
         return torch.nn.utils.get_total_norm(grads, 2.0)
+
+    def all_finite(self, tensors: Iterable[torch.Tensor]) -> bool:
+        """True when no rank's part of ``tensors`` (weights, gradients) holds a NaN or inf. Collective.
+
+        Looks at each rank's local shard (a sharded DTensor's ``to_local()``), so it costs one scalar all-reduce
+        under any strategy.
+        """
+        local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+        bad = torch.zeros((), device=self.dist.device)
+        for t in local:
+            bad = bad + (~torch.isfinite(t.detach())).any().float()
+        if torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
+            torch_dist.all_reduce(bad, op=torch_dist.ReduceOp.SUM)
+        return bool(bad.item() == 0)
 
     def clip_grads_with_norm_(self, params: Params, max_norm: float, total_norm: torch.Tensor) -> None:
         """Scale the gradients by ``min(1, max_norm / (total_norm + 1e-6))`` in place (torch's rule)."""
