@@ -181,21 +181,34 @@ def test_inference_path_matches_ref_backend():
 def test_forward_intermediates_and_mixing_matrix():
     model = ratelab.create_model("test_adventurer", depth=3).double().eval()
     x = images(model, dtype=torch.float64)
-    res = model.forward_intermediates(x, indices=[0, -1], return_attn=True)
-    assert res["indices"] == [0, 2]
+    final, inter, attn = model.forward_intermediates(x, indices=[0, -1], return_attn=True)
+    res = model.forward_layer_quantities(x, indices=[0, -1])
+    assert res["indices"] == [0, 2] and len(inter) == 2
+    torch.testing.assert_close(final, model.forward_features(x))
     torch.testing.assert_close(res["features"], model.forward_features(x))
     torch.testing.assert_close(res["tokens"][-1], res["features"])
+    torch.testing.assert_close(inter[-1], final[:, :-1])  # the class token (last) is split off, timm's rule
     assert [t.shape for t in res["half"]] == [(2, 5, 32)] * 2
     H = model.blocks[0].mixer.nheads
-    assert [a.shape for a in res["attn"]] == [(2, H, 5, 5)] * 2
+    assert [a.shape for a in attn] == [(2, H, 5, 5)] * 2
     # block 0 is not flipped: causal in token order; block 1 (flipped) is checked via indices=[1]
-    assert torch.equal(res["attn"][0].triu(1), torch.zeros_like(res["attn"][0]))
-    flipped = model.forward_intermediates(x, indices=[1], return_attn=True)["attn"][0]
+    assert torch.equal(attn[0].triu(1), torch.zeros_like(attn[0]))
+    flipped = model.forward_intermediates(x, indices=[1], return_attn=True)[2][0]
     patch = flipped[..., :4, :4]
     assert torch.equal(patch.tril(-1), torch.zeros_like(patch)) and patch.triu(1).abs().max() > 0
-    assert model.forward_intermediates(x, indices=2)["indices"] == [1, 2]
+    assert model.forward_layer_quantities(x, indices=2)["indices"] == [1, 2]
+    assert len(model.forward_intermediates(x, indices=2)[1]) == 2
     with pytest.raises(ValueError, match="out of range"):
         model.forward_intermediates(x, indices=[3])
+    # NCHW maps, the class token through return_prefix_tokens, the final RMSNorm with norm=True
+    _, maps = model.forward_intermediates(x, indices=[2], output_fmt="NCHW")
+    assert maps[0].shape == (2, 32, 2, 2)
+    torch.testing.assert_close(maps[0].flatten(2).transpose(1, 2), inter[-1])
+    (spatial, cls), = model.forward_intermediates(x, indices=[2], return_prefix_tokens=True, intermediates_only=True)
+    torch.testing.assert_close(cls, final[:, -1:])
+    _, normed = model.forward_intermediates(x, indices=[2], norm=True)
+    torch.testing.assert_close(normed[0], model.norm(final)[:, :-1])
+    assert model.layer_measures == ()
 
 
 def test_overrides_and_unknown_option():

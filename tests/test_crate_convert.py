@@ -132,7 +132,7 @@ def test_official_checkpoint_matches_reference(tmp_path, config):
         ref_tokens = ref.tokens(x, keep)
         assert_close(model.forward_features(x), ref_tokens, "tokens")
         assert_close(model(x), ref(x), "logits")
-        inter = model.forward_intermediates(x)
+        inter = model.forward_layer_quantities(x)  # full layer outputs, [CLS] included
         for i, (ours, theirs) in enumerate(zip(inter["tokens"], keep, strict=True)):
             assert_close(ours, theirs, f"layer {i} tokens")
 

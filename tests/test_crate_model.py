@@ -189,18 +189,22 @@ def test_forward_intermediates():
     B, N, K, p, d = 2, 17, 4, 16, 64
     with torch.no_grad():
         feats = model.forward_features(x)
-        res = model.forward_intermediates(x, return_attn=True)
-        assert res["indices"] == [0, 1, 2, 3]
+        final, inter, attns = model.forward_intermediates(x, return_attn=True)
+        res = model.forward_layer_quantities(x)  # U_k^T z, half steps and codes: the one way to reach them
+        assert res["indices"] == [0, 1, 2, 3] and len(inter) == len(attns) == 4
         # With return_attn the blocks run the explicit-softmax path: equal up to rounding only.
-        torch.testing.assert_close(res["features"], feats, **TOL[torch.float32])
+        torch.testing.assert_close(final, feats, **TOL[torch.float32])
+        torch.testing.assert_close(res["features"], feats, atol=0, rtol=0)
         torch.testing.assert_close(res["tokens"][-1], res["features"], atol=0, rtol=0)
+        torch.testing.assert_close(inter[-1], final[:, 1:], atol=0, rtol=0)  # [CLS] split off (timm's rule)
+        assert res["codes"] is res["tokens"]  # the sparse codes of CRATE are its ISTA outputs
         z = model.embed(x)
         for i, blk in enumerate(model.blocks):
             a = blk.norm1(z)
             proj = res["proj"][i]
             assert proj.shape == (B, K, N, p)
             torch.testing.assert_close(proj, blk.attn.project(a))
-            attn = res["attn"][i]
+            attn = attns[i]
             assert attn.shape == (B, K, N, N) and (attn >= 0).all()
             torch.testing.assert_close(attn.sum(-1), torch.ones(B, K, N))
             torch.testing.assert_close(attn, torch.softmax(proj @ proj.transpose(-1, -2) * p**-0.5, dim=-1))
@@ -208,20 +212,51 @@ def test_forward_intermediates():
             torch.testing.assert_close(res["half"][i], z + blk.attn(a), **TOL[torch.float32])
             z = blk(z)
             torch.testing.assert_close(res["tokens"][i], z, **TOL[torch.float32])
+            torch.testing.assert_close(inter[i], z[:, 1:], **TOL[torch.float32])
 
         plain = model.forward_intermediates(x)
-        assert "attn" not in plain and len(plain["tokens"]) == 4
-        torch.testing.assert_close(plain["features"], feats, atol=0, rtol=0)
+        assert len(plain) == 2 and len(plain[1]) == 4  # no attention without return_attn
+        torch.testing.assert_close(plain[0], feats, atol=0, rtol=0)
         for idx, keep in [(2, [2, 3]), ([0, -1], [0, 3]), ([-2], [2]), ([3, 1, 1], [1, 3])]:
-            sub = model.forward_intermediates(x, idx)
+            sub = model.forward_layer_quantities(x, idx)
             assert sub["indices"] == keep, idx
             assert len(sub["tokens"]) == len(sub["half"]) == len(sub["proj"]) == len(keep)
+            sub_final, sub_inter = model.forward_intermediates(x, idx)
+            assert len(sub_inter) == len(keep)
             for j, layer in enumerate(keep):
-                torch.testing.assert_close(sub["tokens"][j], plain["tokens"][layer], atol=0, rtol=0)
+                torch.testing.assert_close(sub["tokens"][j], res["tokens"][layer], atol=0, rtol=0)
+                torch.testing.assert_close(sub_inter[j], plain[1][layer], atol=0, rtol=0)
             torch.testing.assert_close(sub["features"], feats, atol=0, rtol=0)
+            torch.testing.assert_close(sub_final, feats, atol=0, rtol=0)
     for bad in ([4], [-5], 0, 5):
         with pytest.raises(ValueError, match="indices"):
             model.forward_intermediates(x, bad)
+        with pytest.raises(ValueError, match="indices"):
+            model.forward_layer_quantities(x, bad)
+
+
+def test_forward_intermediates_formats_and_flags():
+    model = ratelab.create_model("crate_pico_patch4_16").eval()
+    x = torch.randn(2, 1, 16, 12)  # non-square: a 4 x 3 grid
+    with torch.no_grad():
+        final, nlc = model.forward_intermediates(x, indices=[1])
+        _, nchw = model.forward_intermediates(x, indices=[1], output_fmt="NCHW")
+        assert nlc[0].shape == (2, 12, 64) and nchw[0].shape == (2, 64, 4, 3)
+        torch.testing.assert_close(nchw[0].flatten(2).transpose(1, 2), nlc[0], atol=0, rtol=0)  # row-major patches
+        _, normed = model.forward_intermediates(x, indices=[1], norm=True)
+        _, tokens = model.forward_intermediates(x, indices=[1], return_prefix_tokens=True)
+        lq = model.forward_layer_quantities(x, indices=[1])
+        torch.testing.assert_close(normed[0], model.fc_norm(lq["tokens"][0])[:, 1:], atol=0, rtol=0)
+        spatial, cls = tokens[0]
+        torch.testing.assert_close(cls, lq["tokens"][0][:, :1], atol=0, rtol=0)
+        torch.testing.assert_close(spatial, nlc[0], atol=0, rtol=0)
+        only = model.forward_intermediates(x, indices=2, intermediates_only=True)
+        assert isinstance(only, list) and len(only) == 2
+        only_attn = model.forward_intermediates(x, indices=2, intermediates_only=True, return_attn=True)
+        assert len(only_attn) == 2 and only_attn[1][0].shape == (2, 4, 13, 13)
+    with pytest.raises(ValueError, match="output_fmt='NHWC'.*'NLC', 'NCHW'"):
+        model.forward_intermediates(x, output_fmt="NHWC")
+    assert model.layer_measures == ("compression", "compression_half", "sparsity")
 
 
 def test_pos_embed_other_input_size():

@@ -16,9 +16,11 @@ from ratelab.data.fewshot import (
     sample_sequence,
     sample_task,
 )
-from ratelab.models.icl_gpt import ICLGPT, ICLGPTConfig, causal_attention_ref
+from ratelab.kernels.attention import attention_ref
+from ratelab.models.icl_gpt import ICLGPT, ICLGPTConfig
 
 CFG = ICLGPTConfig(embed_dim=16, depth=2, num_heads=2, input_dim=3, vocab_size=6, max_pairs=8)
+TOL_REF = dict(rtol=1e-5, atol=1e-5)  # explicit softmax vs SDPA on the same weights (return_attn uses the former)
 
 
 def _batch(B=3, n=5, cfg=CFG, seed=0):
@@ -75,11 +77,41 @@ def test_sdpa_matches_reference_outputs_and_grads():
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     q, k, v = torch.randn(3, 1, 2, 4, 5).unbind(0)
-    ref = causal_attention_ref(q, k, v)
+    ref = attention_ref(q, k, v, is_causal=True)  # the kernel's reference twin, which the model's "ref" uses
     torch.testing.assert_close(ref[..., 0, :], v[..., 0, :])  # the first token can only attend to itself
     torch.testing.assert_close(ref, torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
     with pytest.raises(ValueError, match="backend"):
         m.set_attn_backend("flash")
+
+
+def test_features_head_and_intermediates():
+    m = ICLGPT(CFG).eval()
+    x, y = _batch(n=6)
+    with torch.no_grad():
+        h = m.forward_features(x, y)  # before the final norm, as every family
+        assert h.shape == (3, 12, CFG.embed_dim)
+        torch.testing.assert_close(m.forward_head(h), m(x, y), atol=0, rtol=0)
+        torch.testing.assert_close(m.forward_head(h, pre_logits=True), m.norm(h)[:, 0::2], atol=0, rtol=0)
+        final, inter, attn = m.forward_intermediates(x, y, return_attn=True)
+        torch.testing.assert_close(final, h, **TOL_REF)
+        assert [t.shape for t in inter] == [(3, 12, CFG.embed_dim)] * CFG.depth
+        torch.testing.assert_close(inter[-1], final, atol=0, rtol=0)
+        assert [a.shape for a in attn] == [(3, CFG.num_heads, 12, 12)] * CFG.depth
+        assert all(torch.equal(a.triu(1), torch.zeros_like(a)) for a in attn)  # causal
+        torch.testing.assert_close(attn[0].sum(-1), torch.ones(3, CFG.num_heads, 12))
+        # block 0's attention is the explicit causal softmax of its own q and k
+        blk = m.blocks[0]
+        q, k, _ = blk.attn.qkv(blk.norm1(m._tokens(x, y))).reshape(3, 12, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        logits = (q @ k.transpose(-1, -2)) / 8**0.5
+        expect = logits.masked_fill(torch.ones(12, 12, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
+        torch.testing.assert_close(attn[0], expect)
+        _, normed = m.forward_intermediates(x, y, indices=[-1], norm=True)
+        torch.testing.assert_close(normed[0], m.norm(h), **TOL_REF)
+        assert len(m.forward_intermediates(x, y, indices=1, intermediates_only=True)) == 1
+    with pytest.raises(ValueError, match="NLC"):
+        m.forward_intermediates(x, y, output_fmt="NCHW")
+    with pytest.raises(ValueError, match="out of range"):
+        m.forward_intermediates(x, y, indices=[2])
 
 
 def test_bad_inputs():

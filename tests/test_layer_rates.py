@@ -50,7 +50,7 @@ def _official_formula(proj: torch.Tensor) -> torch.Tensor:
 
 def test_compression_matches_slow_loop_and_official_formula(model, images):
     with torch.no_grad():
-        fi = model.forward_intermediates(images)
+        fi = model.forward_layer_quantities(images)
     assert len(fi["proj"]) == len(model.blocks) == 2
     for proj in fi["proj"]:
         assert proj.shape == (6, 2, 5, 16)  # (B, K, N = 4 patches + CLS, p)
@@ -62,7 +62,7 @@ def test_compression_matches_slow_loop_and_official_formula(model, images):
 
 def test_compression_sides_equal(model, images):
     with torch.no_grad():
-        proj = model.forward_intermediates(images)["proj"][1]
+        proj = model.forward_layer_quantities(images)["proj"][1]
     feat = compression(proj, 0.1, dtype=torch.float64, side="feature")  # p x p
     samp = compression(proj, 0.1, dtype=torch.float64, side="sample")  # N x N
     assert torch.allclose(feat, samp, rtol=1e-10)
@@ -102,7 +102,7 @@ def test_measure_layers_consistent_with_direct_computation(model, images):
     assert (res["num_tokens"], res["num_heads"], res["head_dim"]) == (5, 2, 16)
     assert [r["layer"] for r in res["layers"]] == [0, 1]
     with torch.no_grad():
-        fi = model.forward_intermediates(images)
+        fi = model.forward_layer_quantities(images)
         for i, r in enumerate(res["layers"]):
             blk = model.blocks[i]
             c = _slow_compression(fi["proj"][i], 0.1)
@@ -151,13 +151,13 @@ def test_rates_to_arrays_and_projector_none(model, images):
 
 
 class _NoBlocks(torch.nn.Module):
-    """A CRATE-like model without `blocks`: only forward_intermediates (generic interface)."""
+    """A CRATE-like model without `blocks`: only forward_layer_quantities (generic interface)."""
 
     def __init__(self):
         super().__init__()
         self.lin = torch.nn.Linear(4, 6)
 
-    def forward_intermediates(self, x):
+    def forward_layer_quantities(self, x):
         t = self.lin(x.flatten(2).transpose(1, 2))  # (B, N=H*W, 6)
         proj = t.reshape(t.shape[0], t.shape[1], 2, 3).transpose(1, 2)  # (B, 2, N, 3)
         return {"indices": [0], "proj": [proj], "half": [t], "tokens": [torch.relu(t)]}
@@ -168,7 +168,7 @@ def test_generic_model_interface():
     x = torch.randn(3, 4, 2, 2)
     res = measure_layers(m, x, projector=None)
     with torch.no_grad():
-        fi = m.forward_intermediates(x)
+        fi = m.forward_layer_quantities(x)
     assert res["layers"][0]["compression"] == pytest.approx(
         float(_slow_compression(fi["proj"][0], 0.1).mean()), rel=1e-5
     )

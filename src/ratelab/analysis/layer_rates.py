@@ -1,7 +1,8 @@
 """Layer-wise compression and sparsity of CRATE-like models (the measurement behind CRATE's Fig. 3 / Fig. 4a).
 
-Per layer l of a model whose ``forward_intermediates(x)`` returns, per kept layer, ``proj`` (B, K, N, p) = U_k^T of
-the layer's normalized input, ``half`` (B, N, d) = Z^{l+1/2} and ``tokens`` (B, N, d) = Z^{l+1} (the ISTA output):
+Per layer l of a model whose ``forward_layer_quantities(x)`` returns, per kept layer, ``proj`` (B, K, N, p) = U_k^T
+of the layer's normalized input, ``half`` (B, N, d) = Z^{l+1/2} and ``codes`` (B, N, d) = the sparse codes (CRATE: the
+ISTA output Z^{l+1}) -- the one documented way to reach them (docs/models.md, "Model API"):
 
 * compression  Rc(U_l^T Z^l) = sum_k R(unit-normalized tokens of U_k^T LN1_l(Z^l), eps), with d = p and n = N;
 * compression_half  Rc(U_l^T Z^{l+1/2}): the same measure on LN1_l(Z^{l+1/2}) projected by the same layer's U_l
@@ -44,6 +45,35 @@ CONVENTION = (
 )
 
 Projector = Callable[[nn.Module, int, torch.Tensor], torch.Tensor]
+
+MEASURES = ("compression", "compression_half", "sparsity")
+# What each measure needs from forward_layer_quantities, and why (for the error a user sees).
+_NEEDS = {
+    "compression": ("proj", "per-head subspace projections U_k^T z (an MSSA-style layer)"),
+    "compression_half": ("half", "the half step Z^{l+1/2} and per-head subspace projections"),
+    "sparsity": ("codes", "sparse codes (an ISTA / sparse-coding step)"),
+}
+
+
+def supported_measures(model: nn.Module) -> tuple[str, ...]:
+    """The measures of :func:`measure_layers` a model supports, from its ``layer_measures`` attribute.
+
+    A model that declares nothing but has ``forward_layer_quantities`` is probed by the keys it returns (see
+    :func:`measure_layers`); a model without that method supports none.
+    """
+    declared = getattr(model, "layer_measures", None)
+    if declared is not None:
+        return tuple(m for m in MEASURES if m in declared)
+    return MEASURES if hasattr(model, "forward_layer_quantities") else ()
+
+
+def unsupported_message(model: nn.Module, measures: tuple[str, ...] = MEASURES) -> str:
+    """One sentence naming which measures ``model`` lacks and what each one needs."""
+    name = getattr(model, "model_name", type(model).__name__)
+    have = supported_measures(model)
+    missing = [m for m in measures if m not in have]
+    needs = "; ".join(f"{m} needs {_NEEDS[m][1]}" for m in missing)
+    return f"model {name} supports {list(have) or 'none'} of the layer measures {list(measures)} ({needs})"
 
 
 def compression(
@@ -141,8 +171,10 @@ def measure_layers(
     with nothing else changed; the next layer's U_{l+1} is never applied to Z^{l+1/2} (ISTA sits in between).
 
     Args:
-        model: module with ``forward_intermediates(x) -> {"indices", "proj", "half", "tokens", ...}`` (CRATE).
-            Evaluated in eval mode under ``torch.no_grad``; its training flag is restored afterwards.
+        model: module with ``forward_layer_quantities(x) -> {"indices", "proj", "half", "codes", ...}`` (CRATE).
+            Evaluated in eval mode under ``torch.no_grad``; its training flag is restored afterwards. Only the
+            measures it supports (its ``layer_measures``, or for an undeclared model the keys it returns: ``proj``
+            for compression, ``codes`` for sparsity) are computed; the others are ``None``.
         images: (N_img, C, H, W) float tensor.
         eps: precision epsilon (0.1 = official convention).
         batch_size: images per forward pass.
@@ -155,10 +187,17 @@ def measure_layers(
     Returns:
         JSON-able dict ``{"eps", "num_images", "num_tokens", "num_heads", "head_dim", "convention", "layers": [...]}``
         with per layer ``{"layer", "compression", "compression_std", "compression_half", "compression_half_std",
-        "sparsity", "sparsity_std"}`` (means and population stds over images).
+        "sparsity", "sparsity_std"}`` (means and population stds over images); ``num_heads``/``head_dim`` are
+        ``None`` without compression.
+
+    Raises:
+        AttributeError: no ``forward_layer_quantities``, or no ``blocks`` for the default projector.
+        ValueError: bad arguments, or a model that supports none of the measures (the message says what each needs).
     """
-    if not hasattr(model, "forward_intermediates"):
-        raise AttributeError(f"{type(model).__name__} has no forward_intermediates(x); cannot measure layer rates")
+    if not hasattr(model, "forward_layer_quantities"):
+        raise AttributeError(f"{type(model).__name__} has no forward_layer_quantities(x) (forward_intermediates gives "
+                             "layer outputs only, not U_k^T z or sparse codes); cannot measure layer rates "
+                             "(docs/models.md, 'Model API')")
     if not isinstance(images, torch.Tensor) or images.ndim != 4:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise ValueError(f"measure_layers: images must be a (N_img, C, H, W) tensor, got {shape}")
@@ -168,6 +207,9 @@ def measure_layers(
         raise ValueError(f"measure_layers: batch_size must be a positive int, got {batch_size!r}")
     if isinstance(eps, bool) or not isinstance(eps, Real) or not (eps > 0 and math.isfinite(eps)):
         raise ValueError(f"measure_layers: eps must be a finite positive number, got {eps!r}")
+    measures = supported_measures(model)
+    if not measures:
+        raise ValueError(unsupported_message(model))
 
     if device is not None:
         model.to(device)
@@ -180,21 +222,37 @@ def measure_layers(
     half: list[list[torch.Tensor]] = []
     spars: list[list[torch.Tensor]] = []
     layer_ids: list[int] | None = None
-    shape_info: dict[str, int] = {}
+    shape_info: dict[str, int | None] = {}
+    do_comp = do_half = do_spars = False
     try:
         with torch.no_grad():
             for start in range(0, images.shape[0], batch_size):
                 x = images[start : start + batch_size].to(device)
-                res = model.forward_intermediates(x)
+                res = model.forward_layer_quantities(x)
                 if layer_ids is None:
                     layer_ids = [int(i) for i in res["indices"]]
                     comp, half, spars = ([[] for _ in layer_ids] for _ in range(3))
-                    _, K, N, p = res["proj"][0].shape
-                    shape_info = {"num_tokens": int(N), "num_heads": int(K), "head_dim": int(p)}
+                    # An undeclared model supports what it returns; a declared one must return what it declares.
+                    declared = getattr(model, "layer_measures", None) is not None
+                    do_comp = "compression" in measures and (declared or "proj" in res)
+                    do_half = (do_comp and projector is not None and "compression_half" in measures
+                               and (declared or "half" in res))
+                    do_spars = "sparsity" in measures and (declared or "codes" in res)
+                    if not (do_comp or do_spars):
+                        raise ValueError(unsupported_message(model) + f"; it returned {sorted(res)}")
+                    tokens = res["proj"][0] if do_comp else res["codes"][0]
+                    shape_info = {"num_tokens": int(tokens.shape[-2])}
+                    if do_comp:
+                        _, K, _, p = res["proj"][0].shape
+                        shape_info.update(num_heads=int(K), head_dim=int(p))
+                    else:
+                        shape_info.update(num_heads=None, head_dim=None)
                 for j, layer in enumerate(layer_ids):
-                    comp[j].append(compression(res["proj"][j], eps, dtype=dtype).cpu())
-                    spars[j].append(sparsity(res["tokens"][j]).cpu())
-                    if projector is not None:
+                    if do_comp:
+                        comp[j].append(compression(res["proj"][j], eps, dtype=dtype).cpu())
+                    if do_spars:
+                        spars[j].append(sparsity(res["codes"][j]).cpu())
+                    if do_half:
                         ph = projector(model, layer, res["half"][j])
                         half[j].append(compression(ph, eps, dtype=dtype).cpu())
     finally:
@@ -202,9 +260,9 @@ def measure_layers(
 
     layers = []
     for j, layer in enumerate(layer_ids or []):
-        c_mean, c_std = _mean_std(torch.cat(comp[j]))
-        s_mean, s_std = _mean_std(torch.cat(spars[j]))
-        h_mean, h_std = _mean_std(torch.cat(half[j])) if projector is not None else (None, None)
+        c_mean, c_std = _mean_std(torch.cat(comp[j])) if do_comp else (None, None)
+        s_mean, s_std = _mean_std(torch.cat(spars[j])) if do_spars else (None, None)
+        h_mean, h_std = _mean_std(torch.cat(half[j])) if do_half else (None, None)
         layers.append(
             {
                 "layer": layer,
@@ -297,10 +355,13 @@ def plot_layer_rates(results: dict[str, dict[str, Any]], path: str | None = None
 
 __all__ = [
     "CONVENTION",
+    "MEASURES",
     "block_projector",
     "compression",
     "measure_layers",
     "plot_layer_rates",
     "rates_to_arrays",
     "sparsity",
+    "supported_measures",
+    "unsupported_message",
 ]

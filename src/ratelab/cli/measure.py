@@ -1,7 +1,10 @@
 """``ratelab measure``: layer-wise compression and sparsity of a CRATE-like model on a dataset.
 
 Writes ``OUT/rates.json`` (see :func:`ratelab.analysis.layer_rates.measure_layers`, plus model, checkpoint and
-data provenance) and ``OUT/rates.png`` (compression and sparsity per layer), and prints a small table.
+data provenance) and ``OUT/rates.png`` (compression and sparsity per layer), and prints a small table. A family
+declares the measures it supports (``layer_measures``: compression needs per-head subspace projections, sparsity
+sparse codes); a model that supports none is a usage error naming what each measure needs, one that supports some
+gets the others as ``n/a``.
 """
 
 from __future__ import annotations
@@ -79,14 +82,16 @@ def _validate(args: argparse.Namespace) -> None:
 
 
 def _format_table(result: dict[str, Any]) -> str:
+    def cell(r: dict[str, Any], key: str, digits: int) -> str:
+        if r[key] is None:
+            return "n/a"
+        return f"{r[key]:.{digits}f}±{r[key + '_std']:.{digits}f}"
+
     lines = [f"{'layer':>5}  {'Rc(U^T Z^l)':>16}  {'Rc(U^T Z^l+1/2)':>16}  {'zero fraction':>16}"]
     for r in result["layers"]:
-        half = "n/a"
-        if r["compression_half"] is not None:
-            half = f"{r['compression_half']:.3f}±{r['compression_half_std']:.3f}"
         lines.append(
-            f"{r['layer'] + 1:>5}  {r['compression']:>9.3f}±{r['compression_std']:<6.3f}  {half:>16}  "
-            f"{r['sparsity']:>9.4f}±{r['sparsity_std']:<6.4f}"
+            f"{r['layer'] + 1:>5}  {cell(r, 'compression', 3):>16}  {cell(r, 'compression_half', 3):>16}  "
+            f"{cell(r, 'sparsity', 4):>16}"
         )
     return "\n".join(lines)
 
@@ -95,7 +100,13 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ratelab import create_model
-    from ratelab.analysis.layer_rates import measure_layers, plot_layer_rates
+    from ratelab.analysis.layer_rates import (
+        MEASURES,
+        measure_layers,
+        plot_layer_rates,
+        supported_measures,
+        unsupported_message,
+    )
     from ratelab.core.checkpoint import atomic_write_text, load_model
 
     _validate(args)
@@ -114,9 +125,8 @@ def run(args: argparse.Namespace) -> int:
     in_chans = getattr(model, "in_chans", C)
     if in_chans != C:
         raise UsageError(f"--dataset {args.dataset} gives {C}-channel images but the model expects {in_chans}")
-    if not hasattr(model, "forward_intermediates"):
-        raise UsageError(f"model {getattr(model, 'model_name', type(model).__name__)} has no forward_intermediates; "
-                         "layer rates need a CRATE-like model")
+    if not supported_measures(model):
+        raise UsageError(unsupported_message(model) + "; layer rates need a CRATE-like model (e.g. crate_*)")
 
     device = args.device
     if device == "auto":
@@ -137,8 +147,11 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(json.dumps(result, indent=2) + "\n", out / "rates.json")
     plot_layer_rates({label: result}, out / "rates.png")
+    heads = "" if result["num_heads"] is None else f", {result['num_heads']} heads x {result['head_dim']}"
     print(f"{result['model']} ({label}) on {args.dataset}/{args.split}: {result['num_images']} images, "
-          f"{result['num_tokens']} tokens, {result['num_heads']} heads x {result['head_dim']}, eps={args.eps}")
+          f"{result['num_tokens']} tokens{heads}, eps={args.eps}")
+    if supported_measures(model) != MEASURES:
+        print(unsupported_message(model))
     print(_format_table(result))
     print(f"wrote {out / 'rates.json'} and {out / 'rates.png'}")
     return 0

@@ -1,6 +1,6 @@
 """Adventurer family (causal image models with a Mamba-2 token mixer)."""
 
-from ratelab.models.adventurer.adventurer import Adventurer, AdventurerBlock, SwiGLU
+from ratelab.models.adventurer.adventurer import Adventurer, AdventurerBlock
 from ratelab.models.adventurer.config import ADVENTURER_VARIANTS, FLIP_SCHEDULES, AdventurerConfig, flip_flags
 
 __all__ = [
@@ -9,6 +9,5 @@ __all__ = [
     "Adventurer",
     "AdventurerBlock",
     "AdventurerConfig",
-    "SwiGLU",
     "flip_flags",
 ]

@@ -35,50 +35,34 @@ Deviations from the official code:
     library: ``forward_head`` applies the norm), and ``heading_avg``/``flip="none"`` switch the two ingredients off
     for the ablation of the paper (official ablation runs are not released).
 Drop-path rates follow the official list ``[0] + linspace(0, rate, depth)`` indexed by block (block 1 gets 0 too).
+
+Layers from timm, with the key names and numerics of the official layout: ``timm.layers.PatchEmbed`` (``proj``
+conv, no norm), ``SwiGLU`` (``fc1_g`` gate, ``fc1_x`` value, ``fc2``; biases on all three) and ``DropPath``.
+Model API (docs/models.md, "Model API"): ``forward_features`` / ``forward_head`` / ``forward_intermediates`` as timm
+(``return_attn`` gives the SSD mixing matrices); :meth:`Adventurer.forward_layer_quantities` keeps each block's
+half step; ``layer_measures`` is empty (no subspace projections, no sparse codes).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ratelab.core.builder import build_model_with_cfg
 from ratelab.core.registry import register_model
+from ratelab.layers.intermediates import check_output_fmt, pack_intermediates, resolve_indices, split_tokens
 from ratelab.layers.mamba2 import Mamba2
 from ratelab.layers.patch import resample_pos_embed
 from ratelab.models.adventurer.config import ADVENTURER_VARIANTS, AdventurerConfig, flip_flags
 
 SSD_BACKENDS = ("auto", "chunked", "ref", "cuda")
-
-
-def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
-    """Stochastic depth: drop the whole residual branch per sample with probability ``rate`` (rescaled)."""
-    if rate == 0.0 or not training:
-        return x
-    keep = 1.0 - rate
-    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-    return x * mask / keep
-
-
-class SwiGLU(nn.Module):
-    """``fc2(SiLU(fc1_g(v)) * fc1_x(v))``, biases on all three (official ``w1``, ``w2``, ``w3``). (..., D) -> same."""
-
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1_g = nn.Linear(dim, hidden)
-        self.fc1_x = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g, v = self.fc1_g(x), self.fc1_x(x)
-        if torch.is_grad_enabled() and (g.requires_grad or v.requires_grad):
-            return self.fc2(F.silu(g) * v)
-        return self.fc2(F.silu(g, inplace=True).mul_(v))  # inference: no extra full-size buffers
+# _timm_note: timm's layers are imported inside the constructors, not here. `import timm` pulls in torchvision, torch
+# dynamo and huggingface_hub (about 3 s on a 2-core CPU); importing ratelab.models registers every family, so a
+# module-level import would make every create_model call pay for it, CRATE included.
 
 
 def reverse_patches(t: torch.Tensor) -> torch.Tensor:
@@ -93,17 +77,19 @@ class AdventurerBlock(nn.Module):
         self, cfg: AdventurerConfig, *, flip: bool, drop_path: float = 0.0, chunk_size: int = 64, backend: str = "auto"
     ) -> None:
         super().__init__()
+        from timm.layers import DropPath, SwiGLU  # deferred: see _timm_note
+
         d = cfg.embed_dim
         self.flip = flip
         self.heading_avg = cfg.heading_avg
-        self.drop_path = drop_path
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()  # stateless: no state-dict keys
         self.norm1 = nn.RMSNorm(d, eps=1e-5)
         self.mixer = Mamba2(
             d, d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand, headdim=cfg.headdim, ngroups=cfg.ngroups,
             chunk_size=chunk_size, backend=backend,
         )  # fmt: skip
         self.norm2 = nn.RMSNorm(d, eps=1e-5)
-        self.mlp = SwiGLU(d, cfg.mlp_hidden)
+        self.mlp = SwiGLU(d, cfg.mlp_hidden)  # timm's: keys fc1_g, fc1_x, fc2 (biases on all three)
 
     def _mixer_input(self, h: torch.Tensor) -> torch.Tensor:
         """RMSNorm, flip, heading token: (B, N+1, D) -> (B, N+2, D) (or N+1 without the heading average)."""
@@ -124,37 +110,30 @@ class AdventurerBlock(nn.Module):
         idx = torch.cat([torch.arange(n - 2, first - 1, -1), torch.tensor([n - 1])]).to(m.device)
         return m.index_select(1, idx)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        h = h + drop_path(self._mixer_output(self.mixer(self._mixer_input(h))), self.drop_path, self.training)
-        return h + drop_path(self.mlp(self.norm2(h)), self.drop_path, self.training)
-
-    def forward_verbose(self, h: torch.Tensor, *, return_attn: bool) -> dict[str, torch.Tensor]:
-        """Same computation keeping ``half`` (h + mixer) and, with ``return_attn``, the mixing matrix."""
+    def forward(
+        self, h: torch.Tensor, *, return_attn: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """(B, N+1, D) -> (B, N+1, D), and with ``return_attn`` the canonical-order mixing matrix (B, H, N+1, N+1)."""
         s = self._mixer_input(h)
-        half = h + self._mixer_output(self.mixer(s))
-        out = half + self.mlp(self.norm2(half))
-        res = {"out": out, "half": half}
-        if return_attn:
-            M = self.mixer.mixing_matrix(s)  # (B, H, L, L) in mixer order
-            if self.heading_avg:
-                M = M[..., 1:, 1:]
-            if self.flip:  # conjugate by R: rows and columns back to canonical token order
-                n = M.shape[-1]
-                perm = torch.cat([torch.arange(n - 2, -1, -1), torch.tensor([n - 1])]).to(M.device)
-                M = M[..., perm, :][..., perm]
-            res["attn"] = M
-        return res
+        h = h + self.drop_path(self._mixer_output(self.mixer(s)))
+        h = h + self.drop_path(self.mlp(self.norm2(h)))
+        return (h, self.mixing_matrix(s)) if return_attn else h
 
+    def forward_quantities(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Same computation keeping ``half`` (h + mixer branch) beside ``out``."""
+        half = h + self.drop_path(self._mixer_output(self.mixer(self._mixer_input(h))))
+        return {"out": half + self.drop_path(self.mlp(self.norm2(half))), "half": half}
 
-class PatchEmbed(nn.Module):
-    """Conv2d(kernel = stride = p) stem: (B, C, H, W) -> (B, H/p * W/p, D), row-major patches."""
-
-    def __init__(self, in_chans: int, dim: int, patch_size: int) -> None:
-        super().__init__()
-        self.proj = nn.Conv2d(in_chans, dim, patch_size, stride=patch_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)
+    def mixing_matrix(self, s: torch.Tensor) -> torch.Tensor:
+        """The SSD mixing matrix of mixer input ``s`` restricted to the N+1 real tokens, in canonical order."""
+        M = self.mixer.mixing_matrix(s)  # (B, H, L, L) in mixer order
+        if self.heading_avg:
+            M = M[..., 1:, 1:]
+        if self.flip:  # conjugate by R: rows and columns back to canonical token order
+            n = M.shape[-1]
+            perm = torch.cat([torch.arange(n - 2, -1, -1), torch.tensor([n - 1])]).to(M.device)
+            M = M[..., perm, :][..., perm]
+        return M
 
 
 class Adventurer(nn.Module):
@@ -172,6 +151,8 @@ class Adventurer(nn.Module):
 
     num_prefix_tokens = 1
     cls_token_last = True
+    layer_measures: tuple[str, ...] = ()  # no U_k^T z and no sparse codes: see ratelab.analysis.layer_rates
+    execution_args = ("ssd_backend", "ssd_chunk_size")  # how to compute, not what: not recorded in model_args
 
     def __init__(
         self,
@@ -196,7 +177,11 @@ class Adventurer(nn.Module):
         self.num_features = self.embed_dim = d = cfg.embed_dim
         self.grid_size = (img_size // cfg.patch_size, img_size // cfg.patch_size)
         n_patches = self.grid_size[0] * self.grid_size[1]
-        self.patch_embed = PatchEmbed(in_chans, d, cfg.patch_size)
+        from timm.layers import PatchEmbed  # deferred: see _timm_note
+
+        # timm's PatchEmbed: Conv2d(kernel = stride = p) with bias, flatten to (B, N, D), no norm; key `proj` as the
+        # official layout. img_size=None: any input size (the position table is resampled instead).
+        self.patch_embed = PatchEmbed(None, cfg.patch_size, in_chans, d)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         self.pos_embed = nn.Parameter(torch.zeros(1, n_patches + 1, d))  # last row: the class token's
         rates = [0.0] + [drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # official off-by-one
@@ -276,7 +261,7 @@ class Adventurer(nn.Module):
         """(B, C, H, W) -> (B, N + 1, D) last-block tokens (before the final RMSNorm); index -1 is the class token."""
         x = self.embed(x)
         for blk in self.blocks:
-            x = checkpoint(blk, x, use_reentrant=False) if self.grad_checkpointing and self.training else blk(x)
+            x = self._run_block(blk, x)
         return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -287,56 +272,74 @@ class Adventurer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
+    def _run_block(self, blk: AdventurerBlock, h: torch.Tensor) -> torch.Tensor:
+        return checkpoint(blk, h, use_reentrant=False) if self.grad_checkpointing and self.training else blk(h)
+
     def forward_intermediates(
         self,
         x: torch.Tensor,
         indices: int | list[int] | None = None,
-        *,
+        norm: bool = False,
+        output_fmt: str = "NLC",
+        intermediates_only: bool = False,
         return_attn: bool = False,
-    ) -> dict[str, Any]:
-        """Per-block quantities without hooks.
+        return_prefix_tokens: bool = False,
+    ) -> Any:
+        """Block outputs without hooks, timm's convention (docs/models.md, "Model API").
 
         Args:
             x: (B, C, H, W) images.
-            indices: blocks to keep (list of indices, negative allowed) or an int n for the last n; all by default.
-            return_attn: also return each kept block's implicit SSD mixing matrix (see below). O(N^2 H) memory.
+            indices: blocks to keep: ``None`` all, an int n the last n, a list those (negative from the end).
+            norm: apply the final RMSNorm to each kept block's tokens.
+            output_fmt: ``"NLC"`` (B, h*w, D) patch tokens in row-major order or ``"NCHW"`` (B, D, h, w); the class
+                token (last in the sequence) is split off either way, see ``return_prefix_tokens``.
+            intermediates_only: return only the intermediates (and the matrices with ``return_attn``).
+            return_attn: also return each kept block's implicit SSD mixing matrix (B, H, N+1, N+1): Mamba-2 has
+                no attention matrix, so this is ``M[i, j] = (C_i . B_j) dt_j exp(A sum_{j<k<=i} dt_k)``
+                (:meth:`ratelab.layers.mamba2.Mamba2.mixing_matrix`), rows = outputs, columns = inputs, over the N+1
+                real tokens (class token last; the heading row and column removed) in canonical order (so flipped
+                blocks are upper-triangular on the patch rows). It maps the post-conv mixer input x to the SSD
+                output before the D skip, the gate and the projections. O(N^2 H) memory.
+            return_prefix_tokens: each intermediate becomes ``(patch tokens, (B, 1, D) class token)``.
 
         Returns:
-            dict with ``features`` (B, N+1, D) last-block tokens (class token last), ``indices`` (the kept blocks)
-            and lists over the kept blocks of ``tokens`` (block outputs, (B, N+1, D)), ``half`` (h + mixer branch,
-            (B, N+1, D)) and, with ``return_attn``, ``attn`` (B, H, N+1, N+1): Mamba-2 has no attention matrix,
-            so this is the SSD's causal mixing matrix ``M[i, j] = (C_i . B_j) dt_j exp(A sum_{j<k<=i} dt_k)``
-            (:meth:`ratelab.layers.mamba2.Mamba2.mixing_matrix`), rows = outputs, columns = inputs, restricted to
-            the N+1 real tokens (the heading row and column removed) and put back in canonical order (so flipped
-            blocks are upper-triangular on the patch rows). It maps the post-conv mixer input x to the SSD output
-            before the D skip, the gate and the projections.
+            ``(final, intermediates)``, ``(final, intermediates, attn)`` with ``return_attn``, or the list alone with
+            ``intermediates_only``. ``final`` (B, N+1, D) is what :meth:`forward_features` returns (no norm).
         """
-        depth = len(self.blocks)
-        if indices is None:
-            keep = list(range(depth))
-        elif isinstance(indices, int):
-            if not 0 < indices <= depth:
-                raise ValueError(f"indices={indices}: asks for the last n blocks, n must be in 1..{depth}")
-            keep = list(range(depth - indices, depth))
-        else:
-            bad = [i for i in indices if not -depth <= i < depth]
-            if bad:
-                raise ValueError(f"indices {bad} out of range for a {depth}-block model (use -{depth}..{depth - 1})")
-            keep = sorted({i % depth for i in indices})
-        res: dict[str, Any] = {"indices": keep, "tokens": [], "half": []}
-        if return_attn:
-            res["attn"] = []
+        check_output_fmt(output_fmt, ("NLC", "NCHW"), type(self).__name__)
+        take = resolve_indices(len(self.blocks), indices, what="block")
+        p = self.cfg.patch_size
+        grid = (x.shape[-2] // p, x.shape[-1] // p)
+        h = self.embed(x)
+        inter: list[Any] = []
+        attn: list[torch.Tensor] | None = [] if return_attn else None
+        for i, blk in enumerate(self.blocks):
+            if return_attn and i in take:
+                h, M = blk(h, return_attn=True)
+                attn.append(M)
+            else:
+                h = self._run_block(blk, h)
+            if i in take:
+                spatial, prefix = split_tokens(self.norm(h) if norm else h, output_fmt, num_prefix_tokens=1,
+                                               prefix_last=True, grid=grid)
+                inter.append((spatial, prefix) if return_prefix_tokens else spatial)
+        return pack_intermediates(h, inter, attn, intermediates_only=intermediates_only)
+
+    def forward_layer_quantities(self, x: torch.Tensor, indices: int | list[int] | None = None) -> dict[str, Any]:
+        """Per kept block: ``tokens`` (block output) and ``half`` (h + mixer branch), all N+1 tokens (B, N+1, D),
+        class token last; plus ``indices`` and ``features`` (= :meth:`forward_features`). No ``proj``/``codes``:
+        none of the rate measures applies (``layer_measures`` is empty)."""
+        take = resolve_indices(len(self.blocks), indices, what="block")
+        res: dict[str, Any] = {"indices": take, "tokens": [], "half": []}
         h = self.embed(x)
         for i, blk in enumerate(self.blocks):
-            if i in keep:
-                out = blk.forward_verbose(h, return_attn=return_attn)
+            if i in take:
+                out = blk.forward_quantities(h)
                 h = out["out"]
                 res["tokens"].append(h)
                 res["half"].append(out["half"])
-                if return_attn:
-                    res["attn"].append(out["attn"])
             else:
-                h = blk(h)
+                h = self._run_block(blk, h)
         res["features"] = h
         return res
 
@@ -347,20 +350,8 @@ class Adventurer(nn.Module):
         return checkpoint_filter_fn(state_dict, model)
 
 
-_RUNTIME_KEYS = ("img_size", "in_chans", "num_classes", "drop_path_rate", "ssd_backend", "ssd_chunk_size")
-
-
-def _create_adventurer(variant: str, patch_size: int | None = None, **kwargs: Any) -> Adventurer:
-    cfg = ADVENTURER_VARIANTS[variant]
-    overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in AdventurerConfig.__dataclass_fields__}
-    if patch_size is not None and "patch_size" not in overrides:
-        overrides["patch_size"] = patch_size
-    unknown = sorted(set(kwargs) - set(_RUNTIME_KEYS))
-    if unknown:
-        fields = sorted(AdventurerConfig.__dataclass_fields__)
-        raise TypeError(f"unknown Adventurer option(s) {unknown}; architecture fields: {fields}; runtime: "
-                        f"{list(_RUNTIME_KEYS)}")
-    return Adventurer(replace(cfg, **overrides), **kwargs)
+def _create_adventurer(variant: str, **kwargs: Any) -> Adventurer:
+    return build_model_with_cfg(Adventurer, AdventurerConfig, ADVENTURER_VARIANTS[variant], **kwargs)
 
 
 @register_model
@@ -406,4 +397,4 @@ def test_adventurer(**kwargs: Any) -> Adventurer:
     return _create_adventurer("test", **kwargs)
 
 
-__all__ = ["Adventurer", "AdventurerBlock", "AdventurerConfig", "PatchEmbed", "SwiGLU", "reverse_patches"]
+__all__ = ["Adventurer", "AdventurerBlock", "AdventurerConfig", "reverse_patches"]

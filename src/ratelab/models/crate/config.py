@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,18 @@ class CrateConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def override(self, **changes: Any) -> CrateConfig:
+        """``dataclasses.replace`` that re-derives ``head_dim``.
+
+        When this config's ``head_dim`` is the derived ``embed_dim // num_heads`` and the change touches
+        ``embed_dim`` or ``num_heads`` without giving ``head_dim``, the new value is derived again instead of the old
+        one being carried over (``replace`` copies every field).
+        """
+        derived = self.head_dim == self.embed_dim // self.num_heads
+        if derived and "head_dim" not in changes and {"embed_dim", "num_heads"} & set(changes):
+            changes["head_dim"] = None
+        return replace(self, **changes)
 
 
 # Official sizes (Ma-Lab-Berkeley/CRATE README; parameter counts at 224 px / 1000 classes: 6.09M, 13.12M, 22.80M,

@@ -27,102 +27,29 @@ tokens than channels as ReLU(b + b M - eta lambda), M = eta (D - D^T D) formed o
 as b + eta D^T(b - D b) (two); the reference twin keeps the three-matmul form and tests check equality.
 Position embeddings are resampled (bicubic) when the input size differs from the construction size (the official
 code slices the table instead). ``pool="mean"`` averages patch tokens only (the official code includes [CLS]).
+
+Model API (docs/models.md, "Model API"): ``forward_features`` / ``forward_head`` / ``forward_intermediates`` as timm.
+The white-box quantities the analysis code measures -- U_k^T LN1(Z^l) per head, the half step Z^{l+1/2} and the
+sparse codes Z^{l+1} -- come from ONE method, :meth:`Crate.forward_layer_quantities`; ``layer_measures`` names the
+measures of :mod:`ratelab.analysis.layer_rates` they support. MSSA and ISTA live in ``ratelab.layers`` (CRATE-alpha
+and CRATE-MAE reuse them); the stem stays here (timm's ``PatchEmbed`` is a conv with other key names).
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ratelab.core.builder import build_model_with_cfg
 from ratelab.core.registry import register_model
-from ratelab.kernels.attention import attention
+from ratelab.layers.intermediates import check_output_fmt, pack_intermediates, resolve_indices, split_tokens
+from ratelab.layers.ista import ISTA
+from ratelab.layers.mssa import MSSA
 from ratelab.layers.patch import patchify, resample_pos_embed
 from ratelab.models.crate.config import CRATE_VARIANTS, CrateConfig
-
-
-class MSSA(nn.Module):
-    """Multi-head subspace self-attention. (B, N, d) -> (B, N, d)."""
-
-    def __init__(self, dim: int, num_heads: int, head_dim: int, *, out_bias: bool = True) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = head_dim
-        self.scale = head_dim**-0.5
-        self.qkv = nn.Linear(dim, num_heads * head_dim, bias=False)  # U = [U_1 .. U_K]^T, shared q = k = v
-        self.proj = nn.Linear(num_heads * head_dim, dim, bias=out_bias)
-        self.attn_backend = "auto"
-
-    def project(self, x: torch.Tensor) -> torch.Tensor:
-        """U_k^T z for every head: (B, N, d) -> (B, K, N, p)."""
-        B, N, _ = x.shape
-        return self.qkv(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
-
-    def forward(
-        self, x: torch.Tensor, *, return_attn: bool = False
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        w = self.project(x)
-        if return_attn:
-            out, attn = attention(w, w, w, scale=self.scale, return_weights=True)
-        else:
-            out = attention(w, w, w, scale=self.scale, backend=self.attn_backend)
-        B, K, N, p = out.shape
-        out = self.proj(out.transpose(1, 2).reshape(B, N, K * p))
-        return (out, w, attn) if return_attn else out
-
-
-class ISTA(nn.Module):
-    """One non-negative ISTA step against a square dictionary D (d x d). (B, N, d) -> (B, N, d).
-
-    ``weight`` holds D in ``F.linear`` orientation, so ``F.linear(x, D)`` is D x for each token row x (this is also
-    the official layout, no transpose on conversion).
-    """
-
-    def __init__(self, dim: int, *, step: float = 0.1, lambd: float = 0.1) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(dim, dim))
-        self.step = step
-        self.lambd = lambd
-        self.fused = True
-        nn.init.kaiming_uniform_(self.weight)  # official init: PyTorch defaults (a=0)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.fused:
-            return self.forward_ref(x)
-        d = self.weight.shape[0]
-        # Folding costs O(d^3) once per call and saves one (tokens x d x d) product, forward and backward: it pays
-        # once there are more tokens than channels (any training batch); tiny batches keep the two-product form.
-        if x.numel() >= d * d:
-            return self.forward_folded(x)
-        return self.forward_two_matmul(x)
-
-    def forward_two_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """b + eta D^T (b - D b): residual b - Db first, then one product with D^T (row form: r @ D)."""
-        r = x - F.linear(x, self.weight)
-        return F.relu(x + self.step * torch.matmul(r, self.weight) - self.step * self.lambd)
-
-    def forward_folded(self, x: torch.Tensor) -> torch.Tensor:
-        """ReLU(b + eta (D^T - D^T D) b - eta lambda) with the d x d operator formed first: one product per token.
-
-        Row form: x + x M with M = eta (D - D^T D) (the transpose of eta (D^T - D^T D), since D^T D is symmetric).
-        ``addmm`` adds the identity term inside the GEMM, so it is not rounded into M.
-        """
-        W = self.weight
-        M = torch.addmm(W, W.t(), W, beta=self.step, alpha=-self.step)  # eta W - eta W^T W
-        x2 = x.reshape(-1, x.shape[-1])
-        y = torch.addmm(x2, x2, M).sub_(self.step * self.lambd)
-        return F.relu(y).view(x.shape)
-
-    def forward_ref(self, x: torch.Tensor) -> torch.Tensor:
-        """Three-matmul form, as in the paper's equation: b + eta (D^T b - D^T D b) - eta lambda."""
-        Db = F.linear(x, self.weight)
-        DtDb = F.linear(Db, self.weight.t())
-        Dtb = F.linear(x, self.weight.t())
-        return F.relu(x + self.step * (Dtb - DtDb) - self.step * self.lambd)
 
 
 class CrateBlock(nn.Module):
@@ -136,24 +63,23 @@ class CrateBlock(nn.Module):
         self.norm2 = nn.LayerNorm(d)
         self.ista = ISTA(d, step=cfg.ista_step, lambd=cfg.ista_lambda)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, *, return_attn: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """(B, N, d) -> (B, N, d), and the (B, K, N, N) attention with ``return_attn`` (explicit softmax path)."""
+        if return_attn:
+            a, attn = self.attn(self.norm1(x), return_attn=True)
+            x = x + a
+            return self.ista(self.norm2(x)), attn
         x = x + self.attn(self.norm1(x))
         return self.ista(self.norm2(x))
 
-    def forward_verbose(self, x: torch.Tensor, *, return_attn: bool) -> dict[str, torch.Tensor]:
-        """Same computation, keeping the intermediates the analysis code measures."""
+    def forward_quantities(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Same computation keeping ``proj`` U_k^T LN1(z) (B, K, N, p), ``half`` z + MSSA (B, N, d), ``out``."""
         a = self.norm1(x)
-        if return_attn:
-            mssa, proj, attn = self.attn(a, return_attn=True)
-        else:
-            proj = self.attn.project(a)
-            mssa, attn = self.attn(a), None
-        half = x + mssa
-        out = self.ista(self.norm2(half))
-        res = {"out": out, "half": half, "proj": proj}
-        if attn is not None:
-            res["attn"] = attn
-        return res
+        proj = self.attn.project(a)
+        half = x + self.attn(a)
+        return {"out": self.ista(self.norm2(half)), "half": half, "proj": proj}
 
 
 class Crate(nn.Module):
@@ -164,9 +90,16 @@ class Crate(nn.Module):
         img_size: construction input size (position-embedding grid); other sizes are resampled on the fly.
         in_chans: input channels.
         num_classes: head width; 0 gives an identity head (features only).
+
+    Attributes:
+        num_prefix_tokens: 1 ([CLS], first).
+        layer_measures: the per-layer measures of :mod:`ratelab.analysis.layer_rates` this family supports
+            (from :meth:`forward_layer_quantities`).
+        model_args: set by the entry points (see :func:`ratelab.core.builder.build_model_with_cfg`).
     """
 
     num_prefix_tokens = 1
+    layer_measures = ("compression", "compression_half", "sparsity")
 
     def __init__(self, cfg: CrateConfig, *, img_size: int = 224, in_chans: int = 3, num_classes: int = 1000) -> None:
         super().__init__()
@@ -237,7 +170,7 @@ class Crate(nn.Module):
         """(B, C, H, W) -> (B, N + 1, d) output tokens of the last layer."""
         x = self.embed(x)
         for blk in self.blocks:
-            x = checkpoint(blk, x, use_reentrant=False) if self.grad_checkpointing and self.training else blk(x)
+            x = self._run_block(blk, x)
         return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -249,53 +182,87 @@ class Crate(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
+    def _run_block(self, blk: CrateBlock, z: torch.Tensor) -> torch.Tensor:
+        return checkpoint(blk, z, use_reentrant=False) if self.grad_checkpointing and self.training else blk(z)
+
     def forward_intermediates(
         self,
         x: torch.Tensor,
         indices: int | list[int] | None = None,
-        *,
+        norm: bool = False,
+        output_fmt: str = "NLC",
+        intermediates_only: bool = False,
         return_attn: bool = False,
-    ) -> dict[str, Any]:
-        """Per-layer quantities without hooks.
+        return_prefix_tokens: bool = False,
+    ) -> Any:
+        """Layer outputs without hooks, timm's convention (docs/models.md, "Model API").
 
         Args:
             x: (B, C, H, W) images.
-            indices: layers to keep (list of indices, negative allowed) or an int n for the last n; all by default.
-            return_attn: also return attention maps (computed on the explicit reference path).
+            indices: layers to keep: ``None`` all, an int n the last n, a list those (negative from the end).
+            norm: apply the final norm (``fc_norm``, the head's LayerNorm) to each kept layer's tokens.
+            output_fmt: ``"NLC"`` (B, h*w, d) patch tokens or ``"NCHW"`` (B, d, h, w) maps; [CLS] is split off
+                either way (timm's rule), see ``return_prefix_tokens``.
+            intermediates_only: return only the intermediates (and the attention maps with ``return_attn``).
+            return_attn: also return each kept layer's (B, K, N+1, N+1) MSSA attention ([CLS] is row/column 0),
+                computed on the explicit-softmax path (so ``final`` then equals ``forward_features`` to rounding).
+            return_prefix_tokens: each intermediate becomes ``(patch tokens, (B, 1, d) [CLS] token)``.
 
         Returns:
-            dict with ``features`` (B, N+1, d) last-layer tokens, ``indices`` (the kept layers) and lists over the
-            kept layers of ``tokens`` (layer outputs = ISTA outputs, (B, N+1, d)), ``half`` (z + MSSA(LN z),
-            (B, N+1, d)), ``proj`` (U_k^T LN1(z), (B, K, N+1, p)) and, with ``return_attn``, ``attn``
-            (B, K, N+1, N+1).
+            ``(final, intermediates)``, ``(final, intermediates, attn)`` with ``return_attn``, or the list alone with
+            ``intermediates_only``. ``final`` (B, N+1, d) is what :meth:`forward_features` returns (no norm).
+
+        Raises:
+            ValueError: out-of-range ``indices`` (the message gives the valid range) or another ``output_fmt``.
+
+        The subspace projections U_k^T z and the ISTA half step are not here: see :meth:`forward_layer_quantities`.
         """
-        depth = len(self.blocks)
-        if indices is None:
-            keep = list(range(depth))
-        elif isinstance(indices, int):
-            if not 0 < indices <= depth:
-                raise ValueError(f"indices={indices}: asks for the last n layers, n must be in 1..{depth}")
-            keep = list(range(depth - indices, depth))
-        else:
-            bad = [i for i in indices if not -depth <= i < depth]
-            if bad:
-                raise ValueError(f"indices {bad} out of range for a {depth}-layer model (use -{depth}..{depth - 1})")
-            keep = sorted({i % depth for i in indices})
-        res: dict[str, Any] = {"indices": keep, "tokens": [], "half": [], "proj": []}
-        if return_attn:
-            res["attn"] = []
+        check_output_fmt(output_fmt, ("NLC", "NCHW"), type(self).__name__)
+        take = resolve_indices(len(self.blocks), indices)
+        p = self.cfg.patch_size
+        grid = (x.shape[-2] // p, x.shape[-1] // p)
+        z = self.embed(x)
+        inter: list[Any] = []
+        attn: list[torch.Tensor] | None = [] if return_attn else None
+        for i, blk in enumerate(self.blocks):
+            if return_attn and i in take:
+                z, a = blk(z, return_attn=True)
+                attn.append(a)
+            else:
+                z = self._run_block(blk, z)
+            if i in take:
+                spatial, prefix = split_tokens(self.fc_norm(z) if norm else z, output_fmt, num_prefix_tokens=1,
+                                               grid=grid)
+                inter.append((spatial, prefix) if return_prefix_tokens else spatial)
+        return pack_intermediates(z, inter, attn, intermediates_only=intermediates_only)
+
+    def forward_layer_quantities(self, x: torch.Tensor, indices: int | list[int] | None = None) -> dict[str, Any]:
+        """The white-box quantities of each kept layer l, for the rate measures (and MaskCut-style affinities).
+
+        Args:
+            x: (B, C, H, W) images.
+            indices: layers to keep, as in :meth:`forward_intermediates`.
+
+        Returns:
+            dict with ``indices`` (kept layers, forward order), ``features`` (B, N+1, d) = :meth:`forward_features`,
+            and lists over the kept layers, all N+1 tokens ([CLS] first): ``proj`` (B, K, N+1, p) =
+            U_k^T LN1_l(Z^l); ``half`` (B, N+1, d) = Z^{l+1/2} = Z^l + MSSA(LN1_l(Z^l)); ``tokens`` (B, N+1, d) =
+            Z^{l+1}, the layer output; ``codes`` = the sparse codes whose zeros "sparsity" counts (the ISTA output,
+            the same tensors as ``tokens``).
+        """
+        take = resolve_indices(len(self.blocks), indices)
+        res: dict[str, Any] = {"indices": take, "tokens": [], "half": [], "proj": []}
         z = self.embed(x)
         for i, blk in enumerate(self.blocks):
-            if i in keep:
-                out = blk.forward_verbose(z, return_attn=return_attn)
+            if i in take:
+                out = blk.forward_quantities(z)
                 z = out["out"]
                 res["tokens"].append(z)
                 res["half"].append(out["half"])
                 res["proj"].append(out["proj"])
-                if return_attn:
-                    res["attn"].append(out["attn"])
             else:
-                z = blk(z)
+                z = self._run_block(blk, z)
+        res["codes"] = res["tokens"]
         res["features"] = z
         return res
 
@@ -306,18 +273,8 @@ class Crate(nn.Module):
         return checkpoint_filter_fn(state_dict, model)
 
 
-def _create_crate(variant: str, patch_size: int | None = None, **kwargs: Any) -> Crate:
-    cfg = CRATE_VARIANTS[variant]
-    overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in CrateConfig.__dataclass_fields__}
-    if patch_size is not None:
-        overrides["patch_size"] = patch_size
-    derived_head_dim = cfg.head_dim == cfg.embed_dim // cfg.num_heads
-    if derived_head_dim and "head_dim" not in overrides and {"embed_dim", "num_heads"} & set(overrides):
-        # The variant's head_dim was derived as embed_dim // num_heads; re-derive it for the new width/heads
-        # instead of carrying the old value over (replace() copies every field).
-        overrides["head_dim"] = None
-    cfg = replace(cfg, **overrides)
-    return Crate(cfg, **kwargs)
+def _create_crate(variant: str, **kwargs: Any) -> Crate:
+    return build_model_with_cfg(Crate, CrateConfig, CRATE_VARIANTS[variant], **kwargs)
 
 
 @register_model

@@ -12,54 +12,34 @@ Outputs are logits over the whole label vocabulary at the x positions, (B, n, vo
 uses K of those words; :meth:`ICLGPT.label_logits` restricts the logits to them (the analogue of an LM harness
 keeping the verbalizer tokens and renormalizing over them: softmax of the restricted logits).
 
-Attention runs through ``torch.nn.functional.scaled_dot_product_attention`` with ``is_causal=True`` (backend
-``"sdpa"``), or through an explicit masked softmax (backend ``"ref"``, the readable twin the tests compare against).
+Attention runs through :func:`ratelab.kernels.attention.attention` with ``is_causal=True``: SDPA (backend
+``"sdpa"``/``"auto"``) or the explicit masked softmax (backend ``"ref"``, the readable twin the tests compare
+against), via :class:`ratelab.layers.attention.SelfAttention`.
+
+Model API (docs/models.md, "Model API"): the input is the pair ``(x, y)``, so every method takes both:
+``forward_features(x, y)`` -> (B, 2n, D) last-block hidden states BEFORE the final LayerNorm (as every family of the
+library), ``forward_head(h)`` applies the norm and the head at the x positions, ``forward_intermediates(x, y, ...)``
+follows timm's convention over the 2n tokens (``"NLC"`` only; there are no prefix tokens). The MLP stays an
+``nn.Sequential`` (keys ``mlp.0`` / ``mlp.2``) rather than timm's ``Mlp`` (``mlp.fc1`` / ``mlp.fc2``), so saved
+checkpoints keep loading.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ratelab.core.builder import build_model_with_cfg
 from ratelab.core.registry import register_model
+from ratelab.kernels.attention import BACKENDS
+from ratelab.layers.attention import SelfAttention
+from ratelab.layers.intermediates import check_output_fmt, pack_intermediates, resolve_indices
 from ratelab.models.icl_gpt.config import ICL_GPT_VARIANTS, ICLGPTConfig
 
-__all__ = ["CausalSelfAttention", "ICLGPT", "ICLGPTBlock", "causal_attention_ref"]
-
-
-def causal_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(p) + causal mask) v, written out. (B, H, T, p) each -> (B, H, T, p)."""
-    T = q.shape[-2]
-    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
-    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
-    scores = scores.masked_fill(future, float("-inf"))
-    return scores.softmax(dim=-1) @ v
-
-
-class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention. (B, T, D) -> (B, T, D)."""
-
-    def __init__(self, dim: int, num_heads: int) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.backend = "sdpa"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, D = x.shape
-        q, k, v = self.qkv(x).reshape(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        if self.backend == "sdpa":
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        elif self.backend == "ref":
-            out = causal_attention_ref(q, k, v)
-        else:
-            raise ValueError(f"attention backend must be 'sdpa' or 'ref', got {self.backend!r}")
-        return self.proj(out.transpose(1, 2).reshape(B, T, D))
+__all__ = ["ICLGPT", "ICLGPTBlock"]
 
 
 class ICLGPTBlock(nn.Module):
@@ -69,11 +49,18 @@ class ICLGPTBlock(nn.Module):
         super().__init__()
         hidden = int(round(dim * mlp_ratio))
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = CausalSelfAttention(dim, num_heads)
+        self.attn = SelfAttention(dim, num_heads, is_causal=True)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, *, return_attn: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, D) -> (B, T, D), and the (B, H, T, T) causal attention with ``return_attn``."""
+        if return_attn:
+            a, attn = self.attn(self.norm1(x), return_attn=True)
+            x = x + a
+            return x + self.mlp(self.norm2(x)), attn
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
 
@@ -87,13 +74,17 @@ class ICLGPT(nn.Module):
     Attributes:
         cfg: the :class:`ICLGPTConfig`.
         vocab_size: output width (number of label words).
+        num_features: hidden width D.
+        model_args: set by the entry points (see :func:`ratelab.core.builder.build_model_with_cfg`).
     """
+
+    num_prefix_tokens = 0
 
     def __init__(self, cfg: ICLGPTConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.vocab_size = cfg.vocab_size
-        D = cfg.embed_dim
+        self.num_features = D = cfg.embed_dim
         self.x_embed = nn.Linear(cfg.input_dim, D)
         self.y_embed = nn.Embedding(cfg.vocab_size, D)
         # Separate from x_embed so that a label token and an input token never look alike.
@@ -110,11 +101,11 @@ class ICLGPT(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def set_attn_backend(self, backend: str) -> None:
-        """``"sdpa"`` (fused ``scaled_dot_product_attention``) or ``"ref"`` (explicit masked softmax)."""
-        if backend not in ("sdpa", "ref"):
-            raise ValueError(f"attention backend must be 'sdpa' or 'ref', got {backend!r}")
+        """``"auto"``/``"sdpa"`` (fused ``scaled_dot_product_attention``) or ``"ref"`` (explicit masked softmax)."""
+        if backend not in BACKENDS:
+            raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
         for blk in self.blocks:
-            blk.attn.backend = backend
+            blk.attn.set_backend(backend)
 
     def _tokens(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if x.ndim != 3 or x.shape[-1] != self.cfg.input_dim:
@@ -137,15 +128,61 @@ class ICLGPT(nn.Module):
         return tok + self.pos_embed[:, : 2 * n]
 
     def forward_features(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """(B, n, d) inputs and (B, n) or (B, n - 1) label tokens -> (B, 2n, D) normalized hidden states."""
+        """(B, n, d) inputs and (B, n) or (B, n - 1) label tokens -> (B, 2n, D) last-block hidden states (x_1, y_1,
+        x_2, ...), before the final LayerNorm (:meth:`forward_head` applies it)."""
         h = self._tokens(x, y)
         for blk in self.blocks:
             h = blk(h)
-        return self.norm(h)
+        return h
+
+    def forward_head(self, h: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """(B, 2n, D) hidden states -> (B, n, vocab_size) logits at the x positions (or the normalized states)."""
+        h = self.norm(h)[:, 0::2]
+        return h if pre_logits else self.head(h)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Logits over the label vocabulary at every x position: (B, n, vocab_size); row i has seen i pairs."""
-        return self.head(self.forward_features(x, y)[:, 0::2])
+        return self.forward_head(self.forward_features(x, y))
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        output_fmt: str = "NLC",
+        intermediates_only: bool = False,
+        return_attn: bool = False,
+    ) -> Any:
+        """Block outputs without hooks, timm's convention; the input is the ``(x, y)`` pair of :meth:`forward`.
+
+        Args:
+            x: (B, n, d) input vectors.
+            y: (B, n) or (B, n - 1) label tokens.
+            indices: blocks to keep: ``None`` all, an int n the last n, a list those (negative from the end).
+            norm: apply the final LayerNorm to each kept block's hidden states.
+            output_fmt: ``"NLC"`` only: (B, 2n, D), all tokens in sequence order x_1, y_1, x_2, ...
+            intermediates_only: return only the intermediates (and the attention maps with ``return_attn``).
+            return_attn: also return each kept block's (B, H, 2n, 2n) causal attention (explicit softmax path).
+
+        Returns:
+            ``(final, intermediates)``, ``(final, intermediates, attn)`` with ``return_attn``, or the list alone with
+            ``intermediates_only``. ``final`` (B, 2n, D) is what :meth:`forward_features` returns.
+        """
+        check_output_fmt(output_fmt, ("NLC",), type(self).__name__)
+        take = resolve_indices(len(self.blocks), indices, what="block")
+        h = self._tokens(x, y)
+        inter: list[torch.Tensor] = []
+        attn: list[torch.Tensor] | None = [] if return_attn else None
+        for i, blk in enumerate(self.blocks):
+            if return_attn and i in take:
+                h, a = blk(h, return_attn=True)
+                attn.append(a)
+            else:
+                h = blk(h)
+            if i in take:
+                inter.append(self.norm(h) if norm else h)
+        return pack_intermediates(h, inter, attn, intermediates_only=intermediates_only)
 
     def label_logits(self, x: torch.Tensor, y: torch.Tensor, label_words: torch.Tensor) -> torch.Tensor:
         """Logits restricted to a task's K label words: (B, n, K); column c is ``label_words[c]``.
@@ -164,17 +201,12 @@ class ICLGPT(nn.Module):
 
 
 def _create(variant: str, **kwargs: Any) -> ICLGPT:
-    cfg = ICL_GPT_VARIANTS[variant]
     if "num_classes" in kwargs:  # create_model's generic classifier-width argument = the label vocabulary here
         nc = kwargs.pop("num_classes")
         if "vocab_size" in kwargs and kwargs["vocab_size"] != nc:
             raise ValueError(f"icl_gpt: num_classes={nc} and vocab_size={kwargs['vocab_size']} disagree")
         kwargs["vocab_size"] = nc
-    unknown = sorted(set(kwargs) - set(ICLGPTConfig.__dataclass_fields__))
-    if unknown:
-        raise TypeError(f"icl_gpt_{variant}: unexpected arguments {unknown}; accepted: "
-                        f"{sorted(ICLGPTConfig.__dataclass_fields__)} and num_classes")
-    return ICLGPT(replace(cfg, **kwargs))
+    return build_model_with_cfg(ICLGPT, ICLGPTConfig, ICL_GPT_VARIANTS[variant], **kwargs)
 
 
 @register_model

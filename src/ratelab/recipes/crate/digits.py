@@ -104,7 +104,7 @@ def _attention_figure(model: torch.nn.Module, images: torch.Tensor, labels: torc
 
     model.eval()
     with torch.no_grad():
-        inter = model.forward_intermediates(images, indices=[-2], return_attn=True)
+        inter = {"attn": model.forward_intermediates(images, indices=[-2], return_attn=True)[2]}  # [2]: the attn list
     attn = inter["attn"][0].mean(1)[:, 0, 1:]  # (B, N) cls row, patch columns
     side = int(round(attn.shape[1] ** 0.5))
     n = images.shape[0]
