@@ -165,6 +165,8 @@ def create_model(
         kw["num_classes"] = cfg.num_classes
     given = {"num_classes": num_classes, "img_size": img_size, "in_chans": in_chans, **kwargs}
     kw.update({k: v for k, v in given.items() if v is not None})
+    # Before building: a missing or corrupt file should not cost the construction of a billion-parameter model.
+    weights_file = find_weights(cfg) if pretrained and cfg is not None else None
     model = entry(**kw)
     model.model_name = architecture
     # The contract of core.checkpoint.model_config: model_args rebuild the architecture through the entry point.
@@ -174,14 +176,13 @@ def create_model(
     shown = cfg if cfg is not None else (_default_release(architecture) if has_pretrained(architecture) else None)
     pcfg = shown.to_dict() if shown is not None else _default_pretrained_cfg(architecture, model)
     model.pretrained_cfg = {**pcfg, **dict(pretrained_cfg_overlay or {})}
-    if pretrained:
+    if weights_file is not None:
         assert cfg is not None
-        path = find_weights(cfg)
         keep: tuple[str, ...] = ()
         n = getattr(model, "num_classes", None)
         if cfg.classifier and cfg.num_classes is not None and n not in (None, 0, cfg.num_classes):
             keep = (cfg.classifier + ".",)
-        load_model_weights(model, path, use_ema=cfg.use_ema, filter_fn=_resolve_converter(cfg.converter),
+        load_model_weights(model, weights_file, use_ema=cfg.use_ema, filter_fn=_resolve_converter(cfg.converter),
                            keep_model_keys=keep)
     elif checkpoint_path is not None:
         load_model_weights(model, checkpoint_path, use_ema=checkpoint_use_ema)

@@ -247,7 +247,7 @@ _CRATE = dict(
 )  # fmt: skip
 _CRATE_NOTE = "eval: resize 256 (torchvision default bilinear), center crop 224, ImageNet mean/std (main.py). "
 _CRATE_LICENSE = "MIT is the repository's LICENSE; no separate license is stated for the weights. "
-_NOT_RELEASED = "not released: the README's checkpoint table lists TODO (Ma-Lab-Berkeley/CRATE issues #1, #8)"
+_NOT_RELEASED = "the README's checkpoint table lists TODO (Ma-Lab-Berkeley/CRATE issues #1, #8 ask for it). "
 
 register_pretrained(PretrainedCfg(
     name="crate_small_patch16_224.in1k",
@@ -264,7 +264,7 @@ for _size, _top1 in (("tiny", "66.7"), ("base", "70.8"), ("large", "71.3")):
     register_pretrained(PretrainedCfg(
         name=f"crate_{_size}_patch16_224.in1k", url=None, file=None,
         reported=f"ImageNet-1K top-1 {_top1} (paper table; no file)",
-        notes=_NOT_RELEASED,
+        notes=_NOT_RELEASED + _CRATE_LICENSE,
         **_CRATE,
     ))  # fmt: skip
 
