@@ -43,7 +43,7 @@ Checkpoint layout (``out_dir/checkpoints/``):
   number of processes.
 
 A checkpoint of one layout is not read by the other strategy family (an error says which strategy wrote it); the
-final weights (``model.safetensors``) are the same for all three.
+final weights (``model.safetensors``) are the same for all three. Guide for users: ``docs/distributed.md``.
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def _block_units(model: nn.Module) -> list[nn.Module]:
     if callable(getattr(model, "fsdp_units", None)):
         units = list(model.fsdp_units())
         source = f"{type(model).__name__}.fsdp_units()"
-    elif isinstance(getattr(model, "blocks", None), nn.Module):
+    elif isinstance(getattr(model, "blocks", None), (nn.ModuleList, nn.Sequential)):
         units = list(model.blocks.children())
         source = f"{type(model).__name__}.blocks"
     else:
