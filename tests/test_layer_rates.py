@@ -275,3 +275,32 @@ def test_cli_errors(tmp_path):
     save_model(ratelab.create_model("test_crate", img_size=16), tmp_path / "rgb")  # 3 channels vs 1-channel digits
     with pytest.raises(UsageError, match="channel"):
         run(_parse(["--checkpoint", str(tmp_path / "rgb"), "--num-images", "4", "--out", str(tmp_path)]))
+
+
+def test_only_supported_measures_are_computed(model, images):
+    from ratelab.analysis.layer_rates import supported_measures, unsupported_message
+
+    full = measure_layers(model, images)
+    torch.manual_seed(0)
+    m = ratelab.create_model("test_crate")
+    m.load_state_dict(model.state_dict())
+    m.layer_measures = ("compression",)  # a family that has subspace projections but no sparse codes
+    part = measure_layers(m, images)
+    for a, b in zip(part["layers"], full["layers"], strict=True):
+        assert a["compression"] == b["compression"]
+        assert a["sparsity"] is None and a["compression_half"] is None
+    assert supported_measures(m) == ("compression",) and supported_measures(torch.nn.Linear(2, 2)) == ()
+    adv = ratelab.create_model("test_adventurer")
+    assert supported_measures(adv) == ()
+    with pytest.raises(ValueError, match="supports none"):
+        measure_layers(adv, images)
+    assert "sparsity needs sparse codes" in unsupported_message(m)
+
+
+def test_cli_family_without_measures_says_what_is_needed(tmp_path):
+    from ratelab.cli.errors import UsageError
+    from ratelab.cli.measure import run
+
+    with pytest.raises(UsageError, match=r"test_adventurer supports none.*compression needs per-head subspace "
+                                         r"projections.*sparsity needs sparse codes"):
+        run(_parse(["--model", "test_adventurer", "--num-images", "4", "--out", str(tmp_path)]))

@@ -1,0 +1,148 @@
+"""Every registered model name: the uniform model API and the save/load round trip.
+
+For each name of ``ratelab.list_models()``:
+
+* at full size on the meta device (no memory): ``model_args`` is JSON and ``entrypoint(**model_args)`` rebuilds the
+  same architecture (config, parameter names and shapes);
+* at a tiny size (the big entries get small depth/width/image overrides, the test-sized ones none): create ->
+  forward -> ``save_model`` -> ``load_model`` -> identical outputs and ``model_args``;
+  ``forward_head(forward_features)`` equals ``forward``; ``forward_intermediates`` gives
+  ``final == forward_features``, one intermediate per kept layer in the family's formats, attention maps where the
+  family has them, and its errors.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import ratelab
+from ratelab.core.checkpoint import load_model, save_model
+from ratelab.core.registry import model_entrypoint, registered_family
+
+torch.set_num_threads(1)
+NAMES = ratelab.list_models()
+B = 2
+
+# Formats each family supports, the default first (docs/models.md, "Model API").
+FORMATS = {"crate": ("NLC", "NCHW"), "adventurer": ("NLC", "NCHW"), "icl_gpt": ("NLC",), "mcr2_nets": None}
+
+
+def _family(name: str) -> str:
+    return registered_family(name)
+
+
+def _tiny_overrides(name: str) -> dict:
+    """Small depth/width/image for the ImageNet-sized entries (same code path, a fraction of the cost)."""
+    if not name.endswith("_224"):
+        return {}
+    with torch.device("meta"):
+        cfg = ratelab.create_model(name).cfg
+    return {"depth": 2, "embed_dim": 64, "img_size": 2 * cfg.patch_size,
+            **({"num_heads": 2} if _family(name) == "crate" else {})}
+
+
+def _inputs(model) -> tuple:
+    g = torch.Generator().manual_seed(0)
+    if hasattr(model, "vocab_size"):  # icl_gpt: (x, y) few-shot sequences
+        n = 5
+        return (torch.randn(B, n, model.cfg.input_dim, generator=g),
+                torch.randint(0, model.vocab_size, (B, n), generator=g))
+    return (torch.randn(B, model.in_chans, model.img_size, model.img_size, generator=g),)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_model_args_rebuild_the_full_size_architecture(name):
+    with torch.device("meta"):
+        model = ratelab.create_model(name)
+        assert json.loads(json.dumps(model.model_args)) == model.model_args
+        again = model_entrypoint(name)(**model.model_args)
+    assert again.cfg == model.cfg
+    assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_forward_save_load_round_trip(name, tmp_path):
+    torch.manual_seed(0)
+    model = ratelab.create_model(name, **_tiny_overrides(name)).eval()
+    inputs = _inputs(model)
+    with torch.no_grad():
+        out = model(*inputs)
+        assert torch.isfinite(out).all()
+        torch.testing.assert_close(model.forward_head(model.forward_features(*inputs)), out, atol=0, rtol=0)
+    save_model(model, tmp_path)
+    again = load_model(tmp_path).eval()
+    assert type(again) is type(model) and again.model_args == model.model_args
+    with torch.no_grad():
+        torch.testing.assert_close(again(*inputs), out, atol=0, rtol=0)
+
+
+def _check_token_family(model, inputs, fam):
+    x = inputs[0]
+    feats = model.forward_features(*inputs)
+    depth = len(model.blocks)
+    final, inter = model.forward_intermediates(*inputs)
+    torch.testing.assert_close(final, feats, atol=0, rtol=0)
+    assert len(inter) == depth
+    if fam == "icl_gpt":
+        assert all(t.shape == feats.shape for t in inter)  # (B, 2n, D): every token, no prefix
+        torch.testing.assert_close(inter[-1], final, atol=0, rtol=0)
+        n_tokens = feats.shape[1]
+    else:
+        p = model.cfg.patch_size
+        h, w = x.shape[-2] // p, x.shape[-1] // p
+        D = model.num_features
+        assert all(t.shape == (B, h * w, D) for t in inter)  # patch tokens, the class token split off
+        _, maps = model.forward_intermediates(*inputs, output_fmt="NCHW")
+        assert all(m.shape == (B, D, h, w) for m in maps)
+        torch.testing.assert_close(maps[-1].flatten(2).transpose(1, 2), inter[-1], atol=0, rtol=0)
+        n_tokens = h * w + model.num_prefix_tokens
+    _, _, attn = model.forward_intermediates(*inputs, indices=1, return_attn=True)
+    assert len(attn) == 1 and attn[0].shape[0] == B and attn[0].shape[-2:] == (n_tokens, n_tokens)
+    normed = model.forward_intermediates(*inputs, indices=[-1], norm=True, intermediates_only=True)
+    assert isinstance(normed, list) and normed[0].shape == inter[-1].shape
+    with pytest.raises(ValueError, match="output_fmt"):
+        model.forward_intermediates(*inputs, output_fmt="NHWC")
+    return depth
+
+
+def _check_mcr2(model, inputs):
+    x = inputs[0]
+    feats = model.forward_features(x)
+    final, inter = model.forward_intermediates(x)
+    torch.testing.assert_close(final, feats, atol=0, rtol=0)
+    if hasattr(model, "features"):  # CNN: three conv stages, NCHW by default
+        w, s = model.cfg.width, model.img_size
+        assert [t.shape for t in inter] == [(B, w, s, s), (B, w, s, s), (B, 2 * w, s // 2, s // 2)]
+        _, flat = model.forward_intermediates(x, output_fmt="NLC")
+        assert flat[-1].shape == (B, (s // 2) ** 2, 2 * w)
+    else:  # MLP: two hidden layers
+        assert [t.shape for t in inter] == [(B, model.cfg.hidden), (B, model.cfg.hidden // 2)]
+        torch.testing.assert_close(inter[-1], feats, atol=0, rtol=0)
+    for bad in ({"norm": True}, {"return_attn": True}):
+        with pytest.raises(ValueError, match="has no"):
+            model.forward_intermediates(x, **bad)
+    return len(inter)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_forward_intermediates_contract(name):
+    torch.manual_seed(0)
+    model = ratelab.create_model(name, **_tiny_overrides(name)).eval()
+    inputs = _inputs(model)
+    fam = _family(name)
+    assert fam in FORMATS, f"{name}: family {fam!r} has no entry here; add its formats to FORMATS"
+    with torch.no_grad():
+        depth = _check_mcr2(model, inputs) if fam == "mcr2_nets" else _check_token_family(model, inputs, fam)
+        _, last = model.forward_intermediates(*inputs, indices=1)
+        _, every = model.forward_intermediates(*inputs)
+        assert len(last) == 1
+        torch.testing.assert_close(last[0], every[-1], atol=0, rtol=0)
+        only = model.forward_intermediates(*inputs, indices=[0, -1], intermediates_only=True)
+        assert len(only) == (1 if depth == 1 else 2)
+    with pytest.raises(ValueError, match=f"out of range.*{depth}"):
+        model.forward_intermediates(*inputs, indices=[depth])
+    with pytest.raises(ValueError, match="out of range"):
+        model.forward_intermediates(*inputs, indices=0)
