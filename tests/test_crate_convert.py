@@ -118,6 +118,17 @@ def test_key_map_covers_every_official_key():
     assert layer0 <= set(ref.state_dict())
 
 
+def test_converter_called_directly_strips_wrapper_prefixes():
+    # The skeleton strips DDP / torch.compile / opacus prefixes itself (any nesting), so the converter also works
+    # when handed a raw state dict, e.g. through timm's load_checkpoint(filter_fn=...).
+    ref = make_reference(**CONFIGS["test"][2])
+    model = ratelab.create_model("test_crate")
+    plain = checkpoint_filter_fn(ref.state_dict(), model)
+    wrapped = checkpoint_filter_fn({f"module._orig_mod.{k}": v for k, v in ref.state_dict().items()}, model)
+    assert wrapped.keys() == plain.keys() == model.state_dict().keys()
+    assert all(torch.equal(wrapped[k], plain[k]) for k in plain)
+
+
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_official_checkpoint_matches_reference(tmp_path, config):
     name, overrides, ref_kw = CONFIGS[config]

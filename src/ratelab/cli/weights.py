@@ -17,7 +17,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Official weight releases known to ratelab (create_model(name, pretrained=True)). ratelab never "
         "downloads: put the files under $RATELAB_WEIGHTS (default ~/.cache/ratelab/weights) at the path shown.",
     )  # fmt: skip
-    actions = p.add_subparsers(dest="weights_command", metavar="ACTION")
+    actions = p.add_subparsers(dest="weights_command", metavar="ACTION", help="list or info")
     ls = actions.add_parser("list", help="one line per release: status, expected path, download URL",
                             description="List releases whose name or architecture matches PATTERN.")
     ls.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'crate_*' (default: all)")

@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from ratelab.core.errors import CheckpointError  # re-exported: its historical home
+from ratelab.core.keymap import strip_prefixes
 
 StateDictFilter = Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]]
 
@@ -39,7 +40,6 @@ MODEL_CONFIG = "model_config.json"
 # (Adventurer's among them) save ``model`` and ``model_ema`` side by side and report the accuracy of ``model``.
 _WRAPPER_KEYS = ("model", "state_dict", "module", "model_ema", "state_dict_ema")
 _EMA_KEYS = ("model_ema", "state_dict_ema")
-_PREFIXES = ("module.", "_orig_mod.", "_module.")  # DDP, torch.compile, opacus
 
 
 def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
@@ -197,15 +197,8 @@ def unwrap_state_dict(obj: Any, *, source: str = "checkpoint", use_ema: bool = F
     if not any(isinstance(v, torch.Tensor) for v in obj.values()):
         keys = sorted(map(str, top))[:20] if isinstance(top, dict) else []
         raise CheckpointError(f"{source}: no state dict found; top-level keys are {keys}")
-    out = {}
-    for k, v in obj.items():
-        if not isinstance(v, torch.Tensor):
-            continue
-        for p in _PREFIXES:
-            while k.startswith(p):
-                k = k[len(p) :]
-        out[k] = v
-    return out
+    # DDP (module.), torch.compile (_orig_mod.) and opacus (_module.) prefixes, in any nesting.
+    return strip_prefixes({k: v for k, v in obj.items() if isinstance(v, torch.Tensor)})
 
 
 def load_state_dict_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], *, source: str) -> None:
