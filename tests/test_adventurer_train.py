@@ -40,4 +40,6 @@ def test_adventurer_ddp_matches_single_process(tmp_path):
     single.fit()
     ddp = torch.load(tmp_path / "final.pt", weights_only=True)
     for k, v in single.model.state_dict().items():
-        assert torch.allclose(ddp["state"][k], v, rtol=1e-5, atol=1e-6), (k, (ddp["state"][k] - v).abs().max())
+        # 1e-5 as foundation-v2 specifies for DDP == one process: gloo sums in another order, and AdamW's first
+        # steps (update ~ lr * sign(g)) amplify that rounding to ~4e-6 on this model's near-zero gradients.
+        assert torch.allclose(ddp["state"][k], v, rtol=1e-5, atol=1e-5), (k, (ddp["state"][k] - v).abs().max())

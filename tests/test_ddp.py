@@ -1,8 +1,8 @@
 """Data parallelism: 2 gloo processes under torchrun match one process with the same global batch, and the
 collectives (all_gather_with_grad above all) have the right values and gradients.
 
-Augmentation is off in the DDP comparison: a sample's random shift comes from the RNG of the rank that loads it, so
-with augmentation on the two setups see differently shifted images (documented in ratelab.train.trainer).
+Augmentation is ON in the DDP comparison: each sample's random shift is drawn under a seed of (seed, epoch, index)
+(``seeded_augmentation``, the default), so it does not depend on the rank that loads it.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def _cfg(out):
         out,
         batch_size=64,
         max_steps=26,
-        augment=False,
+        augment=True,
         label_smoothing=0.1,
         grad_clip=1.0,
         ema_decay=0.9,

@@ -253,6 +253,9 @@ class Trainer:
             names = [p.plugin_name for p in self.plugins if not p.allows_grad_stats]
             raise ConfigError(f"grad_clip: plugin(s) {names} clip gradients themselves; set grad_clip=0")
         self.amp_dtype, self.scaler = self._resolve_amp(cfg.amp)
+        if self.scaler is not None and self.strategy.name == "fsdp":
+            raise ConfigError("amp: fp16 loss scaling is not supported with strategy 'fsdp'; use amp=bf16 (FSDP's "
+                              "bf16 parameter policy on GPU)")
 
         # Same seed on every rank: identical datasets and initial weights.
         seed_everything(cfg.seed)
@@ -446,6 +449,7 @@ class Trainer:
         finally:
             torch.use_deterministic_algorithms(deterministic_before)
             self._close_loggers()
+            self.strategy.close()
             if self._owns_process_group:
                 cleanup()
 
@@ -808,8 +812,7 @@ class Trainer:
     # ---- checkpoints -------------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
         """Write the training checkpoint through the strategy, atomically (every rank must call it)."""
-        finite = torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()
-        if not bool(all_reduce_sum((~finite).float()).item() == 0):
+        if not self.strategy.all_finite(self.model.parameters()):  # collective; works on sharded parameters
             msg = (
                 f"training diverged before step {self.step}: the weights contain NaN/inf; not overwriting "
                 f"{self.ckpt_path} (step {self._last_ckpt_step}). Try a lower lr or grad_clip=1.0."
