@@ -11,18 +11,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from _recipe_fixtures import smoke_run
 
-import ratelab.recipes.adventurer.recipe as adv_recipe  # registers the recipe (until the lead lists it)
-from ratelab.recipes import run_recipe
+import ratelab.recipes.adventurer.recipe as adv_recipe
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def test_recipe_smoke_writes_results(tmp_path):
-    res = run_recipe("adventurer", tmp_path, smoke=True, progress=False, device="cpu")
-    data = json.loads((tmp_path / "results.json").read_text())
-    assert (tmp_path / "report.html").is_file()
-    assert (tmp_path / "accuracy.png").is_file() and (tmp_path / "throughput_vs_tokens.png").is_file()
+@pytest.mark.slow  # runs a whole recipe or trains networks (seconds, not milliseconds)
+def test_recipe_smoke_writes_results(tmp_path_factory):
+    run = smoke_run("adventurer", tmp_path_factory)
+    data, out = run.saved, run.out_dir
+    assert (out / "report.html").is_file()
+    assert (out / "accuracy.png").is_file() and (out / "throughput_vs_tokens.png").is_file()
     s = data["summary"]
     for key in ("params", "val_acc", "train_time_s", "infer_img_per_s_16_tokens", "sweep_adventurer_x_vit",
                 "vit_mlp_ratio", "crate_width", "binomial_se_diff"):
@@ -36,9 +37,15 @@ def test_recipe_smoke_writes_results(tmp_path):
     p = s["params"]
     assert abs(p["vit"] - p["adventurer"]) / p["adventurer"] < 0.15
     assert abs(p["crate"] - p["adventurer"]) / p["adventurer"] < 0.15
-    assert len(data["checks"]) == 7 and all(isinstance(c["holds"], bool) for c in data["checks"])
+    # One claim per comparison the recipe makes: accuracy vs ViT and vs CRATE, each ablation ingredient, throughput.
+    claims = [c["claim"] for c in data["checks"]]
+    for topic in ("as accurate as a ViT", "as accurate as CRATE", "heading average + flips", "heading average alone",
+                  "flips alone", "grows with the token count", "2x ViT inference throughput"):
+        assert sum(topic in c for c in claims) == 1, topic
+    assert all(isinstance(c["holds"], bool) and c["measured"] for c in data["checks"])
     assert [r["tokens"] for r in data["sweep"]] == [16, 64]
-    assert res.results["smoke"] is True
+    assert data["scale"] == "smoke" and s["scale"] == "smoke" and data["scale_settings"]["width"] == 16
+    assert run.result.results["checks"] == data["checks"]  # what run_recipe returned is what it wrote
 
 
 def test_ablation_arms_are_distinct_models():
@@ -94,6 +101,7 @@ def test_benchmark_smoke_prints_table(bench_module, tmp_path):
     assert (tmp_path / "b.png").stat().st_size > 0
 
 
+@pytest.mark.slow  # runs a whole recipe or trains networks (seconds, not milliseconds)
 def test_benchmark_memory_probe_sees_activations(bench_module):
     """The peak-memory probe (a fresh subprocess) sees a step's activations: a 4096-token train step of the smoke
     CRATE (2 layers, 32 wide; CRATE keeps timm out of the subprocess) saves several MiB of activations, more than

@@ -62,17 +62,41 @@ def test_reproduce_unknown_recipe(capsys, tmp_path):
     assert "nope" in err and "crate-digits" in err
 
 
-def test_demo_smoke_writes_report_and_summary(tmp_path, capsys):
+@pytest.mark.slow  # runs a whole recipe or trains networks (seconds, not milliseconds)
+def test_demo_smoke_writes_report_and_summary(tmp_path, tmp_path_factory, capsys, monkeypatch):
+    """`ratelab demo --smoke` runs every registered recipe at scale smoke and combines them. The runs themselves are
+    the suite's shared smoke runs (tests/_recipe_fixtures.py), so no recipe's smoke run executes twice."""
+    import shutil
+
+    from _recipe_fixtures import smoke_run
+
+    import ratelab.recipes
+    from ratelab.recipes import list_recipes
+
+    calls = []
+
+    def shared_run(name, out_dir, scale="quick", **kw):
+        calls.append((name, scale, kw["seed"]))
+        run = smoke_run(name, tmp_path_factory)
+        shutil.copytree(run.out_dir, out_dir, dirs_exist_ok=True)
+        return run.result
+
+    monkeypatch.setattr(ratelab.recipes, "run_recipe", shared_run)
     out = tmp_path / "demo"
     assert main(["demo", "--smoke", "--no-progress", "--out", str(out)]) == 0
+    names = [s.name for s in list_recipes()]
+    assert calls == [(n, "smoke", 0) for n in names]
     summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["recipes"]) == names and summary["scale"] == "smoke"
     rec = summary["recipes"]["crate-digits"]
     assert 0.0 <= rec["summary"]["val_acc_mean"] <= 1.0
     assert len(rec["summary"]["sparsity_trained"]) == 4  # crate_pico has 4 layers
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 3
+    assert all(f"{n} — " in html for n in names)  # one section per recipe
     assert (out / "crate-digits" / "results.json").exists()
-    assert "crate-digits" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert all(f"== {n} (" in printed for n in names)
 
 
 def test_eval_scores_an_mcr2_run_by_nearest_subspace(tmp_path, capsys):

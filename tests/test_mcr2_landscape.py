@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import json
 import math
 
 import pytest
@@ -278,15 +277,19 @@ def test_escape_from_constructed_saddle():
 # ---------------------------------------------------------------------------------------------------- recipe
 
 
-def test_recipe_smoke(tmp_path):
-    import ratelab.recipes.mcr2.landscape  # noqa: F401  (registers the recipe)
-    from ratelab.recipes import run_recipe
+@pytest.mark.slow  # runs a whole recipe or trains networks (seconds, not milliseconds)
+def test_recipe_smoke(tmp_path_factory):
+    from _recipe_fixtures import smoke_run
 
-    res = run_recipe("mcr2-landscape", tmp_path, smoke=True, progress=False)
-    data = json.loads((tmp_path / "results.json").read_text())
-    assert data["recipe"] == "mcr2-landscape"
-    assert data["summary"]["starts_total"] == 2 and data["summary"]["saddles_certified_strict"] == 1
+    from ratelab.recipes.mcr2.landscape import SCALES
+
+    run = smoke_run("mcr2-landscape", tmp_path_factory)
+    data, out, smoke = run.saved, run.out_dir, SCALES["smoke"]
+    assert data["recipe"] == "mcr2-landscape" and data["scale"] == "smoke"
+    assert data["summary"]["starts_total"] == smoke.starts * len(smoke.settings)
+    # One constructed saddle per setting, certified strict (construction and certificate need no converged ascent).
+    assert data["summary"]["saddles_certified_strict"] == data["summary"]["saddles_constructed"] == len(smoke.settings)
     assert all(set(c) == {"claim", "holds", "measured"} for c in data["checks"])
     for f in ("sigma_vs_closed_form.png", "gram_heatmap.png", "objective.png", "report.html"):
-        assert (tmp_path / f).stat().st_size > 0
-    assert res.results["summary"]["settings"] == 1
+        assert (out / f).stat().st_size > 0
+    assert [r["name"] for r in data["settings"]] == list(smoke.settings)

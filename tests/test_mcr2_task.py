@@ -229,21 +229,25 @@ def test_mcr2_task_loss_matches_objective_and_bad_args():
 # ---- the recipe ----------------------------------------------------------------------------------------------------
 
 
-def test_label_noise_recipe_smoke(tmp_path):
-    import ratelab.recipes.mcr2.label_noise  # noqa: F401  (registers the recipe)
-    from ratelab.recipes import run_recipe
+@pytest.mark.slow  # runs a whole recipe or trains networks (seconds, not milliseconds)
+def test_label_noise_recipe_smoke(tmp_path_factory):
+    from _recipe_fixtures import smoke_run
 
-    res = run_recipe("mcr2-label-noise", tmp_path, smoke=True, progress=False, device="cpu")
-    out = json.loads((tmp_path / "results.json").read_text())
-    assert out["recipe"] == "mcr2-label-noise" and out["smoke"] is True
-    assert {r["method"] for r in out["runs"]} == {"mcr2", "ce"} and len(out["runs"]) == 4
+    from ratelab.recipes.mcr2.label_noise import SCALES
+
+    run = smoke_run("mcr2-label-noise", tmp_path_factory)
+    out, d, smoke = run.saved, run.out_dir, SCALES["smoke"]
+    assert out["recipe"] == "mcr2-label-noise" and out["scale"] == "smoke"
+    # One MCR² and one CE run per noise level and seed of the scale.
+    assert sorted((r["method"], r["noise"]) for r in out["runs"]) == sorted(
+        (m, p) for m in ("mcr2", "ce") for p in smoke.noise_levels for _ in range(smoke.seeds))
     for r in out["runs"]:
         assert 0.0 <= r["ns_acc"] <= 1.0 and 0.0 <= r["probe_acc"] <= 1.0
         assert r["wrong_label_frac"] == 0.0 if r["noise"] == 0.0 else 0.4 < r["wrong_label_frac"] < 0.65
     assert any("60% noise" in c["claim"] for c in out["checks"])
-    assert (tmp_path / "accuracy_vs_noise.png").stat().st_size > 1000
-    assert (tmp_path / "subspace_angles.png").stat().st_size > 1000
-    assert (tmp_path / "report.html").exists() and res.results["summary"]["seeds"] == 1
+    assert (d / "accuracy_vs_noise.png").stat().st_size > 1000
+    assert (d / "subspace_angles.png").stat().st_size > 1000
+    assert (d / "report.html").exists() and out["summary"]["seeds"] == smoke.seeds
 
 
 # ---- DDP -----------------------------------------------------------------------------------------------------------

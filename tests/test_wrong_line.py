@@ -180,3 +180,25 @@ def test_config_errors():
         WrongLineConfig(noise_rates=(0.6,))
     with pytest.raises(ValueError, match="max\\(sizes\\) < dim"):
         LiteralConfig(dim=50)
+
+
+def test_probit_pearson_signs_and_twin_of_fit_line():
+    from scipy.stats import norm
+
+    from ratelab.analysis.accuracy_line import fit_line, probit_pearson
+
+    a = [0.6, 0.7, 0.8, 0.9]
+    assert probit_pearson(a, a) == pytest.approx(1.0)
+    # Exactly linear in probit space with negative slope -> r = -1 (a reversed list is only ~-0.98: probit bends).
+    b = norm.cdf(1.0 - 0.5 * norm.ppf(a))
+    assert probit_pearson(a, b) == pytest.approx(-1.0)
+    assert math.isnan(probit_pearson([0.5, 0.6], [0.5, 0.6]))  # fewer than 3 models
+    assert math.isnan(probit_pearson([0.5, 0.5, 0.5], [0.2, 0.4, 0.6]))  # constant ID accuracy
+    rng = np.random.default_rng(0)
+    x, y = rng.uniform(0.4, 1.0, 20), rng.uniform(0.1, 1.0, 20)
+    x[0] = 1.0  # a perfect score: the clip decides where it lands
+    for clip in (1e-4, 1e-3):
+        assert probit_pearson(x, y, clip=clip) == pytest.approx(fit_line(x, y, n_boot=0, clip=clip).pearson, abs=1e-12)
+    assert probit_pearson(x, y, clip=1e-3) != pytest.approx(probit_pearson(x, y, clip=1e-4), abs=1e-6)
+    with pytest.raises(ValueError, match="3 values"):
+        probit_pearson([0.5, 0.6, 0.7], [0.5, 0.6, 0.1, 0.2])

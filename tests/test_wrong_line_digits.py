@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from _recipe_fixtures import smoke_run
 
 from ratelab.recipes.wrong_line import digits as D
 
@@ -22,14 +23,6 @@ def test_assign_cues_rates():
     # p = 1/K: the cue is uniform whatever the label (independence), e.g. for label 3.
     counts = torch.bincount(c1[y == 3], minlength=10).float()
     assert (counts / counts.sum() - 0.1).abs().max() < 0.03
-
-
-def test_flip_labels_exact_rate():
-    y = torch.arange(1000) % 10
-    noisy, flipped = D.flip_labels(y, 0.3, torch.Generator().manual_seed(0))
-    assert int(flipped.sum()) == 300
-    assert bool((noisy[flipped] != y[flipped]).all()) and bool((noisy[~flipped] == y[~flipped]).all())
-    assert ((noisy >= 0) & (noisy < 10)).all()
 
 
 def test_apply_cue_is_readable_from_pixels():
@@ -54,17 +47,6 @@ def test_cue_only_accuracy_hand_case():
     y = torch.tensor([0, 0, 1, 1, 1])
     out = D.cue_only_accuracy(c, y, {"t": (torch.tensor([0, 1, 1]), torch.tensor([0, 0, 1]))}, num_classes=2)
     assert out["train"] == pytest.approx(0.8) and out["t"] == pytest.approx(2 / 3)
-
-
-def test_probit_pearson_signs():
-    from scipy.stats import norm
-
-    a = [0.6, 0.7, 0.8, 0.9]
-    assert D.probit_pearson(a, a) == pytest.approx(1.0)
-    # Exactly linear in probit space with negative slope -> r = -1 (a reversed list is only ~-0.98: probit bends).
-    b = norm.cdf(1.0 - 0.5 * norm.ppf(a))
-    assert D.probit_pearson(a, b) == pytest.approx(-1.0)
-    assert math.isnan(D.probit_pearson([0.5, 0.6], [0.5, 0.6]))
 
 
 def test_config_errors():
@@ -96,9 +78,11 @@ def test_make_cue_data_correlations_and_noise():
                                                                                   d["y_train_clean"])
 
 
-def test_smoke_sweep_contract():
-    out = D.digits_sweep("unused", quick=True, smoke=True, seed=0, device="cpu", progress=False)
-    assert set(out) == {"clean", "noisy", "meta"}
+@pytest.mark.slow  # runs a whole recipe or trains networks (seconds, not milliseconds)
+def test_smoke_sweep_contract(tmp_path_factory):
+    # The digits sweep of the wrong-line recipe's smoke run (shared with test_wrong_line_recipe: run once).
+    out = smoke_run("wrong-line", tmp_path_factory).result.results["digits"]
+    assert {"clean", "noisy", "meta"} <= set(out)
     for cond in ("clean", "noisy"):
         rows = out[cond]
         assert len(rows) >= 8
@@ -107,6 +91,7 @@ def test_smoke_sweep_contract():
             for k in ("id_acc", "ood_acc", "train_acc"):
                 assert math.isfinite(r[k]) and 0.0 <= r[k] <= 1.0
         assert len({r["model"] for r in rows}) == len(rows)
+        assert {r["epochs"] for r in rows} == set(D.SCALES["smoke"].checkpoints)
     meta = out["meta"]
     assert meta["clean"]["noise_rate_measured"] == 0.0
     assert abs(meta["noisy"]["noise_rate_measured"] - 0.3) < 1e-3
@@ -118,17 +103,37 @@ def test_smoke_sweep_contract():
     json.dumps(out, allow_nan=False)  # results are strict JSON (the recipe writes them to results.json)
 
 
-def test_determinism_same_seed():
+@pytest.mark.slow  # runs a whole recipe or trains networks (seconds, not milliseconds)
+def test_trainer_runs_evaluate_at_the_checkpoints(tmp_path):
+    """The sweep trains through ratelab.train.Trainer: one row per checkpoint epoch, with the Trainer's step count
+    (batch 128, the ragged tail of each epoch dropped), and every run directory kept without its checkpoint."""
     cfg = D.DigitsCueConfig(archs=(("mlp-16", "mcr2_mlp_small", {"hidden": 16}),), n_train=(300,),
-                            checkpoints=(1, 3), ood_draws=1)
-    a = D.digits_sweep(None, quick=True, smoke=False, seed=3, device="cpu", progress=False, config=cfg)
-    b = D.digits_sweep(None, quick=True, smoke=False, seed=3, device="cpu", progress=False, config=cfg)
+                            checkpoints=(2, 4, 6), ood_draws=1)
+    out = D.digits_sweep(tmp_path, cfg, seed=1, device="cpu")
+    rows = out["noisy"]
+    assert [r["epochs"] for r in rows] == [2, 4, 6]
+    assert [r["step"] for r in rows] == [2 * (300 // 128), 4 * (300 // 128), 6 * (300 // 128)]
+    run_dir = tmp_path / "digits_runs" / "noisy" / "mlp-16_n300"
+    assert (run_dir / "metrics.jsonl").is_file() and (run_dir / "config.json").is_file()
+    assert not (run_dir / "checkpoints").exists()
+    assert out["meta"]["mode"] == "custom" and out["meta"]["torch_threads"] == 1
+
+
+@pytest.mark.slow  # runs a whole recipe or trains networks (seconds, not milliseconds)
+def test_determinism_same_seed():
+    cfg = D.DigitsCueConfig(archs=(("mlp-16", "mcr2_mlp_small", {"hidden": 16}),), n_train=(600,),
+                            checkpoints=(1, 4), ood_draws=1)
+    a = D.digits_sweep(None, cfg, seed=3, device="cpu")
+    b = D.digits_sweep(None, cfg, seed=3, device="cpu")
     keys = ("model", "id_acc", "ood_acc", "train_acc", "memorized")
 
-    def table(rows):  # nan -> None so that equal nans ("memorized" on clean data) compare equal
+    def table(rows):  # nan -> None so that equal nans compare equal
         return [[None if isinstance(r[k], float) and math.isnan(r[k]) else r[k] for k in keys] for r in rows]
 
     for cond in ("clean", "noisy"):
         assert table(a[cond]) == table(b[cond])
     # The accuracies move between checkpoints, so equality above is not trivially about untrained models.
     assert a["noisy"][0]["train_acc"] != a["noisy"][1]["train_acc"]
+    assert a["clean"][0]["memorized"] is None and a["noisy"][0]["memorized"] is not None
+    with pytest.raises(ValueError, match="config must be"):
+        D.digits_sweep(None, "medium")

@@ -6,6 +6,7 @@ on the wrong line", AISTATS 2025) show that label noise plus nuisance features c
 module measures the trend for any table of (model, ID accuracy, OOD accuracy):
 
 * :func:`probit` / :func:`logit` transforms with clipping into (eps, 1 - eps);
+* :func:`probit_pearson`: the Pearson r of transformed ID vs OOD accuracy alone (NaN when undefined);
 * :func:`fit_line`: ordinary least squares of transformed OOD on transformed ID accuracy, Pearson and Spearman
   correlation, and percentile-bootstrap intervals over models (:class:`LineFit`);
 * :func:`predict_ood`, :func:`plot_accuracy_line` and :func:`load_accuracy_table` (CSV or JSON).
@@ -39,6 +40,7 @@ __all__ = [
     "plot_accuracy_line",
     "predict_ood",
     "probit",
+    "probit_pearson",
     "transform",
 ]
 
@@ -184,6 +186,32 @@ def _stats_batched(x: np.ndarray, y: np.ndarray, idx: np.ndarray) -> np.ndarray:
     out = np.stack([slope, intercept, pearson, spearman], axis=1)
     out[~okx] = np.nan  # match _stats: no slope means no statistic at all
     return out
+
+
+def probit_pearson(id_acc: Any, ood_acc: Any, *, clip: float = DEFAULT_CLIP, transform: str = "probit") -> float:
+    """Pearson r of transformed ID vs OOD accuracy across models, without the fit's bootstrap.
+
+    The correlation of :func:`fit_line` (same transform, clipping and zero-variance rule), for callers that need
+    only r and may hold too few models for a fit.
+
+    Args:
+        id_acc, ood_acc: (n,) accuracies in [0, 1] of the same models.
+        clip: clipping margin before transforming (module docstring).
+        transform: ``"probit"`` or ``"logit"``.
+
+    Returns:
+        r, or NaN with fewer than 3 models or when the transformed ID or OOD values are all equal.
+
+    Raises:
+        ValueError: length mismatch, values outside [0, 1], bad ``transform`` or ``clip``.
+    """
+    x_acc, y_acc = _as_acc(id_acc, "id_acc"), _as_acc(ood_acc, "ood_acc")
+    if len(x_acc) != len(y_acc):
+        raise ValueError(f"probit_pearson: id_acc has {len(x_acc)} values but ood_acc has {len(y_acc)}")
+    x, y = _apply(x_acc, transform, clip), _apply(y_acc, transform, clip)
+    if len(x) < 3:
+        return math.nan
+    return _stats(x, y)[2]
 
 
 def fit_line(

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import argparse
 
+from ratelab.cli.reproduce import add_scale_args
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
         help="run the quick suite of all recipes and write one combined report",
-        description="Run every recipe with --quick into OUT/<recipe>/, then write OUT/report.html (self-contained) "
-        "and OUT/summary.json, and print a summary table.",
+        description="Run every recipe at --scale quick into OUT/<recipe>/, then write OUT/report.html "
+        "(self-contained) and OUT/summary.json, and print a summary table.",
     )
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     p.add_argument("--recipes", default=None, help="comma-separated subset of recipes (default: all)")
-    p.add_argument("--smoke", action="store_true",
-                   help="seconds-long wiring check of every recipe (numbers are meaningless)")
+    add_scale_args(p, default="quick")
     p.add_argument("--seed", type=int, default=0, help="base random seed (default 0)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--no-progress", action="store_true", help="disable progress bars")
@@ -41,12 +42,13 @@ def run(args: argparse.Namespace) -> int:
     combined = Report("ratelab demo")
     combined.text(
         f"ratelab {__version__}, torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads, "
-        f"seed {args.seed}. Each section is one recipe run with --quick; its own files are in {out}/<recipe>/."
+        f"seed {args.seed}. Each section is one recipe run at scale {args.scale}; its own files are in "
+        f"{out}/<recipe>/."
     )
     all_results = {}
     for spec in specs:
         print(f"[demo] {spec.name}: {spec.description}", flush=True)
-        res = run_recipe(spec.name, out / spec.name, quick=True, smoke=args.smoke, seed=args.seed, device=args.device,
+        res = run_recipe(spec.name, out / spec.name, args.scale, seed=args.seed, device=args.device,
                          progress=not args.no_progress)
         all_results[spec.name] = res.results
         combined.heading(f"{spec.name} — {spec.paper}")
@@ -54,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
     summary = {
         "ratelab_version": __version__,
         "torch_version": torch.__version__,
+        "scale": args.scale,
         "wall_time_s": round(time.time() - t0, 1),
         "recipes": {
             n: {"summary": r.get("summary", {}), "checks": r.get("checks", [])} for n, r in all_results.items()

@@ -4,18 +4,29 @@ from __future__ import annotations
 
 import argparse
 
+from ratelab.recipes._common import SCALE_NAMES
+
+
+def add_scale_args(p: argparse.ArgumentParser, *, default: str) -> None:
+    """``--scale {smoke,quick,full}`` with ``--quick`` and ``--smoke`` as short forms (one of them at most)."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--scale", choices=SCALE_NAMES, default=default,
+                   help=f"smoke: seconds-long wiring check (tiny models, numbers meaningless); quick: the CPU-minutes "
+                        f"version `ratelab demo` runs; full: the fuller study of the recipe's docstring "
+                        f"(default {default})")
+    g.add_argument("--quick", dest="scale", action="store_const", const="quick", help="same as --scale quick")
+    g.add_argument("--smoke", dest="scale", action="store_const", const="smoke", help="same as --scale smoke")
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "reproduce",
         help="run a paper recipe (results.json + figures + report.html)",
-        description="Re-run one paper's experiment at small scale. `--list` shows the recipes.",
+        description="Re-run one paper's experiment at a chosen scale. `--list` shows the recipes.",
     )
     p.add_argument("recipe", nargs="?", help="recipe name (see --list)")
     p.add_argument("--list", action="store_true", help="list the available recipes and exit")
-    p.add_argument("--quick", action="store_true", help="the CPU-minutes version (the one `ratelab demo` runs)")
-    p.add_argument("--smoke", action="store_true",
-                   help="seconds-long wiring check (tiny model, few steps; numbers are meaningless)")
+    add_scale_args(p, default="full")
     p.add_argument("--out", help="output directory (required unless --list)")
     p.add_argument("--seed", type=int, default=0, help="base random seed (default 0)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto: cuda when available)")
@@ -24,15 +35,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ratelab.core.errors import ConfigError
     from ratelab.recipes import list_recipes, run_recipe
 
     if args.list or not args.recipe:
-        for spec in list_recipes():
-            print(f"{spec.name:20s} ~{spec.quick_minutes:g} min quick  {spec.paper}: {spec.description}")
+        specs = list_recipes()
+        width = max(len(s.name) for s in specs)
+        print(f"{len(specs)} recipes (scales: {', '.join(SCALE_NAMES)}; minutes are for --scale quick on 2 CPU cores):")
+        for spec in specs:
+            print(f"  {spec.name:{width}s}  ~{spec.quick_minutes:g} min  {spec.paper}: {spec.description}")
         return 0
     if not args.out:
-        raise ValueError("--out DIR is required")
-    res = run_recipe(args.recipe, args.out, quick=args.quick, smoke=args.smoke, seed=args.seed, device=args.device,
+        raise ConfigError("--out: an output directory is required to run a recipe (e.g. --out runs/NAME)")
+    res = run_recipe(args.recipe, args.out, args.scale, seed=args.seed, device=args.device,
                      progress=not args.no_progress)
     print_summary({args.recipe: res.results})
     print(f"wrote {args.out}/results.json and {args.out}/report.html")

@@ -1,4 +1,5 @@
-"""In-context-learning calibration: records, recalibration regimes, tables/plots, and a Hugging Face LM harness.
+"""In-context-learning calibration: records, recalibration regimes, tables/plots, a Hugging Face LM harness, and
+the same records for a model trained on synthetic few-shot tasks (:func:`collect_records`).
 
 ``ratelab.icl.harness`` needs the optional ``transformers`` package, imported only when its functions run.
 """
@@ -9,6 +10,7 @@ from ratelab.icl.plots import plot_vs_shots
 from ratelab.icl.prompts import PromptTemplate, Verbalizer, build_prompt, sample_demonstrations
 from ratelab.icl.recalibration import evaluate_groups, evaluate_regimes, format_table, summarize, write_csv
 from ratelab.icl.records import ICLRecords
+from ratelab.icl.synthetic import collect_records
 
 __all__ = [
     "ICLPlan",
@@ -17,6 +19,7 @@ __all__ = [
     "TextDataset",
     "Verbalizer",
     "build_prompt",
+    "collect_records",
     "evaluate_groups",
     "evaluate_regimes",
     "format_table",

@@ -1,23 +1,33 @@
 """Paper recipes: each reproduces one paper's experiment at a chosen scale and writes ``results.json``, figures and
 ``report.html`` into an output directory.
 
-A recipe is a function ``fn(out_dir, *, quick, smoke, seed, device, progress) -> RecipeResult`` registered with
-:func:`register_recipe`. ``quick=True`` is the CPU-minutes version used by ``ratelab demo``; ``quick=False`` is the
-fuller study; ``smoke=True`` is a seconds-long wiring check for tests (tiny model, a few steps; its numbers mean
-nothing and its claim checks are expected to fail).
-Recipes live in ``ratelab/recipes/<paper>/`` and are imported lazily.
+Every recipe has three scales, the rows of its typed ``SCALES`` table (one frozen dataclass per recipe, e.g.
+:class:`ratelab.recipes.adventurer.recipe.Scale`):
+
+* ``smoke``: a seconds-long wiring check for tests (tiny models, a few steps; its numbers mean nothing and its claim
+  checks are expected to fail);
+* ``quick``: the CPU-minutes version, the one ``ratelab demo`` runs;
+* ``full``: the fuller study (more seeds, longer training) whose figures the recipe docstrings record.
+
+A recipe is a function ``fn(out_dir, *, scale, seed, device, progress) -> RecipeResult`` registered with
+:func:`register_recipe` together with its table; ``scale`` is the row's name and ``SCALES[scale]`` its settings.
+Helpers shared by all recipes live in :mod:`ratelab.recipes._common`. Recipes live in ``ratelab/recipes/<paper>/``
+and are imported lazily.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ratelab.core.errors import ConfigError, UnknownNameError, did_you_mean
 from ratelab.eval.report import Report, write_json
+from ratelab.recipes._common import SCALE_NAMES, check_scales
 
 # Modules that define recipes; imported on first lookup so `import ratelab` stays light.
 _RECIPE_MODULES = (
@@ -41,23 +51,34 @@ class RecipeResult:
 
 @dataclass(frozen=True)
 class RecipeSpec:
+    """A registered recipe: its function, the paper, a one-line description, its scale table and the quick run's
+    expected length in CPU minutes (shown by ``ratelab reproduce --list``)."""
+
     name: str
     fn: Callable[..., RecipeResult]
     paper: str
     description: str
+    scales: Mapping[str, Any]
     quick_minutes: float = field(default=1.0)
 
 
 _RECIPES: dict[str, RecipeSpec] = {}
 
 
-def register_recipe(name: str, *, paper: str, description: str, quick_minutes: float = 1.0):
-    """Decorator registering a recipe under ``name`` (duplicates are an error)."""
+def register_recipe(name: str, *, paper: str, description: str, scales: Mapping[str, Any],
+                    quick_minutes: float = 1.0):
+    """Decorator registering a recipe under ``name`` with its scale table (duplicates are an error).
+
+    Raises:
+        ValueError, TypeError: the name is taken, or ``scales`` is not a smoke/quick/full table of one frozen
+            dataclass (:func:`ratelab.recipes._common.check_scales`).
+    """
+    check_scales(name, scales)
 
     def deco(fn: Callable[..., RecipeResult]) -> Callable[..., RecipeResult]:
         if name in _RECIPES:
             raise ValueError(f"recipe {name!r} is already registered")
-        _RECIPES[name] = RecipeSpec(name, fn, paper, description, quick_minutes)
+        _RECIPES[name] = RecipeSpec(name, fn, paper, description, dict(scales), quick_minutes)
         return fn
 
     return deco
@@ -74,9 +95,15 @@ def list_recipes() -> list[RecipeSpec]:
 
 
 def get_recipe(name: str) -> RecipeSpec:
+    """The recipe registered as ``name``.
+
+    Raises:
+        UnknownNameError: no such recipe (the message suggests close names and lists the recipes).
+    """
     _load_all()
     if name not in _RECIPES:
-        raise ValueError(f"unknown recipe {name!r}; available: {', '.join(sorted(_RECIPES))}")
+        raise UnknownNameError(f"unknown recipe {name!r}{did_you_mean(name, _RECIPES)}; available: "
+                               f"{', '.join(sorted(_RECIPES))}")
     return _RECIPES[name]
 
 
@@ -88,28 +115,39 @@ def check(claim: str, holds: bool, measured: Any) -> dict[str, Any]:
 def run_recipe(
     name: str,
     out_dir: str | Path,
+    scale: str = "quick",
     *,
-    quick: bool = False,
-    smoke: bool = False,
     seed: int = 0,
     device: str = "auto",
     progress: bool = True,
 ) -> RecipeResult:
-    """Run a recipe and write ``results.json`` and ``report.html`` into ``out_dir``."""
+    """Run a recipe at ``scale`` and write ``results.json`` and ``report.html`` into ``out_dir``.
+
+    ``results.json`` also records the recipe, the paper, the scale's name and settings, the seed, the requested
+    device and the wall time.
+
+    Raises:
+        UnknownNameError: unknown recipe.
+        ConfigError: ``scale`` is not one of smoke, quick, full.
+    """
     spec = get_recipe(name)
+    if scale not in spec.scales:
+        raise ConfigError(f"scale: recipe {name!r} has the scales {list(SCALE_NAMES)}, got {scale!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    res = spec.fn(out_dir, quick=quick, smoke=smoke, seed=seed, device=device, progress=progress)
+    res = spec.fn(out_dir, scale=scale, seed=seed, device=device, progress=progress)
     res.results.setdefault("recipe", name)
     res.results.setdefault("paper", spec.paper)
-    res.results["quick"] = quick
-    res.results["smoke"] = smoke
+    res.results["scale"] = scale
+    res.results["scale_settings"] = dataclasses.asdict(spec.scales[scale])
     res.results["seed"] = seed
+    res.results["device"] = device
     res.results["wall_time_s"] = round(time.time() - t0, 2)
     write_json(res.results, out_dir / "results.json")
     res.report.save(out_dir / "report.html")
     return res
 
 
-__all__ = ["RecipeResult", "RecipeSpec", "check", "get_recipe", "list_recipes", "register_recipe", "run_recipe"]
+__all__ = ["SCALE_NAMES", "RecipeResult", "RecipeSpec", "check", "get_recipe", "list_recipes", "register_recipe",
+           "run_recipe"]

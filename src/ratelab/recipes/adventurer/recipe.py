@@ -30,8 +30,8 @@ order, median over rounds.
 
 Scales (see ``SCALES``)::
 
-    ratelab reproduce adventurer --quick --out runs/adventurer    # 48 wide x 2 deep (70k params), 10 epochs, 1 seed
-    ratelab reproduce adventurer --out runs/adventurer-full       # 64 x 4 (0.25M params), 15 epochs, 3 seeds
+    ratelab reproduce adventurer --scale quick --out runs/adventurer   # 48 wide x 2 deep (70k params), 10 epochs
+    ratelab reproduce adventurer --scale full --out runs/adventurer-full   # 64 x 4 (0.25M params), 15 epochs, 3 seeds
 
 The "helps" checks compare mean validation accuracies and call a difference real only when it exceeds twice the
 binomial standard error of the difference (about 3.8 points for 359 validation images near 93%, one seed).
@@ -52,7 +52,6 @@ measured.
 from __future__ import annotations
 
 import math
-import shutil
 import statistics
 import time
 from collections.abc import Callable
@@ -66,6 +65,7 @@ import torch.nn as nn
 
 from ratelab.eval.report import Report
 from ratelab.recipes import RecipeResult, check, register_recipe
+from ratelab.recipes._common import add_figure, fresh_run_dir, logger
 
 __all__ = ["ABLATION", "SCALES", "Scale", "build_family", "match_family", "match_params", "run", "time_inference",
            "token_sweep"]
@@ -194,8 +194,7 @@ def _train(name: str, factory: Callable[[], nn.Module], scale: Scale, seed: int,
            device: str, progress: bool) -> dict[str, Any]:
     from ratelab.train import TrainConfig, Trainer
 
-    run_dir = out_dir / "runs" / f"{name.replace(' ', '_').replace('+', 'plus').strip('_')}_seed{seed}"
-    shutil.rmtree(run_dir, ignore_errors=True)  # a re-run retrains from scratch
+    run_dir = fresh_run_dir(out_dir, "runs", f"{name.replace(' ', '_').replace('+', 'plus').strip('_')}_seed{seed}")
     cfg = TrainConfig(
         model=name, dataset="digits", img_size=IMG_SIZE, epochs=scale.epochs, max_steps=scale.max_steps,
         batch_size=BATCH, optimizer="adamw", lr=LR, weight_decay=0.05, warmup_epochs=1.0, min_lr=1e-5,
@@ -238,7 +237,7 @@ def token_sweep(scale: Scale, match: dict[str, Any], seed: int, log: Callable[[s
         row["adventurer_x_vit"] = sec["vit"] / sec["adventurer"]
         row["crate_x_vit"] = sec["vit"] / sec["crate"]
         rows.append(row)
-        log(f"[adventurer] sweep {tokens} tokens: " + ", ".join(f"{k} {batch / s:.1f} img/s" for k, s in sec.items()))
+        log(f"sweep {tokens} tokens: " + ", ".join(f"{k} {batch / s:.1f} img/s" for k, s in sec.items()))
     return rows
 
 
@@ -292,32 +291,32 @@ def _sweep_figure(rows: list[dict[str, Any]]):
     "adventurer",
     paper="Adventurer (Wang et al., 2024 / CVPR 2025)",
     description="small Adventurer vs ViT vs CRATE at one parameter budget on digits; heading-average/flip ablation",
+    scales=SCALES,
     quick_minutes=2.0,
 )
-def run(out_dir: Path, *, quick: bool, smoke: bool, seed: int, device: str, progress: bool) -> RecipeResult:
+def run(out_dir: Path, *, scale: str, seed: int, device: str, progress: bool) -> RecipeResult:
     from ratelab.data import build_dataset
 
-    mode = "smoke" if smoke else "quick" if quick else "full"
-    scale = SCALES[mode]
-    log = (lambda s: print(s, flush=True)) if progress else (lambda s: None)
+    row = SCALES[scale]
+    log = logger(progress, "adventurer")
     t_start = time.perf_counter()
     # No random shifts: at 16x16 a 2-pixel shift is half a patch, which cost the ViT (learned absolute position
     # embedding) 0.91 -> 0.56 validation accuracy in the quick setting while barely touching the others.
     data = {"train": build_dataset("digits", "train", img_size=IMG_SIZE, seed=0, augment=False),
             "val": build_dataset("digits", "val", img_size=IMG_SIZE, seed=0)}
     n_val = len(data["val"])
-    info = match_family(scale)
-    factories = build_family(scale, info)
-    log(f"[adventurer] {mode}: params " + ", ".join(f"{k} {v}" for k, v in info["params"].items()))
+    info = match_family(row)
+    factories = build_family(row, info)
+    log(f"{scale}: params " + ", ".join(f"{k} {v}" for k, v in info["params"].items()))
 
-    seeds = [seed + i for i in range(scale.seeds)]
+    seeds = [seed + i for i in range(row.seeds)]
     main = ["adventurer", "vit", "vit (avg pool)", "crate"]
     order = main + [a for a in ABLATION if ABLATION[a] != (True, "alternate")]
     runs: list[dict[str, Any]] = []
     for s in seeds:
         for name in order:
-            r = _train(name, factories[name], scale, s, data, out_dir, device, progress)
-            log(f"[adventurer] seed {s} {name}: val acc {r['val_acc']:.4f} in {r['time_s']:.1f}s")
+            r = _train(name, factories[name], row, s, data, out_dir, device, progress)
+            log(f"seed {s} {name}: val acc {r['val_acc']:.4f} in {r['time_s']:.1f}s")
             runs.append(r)
     for r in [r for r in runs if r["name"] == "adventurer"]:  # "both" is the main Adventurer run
         runs.append(dict(r, name="both (Adventurer)"))
@@ -329,9 +328,9 @@ def run(out_dir: Path, *, quick: bool, smoke: bool, seed: int, device: str, prog
     last = {r["name"]: r["model"] for r in runs if r["seed"] == seeds[-1] and r["name"] in ("adventurer", "vit",
                                                                                            "crate")}
     xv = data["val"].tensors()[0]
-    sec = time_inference({k: m.cpu() for k, m in last.items()}, xv, scale.rounds)
+    sec = time_inference({k: m.cpu() for k, m in last.items()}, xv, row.rounds)
     infer = {k: len(xv) / s for k, s in sec.items()}
-    sweep = token_sweep(scale, info, seed, log)
+    sweep = token_sweep(row, info, seed, log)
 
     # ---- checks ------------------------------------------------------------------------------------------------
     se = _binom_se_diff(mean["adventurer"], n_val * len(seeds))
@@ -369,7 +368,7 @@ def run(out_dir: Path, *, quick: bool, smoke: bool, seed: int, device: str, prog
               lastrow["adventurer_x_vit"] >= 2.0, f"{lastrow['adventurer_x_vit']:.2f}x"),
     ]
     summary = {
-        "scale": mode, "width": scale.width, "depth": scale.depth, "epochs": scale.epochs, "seeds": len(seeds),
+        "scale": scale, "width": row.width, "depth": row.depth, "epochs": row.epochs, "seeds": len(seeds),
         "params": info["params"], "vit_mlp_ratio": info["vit_mlp_ratio"], "crate_width": info["crate_width"],
         "val_acc": {n: round(v, 4) for n, v in mean.items()},
         "train_time_s": {n: round(v, 2) for n, v in time_s.items()},
@@ -385,9 +384,9 @@ def run(out_dir: Path, *, quick: bool, smoke: bool, seed: int, device: str, prog
     # ---- report ------------------------------------------------------------------------------------------------
     report = Report("Adventurer vs ViT vs CRATE on digits, and the heading/flip ablation")
     report.text(
-        f"Scale {mode}: Adventurer {scale.width} wide x {scale.depth} deep (Mamba-2 state {scale.d_state}, head "
-        f"{scale.headdim}); ViT same width/depth with MLP ratio {info['vit_mlp_ratio']}; CRATE {info['crate_width']} "
-        f"wide x {scale.depth} deep. Same budget for all: {scale.epochs} epochs, batch {BATCH}, AdamW lr {LR}, "
+        f"Scale {scale}: Adventurer {row.width} wide x {row.depth} deep (Mamba-2 state {row.d_state}, head "
+        f"{row.headdim}); ViT same width/depth with MLP ratio {info['vit_mlp_ratio']}; CRATE {info['crate_width']} "
+        f"wide x {row.depth} deep. Same budget for all: {row.epochs} epochs, batch {BATCH}, AdamW lr {LR}, "
         f"{len(seeds)} seed(s), digits 16x16 at patch 4 (16 tokens), {n_val} validation images. CPU fp32, "
         f"{torch.get_num_threads()} threads; throughput figures on a shared machine are noisy."
     )
@@ -403,10 +402,7 @@ def run(out_dir: Path, *, quick: bool, smoke: bool, seed: int, device: str, prog
                    r["adventurer_x_vit"], r["crate_x_vit"]] for r in sweep],
                  headers=["tokens", "batch", "adventurer img/s", "vit img/s", "crate img/s", "adventurer / vit",
                           "crate / vit"])
-    fig = _acc_figure(accs)
-    fig.savefig(out_dir / "accuracy.png", dpi=110, bbox_inches="tight")
-    report.figure(out_dir / "accuracy.png", "validation accuracy per model and ablation arm (dots: seeds)")
-    fig = _sweep_figure(sweep)
-    fig.savefig(out_dir / "throughput_vs_tokens.png", dpi=110, bbox_inches="tight")
-    report.figure(out_dir / "throughput_vs_tokens.png", "inference throughput vs tokens")
+    add_figure(report, _acc_figure(accs), out_dir, "accuracy.png",
+               "validation accuracy per model and ablation arm (dots: seeds)")
+    add_figure(report, _sweep_figure(sweep), out_dir, "throughput_vs_tokens.png", "inference throughput vs tokens")
     return RecipeResult(results, report)

@@ -6,10 +6,10 @@ The paper measures CRATE-S on ImageNet; here a 6-layer, 128-wide CRATE (``crate_
 sklearn's 8x8 digits upsampled to 16x16 (a fixed stratified 80/20 train/val split), and the same two measures are
 taken on the trained model and on its random initialization.
 
-Commands::
+Commands (scales in ``SCALES``)::
 
-    ratelab reproduce crate-digits --quick --out runs/crate-digits     # 1 seed, 40 epochs (~2 CPU minutes)
-    ratelab reproduce crate-digits --out runs/crate-digits-full        # 3 seeds, 100 epochs
+    ratelab reproduce crate-digits --scale quick --out runs/crate-digits     # 1 seed, 40 epochs (~2 CPU minutes)
+    ratelab reproduce crate-digits --scale full --out runs/crate-digits-full  # 3 seeds, 100 epochs
 
 Expected: validation accuracy >= 97% (about 99% measured); sparsity per layer rising with depth after training.
 """
@@ -17,7 +17,7 @@ Expected: validation accuracy >= 97% (about 99% measured); sparsity per layer ri
 from __future__ import annotations
 
 import json
-import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +26,34 @@ import torch
 
 from ratelab.eval.report import Report
 from ratelab.recipes import RecipeResult, check, register_recipe
+from ratelab.recipes._common import add_figure, fresh_run_dir
 
 MODEL = "crate_nano_patch4_16"
 TOL = 0.01  # slack for "monotone": 0.01 of zero fraction per layer; 1% of R^c per layer
+
+
+@dataclass(frozen=True)
+class Scale:
+    """Settings of one scale.
+
+    Attributes:
+        model: the registered CRATE trained.
+        epochs: training epochs per seed.
+        seeds: training seeds (``seed``, ``seed + 1``, ...).
+        val_images: validation images the layer measures use (None = all 359).
+    """
+
+    model: str
+    epochs: int
+    seeds: int
+    val_images: int | None
+
+
+SCALES = {
+    "smoke": Scale("crate_pico_patch4_16", epochs=1, seeds=1, val_images=64),
+    "quick": Scale(MODEL, epochs=40, seeds=1, val_images=None),
+    "full": Scale(MODEL, epochs=100, seeds=3, val_images=None),
+}
 
 
 def _spearman(x: np.ndarray, y: np.ndarray) -> float:
@@ -124,26 +149,26 @@ def _attention_figure(model: torch.nn.Module, images: torch.Tensor, labels: torc
     "crate-digits",
     paper="CRATE (Yu et al., NeurIPS 2023)",
     description="train CRATE on digits; per-layer compression and sparsity, trained vs random init",
+    scales=SCALES,
     quick_minutes=2.5,
 )
-def run(out_dir: Path, *, quick: bool, smoke: bool, seed: int, device: str, progress: bool) -> RecipeResult:
+def run(out_dir: Path, *, scale: str, seed: int, device: str, progress: bool) -> RecipeResult:
     from ratelab.analysis.layer_rates import measure_layers, plot_layer_rates
     from ratelab.core.checkpoint import load_model
     from ratelab.data import build_dataset
     from ratelab.train import ClassificationTask, Trainer
 
-    epochs = 1 if smoke else 40 if quick else 100
-    seeds = [seed] if quick or smoke else [seed, seed + 1, seed + 2]
-    model = "crate_pico_patch4_16" if smoke else MODEL
+    row = SCALES[scale]
+    epochs, model = row.epochs, row.model
+    seeds = [seed + i for i in range(row.seeds)]
     val = build_dataset("digits", "val", img_size=16, seed=0)
     images, labels = val.tensors()
-    if smoke:
-        images, labels = images[:64], labels[:64]
+    if row.val_images is not None:
+        images, labels = images[: row.val_images], labels[: row.val_images]
 
     runs: list[dict[str, Any]] = []
     for s in seeds:
-        run_dir = out_dir / f"seed{s}"
-        shutil.rmtree(run_dir, ignore_errors=True)  # a recipe re-run retrains from scratch, never reuses a stale run
+        run_dir = fresh_run_dir(out_dir, f"seed{s}")
         cfg = _train_config(run_dir, model=model, epochs=epochs, seed=s, device=device, progress=progress)
         trainer = Trainer(cfg, ClassificationTask())
         final = trainer.fit()
@@ -214,12 +239,10 @@ def run(out_dir: Path, *, quick: bool, smoke: bool, seed: int, device: str, prog
         headers=["layer", "sparsity (init)", "sparsity (trained)", "R^c (init)", "R^c (trained)"],
     )
     fig = plot_layer_rates({"trained": runs[0]["rates"]["trained"], "random init": runs[0]["rates"]["random init"]})
-    fig.savefig(out_dir / "layer_rates.png", dpi=110, bbox_inches="tight")
-    report.figure(out_dir / "layer_rates.png", "per-layer compression and sparsity, trained vs random initialization")
-    fig = _curve_figure([r["curves"] for r in runs])
-    fig.savefig(out_dir / "learning_curves.png", dpi=110, bbox_inches="tight")
-    report.figure(out_dir / "learning_curves.png", "training loss and validation accuracy")
-    fig = _attention_figure(runs[0]["model"], images[:8], labels[:8])
-    fig.savefig(out_dir / "attention.png", dpi=110, bbox_inches="tight")
-    report.figure(out_dir / "attention.png", "attention maps of the trained model")
+    add_figure(report, fig, out_dir, "layer_rates.png",
+               "per-layer compression and sparsity, trained vs random initialization")
+    add_figure(report, _curve_figure([r["curves"] for r in runs]), out_dir, "learning_curves.png",
+               "training loss and validation accuracy")
+    add_figure(report, _attention_figure(runs[0]["model"], images[:8], labels[:8]), out_dir, "attention.png",
+               "attention maps of the trained model")
     return RecipeResult(results, report)

@@ -10,23 +10,19 @@ trained from scratch (task ``"icl"``, :mod:`ratelab.train.icl_task`) on syntheti
 (:mod:`ratelab.data.fewshot`: Gaussian clusters in R^8, K in 2..5 classes, a fresh random assignment of K out of 8
 label words per sequence), so the label names can only be inferred from the demonstrations.
 
-Evaluation protocol (:func:`collect_records`). An *evaluation task* is one fixed draw of class centers and label
-words -- the analogue of a dataset such as SST-2 in the paper; several are drawn and every number is averaged over
-them. For each task: a pool of test queries and a disjoint pool of calibration queries; ``n_prompts`` demonstration
-sets (the paper's demonstration seeds) of 16 demonstrations each, the k-shot prompt using the first k (nested, so
-k-shot prompts differ only in length); ``n_extra_prompts`` further demonstration sets used only for calibration
-(shot-specific fitting). Test records hold (shots, demonstration set) groups for the test prompts; calibration
-records hold the same groups plus the extra ones, on the calibration queries. 0-shot prompts have no
-demonstrations, so 0 shots is one group, evaluated once (as in the paper). ``prompt_id = 1000 * task_index +
-demonstration_set`` (unique across tasks), and records of different tasks are never mixed: recalibration
+Evaluation protocol (:func:`ratelab.icl.collect_records`, which documents it in full). An *evaluation task* is one
+fixed draw of class centers and label words -- the analogue of a dataset such as SST-2 in the paper; several are
+drawn and every number is averaged over them. Each task has test and disjoint calibration queries and several
+demonstration sets (the paper's demonstration seeds; k-shot prompts use the first k of a set's 16 demonstrations),
+plus extra sets used only for shot-specific calibration. Records of different tasks are never mixed: recalibration
 (:func:`ratelab.icl.recalibration.evaluate_regimes`) runs per task, then rows are averaged over tasks and seeds.
 Probabilities are the softmax of the model's logits restricted to the task's K label words (the LM harness's
 restricted, renormalized label probabilities). ECE: top-label, 10 equal-width bins, (l, u] edges.
 
-Commands::
+Commands (scales in ``SCALES``)::
 
-    ratelab reproduce icl-calibration --quick --out runs/icl-cal   # tiny + small, 1 seed, 300 steps, 3 tasks
-    ratelab reproduce icl-calibration --out runs/icl-cal-full      # tiny + small + base, 3 seeds, 1500 steps
+    ratelab reproduce icl-calibration --scale quick --out runs/icl-cal   # tiny + small, 1 seed, 300 steps, 3 tasks
+    ratelab reproduce icl-calibration --scale full --out runs/icl-cal-full   # tiny + small + base, 3 seeds, 1500 steps
 
 Measured (quick, seed 0; 213 s on a shared, overloaded 2-core machine, of which 173 s training): test accuracy at
 0/1/2/4/8/16 shots, tiny 0.27/0.24/0.41/0.62/0.78/0.83, small 0.33/0.34/0.44/0.65/0.81/0.89 (0 shots = chance: the
@@ -51,116 +47,63 @@ ECE), shot-specific 8/15 and 12/15, 0-shot fits 0/15. Each run's ``checks`` reco
 
 from __future__ import annotations
 
-import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ratelab.data.fewshot import FewShotConfig, FewShotTask, corrupt_classes, sample_points, sample_task
+from ratelab.data.fewshot import FewShotConfig
 from ratelab.eval.report import Report
+from ratelab.icl.synthetic import DEFAULT_SHOTS, PROMPT_STRIDE, collect_records
 from ratelab.recipes import RecipeResult, check, register_recipe
+from ratelab.recipes._common import add_figure, fresh_run_dir, limit_threads, resolve_device
 
-__all__ = ["FEWSHOT", "SHOTS", "collect_records", "run"]
+__all__ = ["FEWSHOT", "PROMPT_STRIDE", "SCALES", "SHOTS", "Scale", "collect_records", "run"]
 
-SHOTS = (0, 1, 2, 4, 8, 16)
+SHOTS = DEFAULT_SHOTS
 # Cluster noise 0.8 (centers ~ N(0, I_8)) leaves ~10% Bayes error at K = 5 even with known centers, so accuracy
 # stays below 1 and calibration has something to measure.
 FEWSHOT = FewShotConfig(input_dim=8, vocab_size=8, min_classes=2, max_classes=5, noise_std=0.8, n_pairs=17)
-PROMPT_STRIDE = 1000  # prompt_id = PROMPT_STRIDE * task_index + demonstration set
 
 
-def _restricted_logits(model: torch.nn.Module, demo_x: torch.Tensor, demo_y: torch.Tensor, qx: torch.Tensor,
-                       label_words: torch.Tensor, batch: int = 1024) -> torch.Tensor:
-    """Label-word logits (Q, K) for each query after the same k demonstrations (k = len(demo_x))."""
-    out = []
-    for i in range(0, qx.shape[0], batch):
-        q = qx[i: i + batch]
-        n = q.shape[0]
-        x = torch.cat([demo_x.expand(n, -1, -1), q[:, None]], dim=1)  # (n, k + 1, d)
-        y = demo_y.expand(n, -1)  # (n, k): the query's own label is not an input
-        out.append(model.label_logits(x, y, label_words)[:, -1])
-    return torch.cat(out).double().cpu()
+@dataclass(frozen=True)
+class Scale:
+    """Settings of one scale.
 
+    Recalibration dominates the evaluation time: shot-specific and prompt-specific calibrators are refitted per
+    (shots, demonstration set) group, 2 * (len(shots) - 1) * n_prompts + 1 fits per method, task, model and seed.
 
-def _append(c: dict[str, list[torch.Tensor]], z: torch.Tensor, labels: torch.Tensor, k: int, pid: int, lo: int,
-            hi: int) -> None:
-    """Add query rows lo..hi-1 (their logits, labels, shots, prompt id and example ids) to record columns ``c``."""
-    c["logits"].append(z[lo:hi])
-    c["labels"].append(labels[lo:hi])
-    c["shots"].append(torch.full((hi - lo,), k))
-    c["prompt_id"].append(torch.full((hi - lo,), pid))
-    c["example_id"].append(torch.arange(lo, hi))
-
-
-@torch.no_grad()
-def collect_records(model: torch.nn.Module, cfg: FewShotConfig = FEWSHOT, *, n_tasks: int = 4,
-                    shots: tuple[int, ...] = SHOTS, n_prompts: int = 5, n_extra_prompts: int = 5, n_test: int = 300,
-                    n_calib: int = 300, seed: int = 0, device: str | torch.device = "cpu",
-                    num_classes: int | None = None) -> list[dict[str, Any]]:
-    """Test and calibration records of ``model`` on ``n_tasks`` fixed evaluation tasks (see the module docstring).
-
-    Args:
-        model: an :class:`~ratelab.models.icl_gpt.ICLGPT` (anything with ``label_logits(x, y, label_words)``).
-        cfg: task distribution (input dimension, vocabulary, cluster noise, demonstration label noise).
-        n_tasks: evaluation tasks.
-        shots: numbers of demonstrations (max <= the model's ``max_pairs - 1``).
-        n_prompts: demonstration sets evaluated on the test queries (and on the calibration queries).
-        n_extra_prompts: extra demonstration sets evaluated only on the calibration queries (shot-specific fits).
-        n_test, n_calib: query pool sizes (disjoint draws; example ids 0..n_test-1 and n_test..n_test+n_calib-1).
-        seed: fixes tasks, demonstrations and queries (independent of the model).
-        device: where the model runs.
-        num_classes: K for every task; default drawn per task from ``cfg``.
-
-    Returns:
-        One dict per task: ``task`` (:class:`FewShotTask`), ``test`` and ``calib`` (:class:`ICLRecords`).
-        Demonstration labels carry ``cfg.label_noise``; query labels are clean.
+    Attributes:
+        sizes: ``icl_gpt_<size>`` models trained.
+        seeds: training seeds per size (``seed``, ``seed + 1``, ...).
+        steps, batch: training length and batch (sequences).
+        shots: numbers of demonstrations evaluated.
+        n_tasks, n_prompts, n_extra_prompts, n_test, n_calib: evaluation protocol
+            (:func:`ratelab.icl.collect_records`).
     """
-    from ratelab.icl.records import ICLRecords
-    from ratelab.train.data import derive_seed
 
-    if n_prompts < 1 or n_test < 1 or n_calib < 1 or n_extra_prompts < 0:
-        raise ValueError(f"collect_records: need n_prompts, n_test, n_calib >= 1 and n_extra_prompts >= 0, got "
-                         f"{n_prompts}, {n_test}, {n_calib}, {n_extra_prompts}")
-    if n_prompts + n_extra_prompts > PROMPT_STRIDE:
-        raise ValueError(f"collect_records: at most {PROMPT_STRIDE} demonstration sets per task")
-    max_k = max(shots)
-    model.eval()
-    out = []
-    for t in range(n_tasks):
-        g = torch.Generator().manual_seed(derive_seed(seed, t, 0x7A5C))
-        task: FewShotTask = sample_task(cfg, g, num_classes)
-        qx, qy = sample_points(task, n_test + n_calib, cfg, g)  # clean query labels
-        qx_dev, words = qx.to(device), task.label_words.to(device)
-        cols: dict[str, dict[str, list[torch.Tensor]]] = {
-            s: {"logits": [], "labels": [], "shots": [], "prompt_id": [], "example_id": []} for s in ("test", "calib")
-        }
+    sizes: tuple[str, ...]
+    seeds: int
+    steps: int
+    batch: int
+    shots: tuple[int, ...]
+    n_tasks: int
+    n_prompts: int
+    n_extra_prompts: int
+    n_test: int
+    n_calib: int
 
-        for p in range(n_prompts + n_extra_prompts):
-            gp = torch.Generator().manual_seed(derive_seed(seed, t, p, 0xD3))
-            dx, dc = sample_points(task, max_k, cfg, gp)
-            if cfg.label_noise > 0:
-                dc = corrupt_classes(dc, task.num_classes, cfg.label_noise, gp)
-            dx, dy = dx.to(device), task.label_words[dc].to(device)
-            pid = PROMPT_STRIDE * t + p
-            for k in shots:
-                if k == 0 and p > 0:
-                    continue  # no demonstrations: every 0-shot prompt is the same prompt
-                lo = 0 if p < n_prompts else n_test  # extra demonstration sets only score calibration queries
-                z = torch.zeros(n_test + n_calib, task.num_classes, dtype=torch.float64)
-                z[lo:] = _restricted_logits(model, dx[None, :k], dy[None, :k], qx_dev[lo:], words)
-                if p < n_prompts:
-                    _append(cols["test"], z, qy, k, pid, 0, n_test)
-                _append(cols["calib"], z, qy, k, pid, n_test, n_test + n_calib)
-        recs = {}
-        for split, c in cols.items():
-            z = torch.cat(c["logits"])
-            recs[split] = ICLRecords(probs=z.softmax(1), labels=torch.cat(c["labels"]), shots=torch.cat(c["shots"]),
-                                     prompt_id=torch.cat(c["prompt_id"]), example_id=torch.cat(c["example_id"]),
-                                     logits=z)
-        out.append({"task": task, "test": recs["test"], "calib": recs["calib"]})
-    return out
+
+SCALES = {
+    "smoke": Scale(sizes=("tiny",), seeds=1, steps=3, batch=16, shots=(0, 1, 2, 16), n_tasks=1, n_prompts=1,
+                   n_extra_prompts=1, n_test=40, n_calib=40),
+    "quick": Scale(sizes=("tiny", "small"), seeds=1, steps=300, batch=64, shots=SHOTS, n_tasks=3, n_prompts=3,
+                   n_extra_prompts=2, n_test=200, n_calib=200),
+    "full": Scale(sizes=("tiny", "small", "base"), seeds=3, steps=1500, batch=64, shots=SHOTS, n_tasks=6,
+                  n_prompts=5, n_extra_prompts=5, n_test=300, n_calib=300),
+}
 
 
 def _train(size: str, seed: int, run_dir: Path, *, steps: int, batch: int, device: str, progress: bool
@@ -168,7 +111,6 @@ def _train(size: str, seed: int, run_dir: Path, *, steps: int, batch: int, devic
     from ratelab.train import TrainConfig, Trainer
     from ratelab.train.icl_task import ICLTask
 
-    shutil.rmtree(run_dir, ignore_errors=True)
     cfg = TrainConfig(
         task="icl", model=f"icl_gpt_{size}", max_steps=steps, batch_size=batch, optimizer="adamw",
         lr=3e-3 if size == "tiny" else 2e-3, weight_decay=0.01, warmup_steps=max(1, steps // 10),
@@ -216,10 +158,9 @@ def _figures(out_dir: Path, sizes: list[str], shots: tuple[int, ...], summ: dict
     ax_acc.set_title("test accuracy vs shots")
     ax_ece.set_title("uncalibrated ECE vs shots")
     fig.tight_layout()
-    fig.savefig(out_dir / "acc_ece_vs_shots.png", dpi=110, bbox_inches="tight")
-    report.figure(out_dir / "acc_ece_vs_shots.png",
-                  "accuracy and ECE vs shots per model size (mean over evaluation tasks and seeds; band = std over "
-                  "training seeds, zero with one seed)")
+    add_figure(report, fig, out_dir, "acc_ece_vs_shots.png",
+               "accuracy and ECE vs shots per model size (mean over evaluation tasks and seeds; band = std over "
+               "training seeds, zero with one seed)")
 
     fig = Figure(figsize=(4.2 * len(sizes), 3.8))
     axes = np.atleast_1d(fig.subplots(1, len(sizes), sharey=True))
@@ -237,10 +178,9 @@ def _figures(out_dir: Path, sizes: list[str], shots: tuple[int, ...], summ: dict
     axes[0].set_ylabel("test ECE")
     axes[-1].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out_dir / "ece_recalibration.png", dpi=110, bbox_inches="tight")
-    report.figure(out_dir / "ece_recalibration.png",
-                  "ECE before and after recalibration (temperature scaling, scaling-binning) under the three fitting "
-                  "regimes (0-shot, shot-specific, prompt-specific)")
+    add_figure(report, fig, out_dir, "ece_recalibration.png",
+               "ECE before and after recalibration (temperature scaling, scaling-binning) under the three fitting "
+               "regimes (0-shot, shot-specific, prompt-specific)")
 
 
 @register_recipe(
@@ -248,40 +188,29 @@ def _figures(out_dir: Path, sizes: list[str], shots: tuple[int, ...], summ: dict
     paper="A Study on the Calibration of In-context Learning (Zhang et al., NAACL 2024)",
     description="ICL accuracy/ECE vs shots and model size on synthetic few-shot tasks; temperature scaling and "
                 "scaling-binning under 0-shot / shot-specific / prompt-specific fitting",
+    scales=SCALES,
     quick_minutes=2.0,
 )
-def run(out_dir: Path, *, quick: bool, smoke: bool, seed: int, device: str, progress: bool) -> RecipeResult:
+def run(out_dir: Path, *, scale: str, seed: int, device: str, progress: bool) -> RecipeResult:
     import ratelab.models.icl_gpt  # noqa: F401  (registers the models)
-    from ratelab.core.dist import resolve_device
     from ratelab.icl.recalibration import evaluate_regimes, format_table, summarize
 
-    # Recalibration dominates the evaluation time: shot-specific and prompt-specific calibrators are refitted per
-    # (shots, demonstration set) group, 2 * (len(shots) - 1) * n_prompts + 1 fits per method, task, model and seed.
-    shots = SHOTS
-    if smoke:
-        sizes, seeds, steps, batch, shots = ["tiny"], [seed], 3, 16, (0, 1, 2, 16)
-        ev = {"n_tasks": 1, "n_prompts": 1, "n_extra_prompts": 1, "n_test": 40, "n_calib": 40}
-    elif quick:
-        sizes, seeds, steps, batch = ["tiny", "small"], [seed], 300, 64
-        ev = {"n_tasks": 3, "n_prompts": 3, "n_extra_prompts": 2, "n_test": 200, "n_calib": 200}
-    else:
-        sizes, seeds, steps, batch = ["tiny", "small", "base"], [seed, seed + 1, seed + 2], 1500, 64
-        ev = {"n_tasks": 6, "n_prompts": 5, "n_extra_prompts": 5, "n_test": 300, "n_calib": 300}
+    row = SCALES[scale]
+    sizes, seeds, steps, batch, shots = list(row.sizes), [seed + i for i in range(row.seeds)], row.steps, row.batch, \
+        row.shots
+    ev = {"n_tasks": row.n_tasks, "n_prompts": row.n_prompts, "n_extra_prompts": row.n_extra_prompts,
+          "n_test": row.n_test, "n_calib": row.n_calib}
     dev = resolve_device(device)
 
     per_seed_summ: dict[str, list[list[dict]]] = {s: [] for s in sizes}
     per_seed_recal: dict[str, list[list[dict]]] = {s: [] for s in sizes}
     runs: list[dict[str, Any]] = []
-    # One intra-op thread for these tiny models on CPU (restored afterwards): on a shared 2-core machine extra
-    # threads only add contention.
-    threads = torch.get_num_threads()
-    if dev.type == "cpu":
-        torch.set_num_threads(1)
-    try:
+    # One intra-op thread for these tiny models on CPU: on a shared 2-core machine extra threads only add contention.
+    with limit_threads(1, device=dev):
         for size in sizes:
             for s in seeds:
-                model, final = _train(size, s, out_dir / "runs" / f"{size}_seed{s}", steps=steps, batch=batch,
-                                      device=device, progress=progress)
+                model, final = _train(size, s, fresh_run_dir(out_dir, "runs", f"{size}_seed{s}"), steps=steps,
+                                      batch=batch, device=device, progress=progress)
                 # Evaluation tasks depend on the recipe seed only: every model and training seed sees the same ones.
                 recs = collect_records(model, FEWSHOT, shots=shots, seed=seed + 7919, device=dev, **ev)
                 summ = [summarize(r["test"]) for r in recs]
@@ -293,8 +222,6 @@ def run(out_dir: Path, *, quick: bool, smoke: bool, seed: int, device: str, prog
                              "train_time_s": final.get("time_s"), "train_loss": final.get("train_loss"),
                              "val_acc_16shot": final.get("val_acc_16shot"),
                              "K_per_task": [r["task"].num_classes for r in recs]})
-    finally:
-        torch.set_num_threads(threads)
 
     # Average over seeds (each seed's rows are already averaged over evaluation tasks); ``*_sd`` is across seeds.
     summ_rows = {sz: _mean_over(per_seed_summ[sz], ("shots",), ["acc_mean", "ece_mean", "conf_mean"]) for sz in sizes}

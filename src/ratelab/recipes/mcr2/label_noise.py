@@ -15,10 +15,10 @@ validation labels stay clean. Evaluated on validation:
   a logistic-regression linear probe (also fitted on noisy labels);
 * CE: its own logits, and the same nearest-subspace and probe evaluators on its L2-normalized penultimate features.
 
-Commands::
+Commands (scales in ``SCALES``)::
 
-    ratelab reproduce mcr2-label-noise --quick --out runs/mcr2-noise     # 1 seed, p in {0, .2, .4, .6}, 40 epochs
-    ratelab reproduce mcr2-label-noise --out runs/mcr2-noise-full        # 3 seeds, 100 epochs (~7 CPU minutes)
+    ratelab reproduce mcr2-label-noise --scale quick --out runs/mcr2-noise    # 1 seed, p in {0, .2, .4, .6}, 40 ep.
+    ratelab reproduce mcr2-label-noise --scale full --out runs/mcr2-noise-full   # 3 seeds, 100 epochs (~7 CPU min)
 
 Measured (quick, seed 0, 2 CPU threads, ~55 s): validation accuracy at 0/20/40/60% noise, MCR² nearest subspace
 0.992/0.994/0.978/0.883, CE logits 0.981/0.983/0.961/0.939. MCR² >= CE at 40% but not at 60%: the paper's
@@ -32,7 +32,7 @@ each run measures.
 
 from __future__ import annotations
 
-import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +40,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ratelab.data.noise import RelabeledDataset, symmetric_noise
 from ratelab.eval.report import Report
 from ratelab.recipes import RecipeResult, check, register_recipe
+from ratelab.recipes._common import add_figure, fresh_run_dir, limit_threads, resolve_device
 
-__all__ = ["RelabeledDataset", "corrupt_labels", "run"]
+__all__ = ["SCALES", "RelabeledDataset", "Scale", "corrupt_labels", "run"]
 
 MODEL = "mcr2_mlp_small"
 IMG_SIZE = 8  # digits' native resolution: the MLP needs no upsampling
@@ -57,57 +59,41 @@ PROBE_C = 0.01
 
 
 def corrupt_labels(labels: torch.Tensor, fraction: float, num_classes: int, seed: int) -> torch.Tensor:
-    """Redraw the labels of a random ``fraction`` of the samples uniformly from all ``num_classes`` classes.
+    """This recipe's corruption under its earlier name: :func:`ratelab.data.noise.symmetric_noise` with
+    ``to="any"`` (a share ``fraction`` redrawn from all classes, nested across fractions for one seed).
 
-    The chosen samples are a prefix of one seeded permutation and their new labels come from one seeded draw per
-    sample, so for a fixed seed the corrupted set of a smaller fraction is contained in that of a larger one (the
-    noise levels are nested). A redrawn label equals the original with probability 1 / num_classes.
-
-    Args:
-        labels: (n,) int64 clean labels.
-        fraction: share of samples to redraw, in [0, 1] (rounded to the nearest count).
-        num_classes: K.
-        seed: fixes which samples are redrawn and their new labels.
-
-    Returns:
-        (n,) int64 new labels (a new tensor).
+    Raises:
+        ValueError: ``fraction`` outside [0, 1], or labels that are not 1-D.
     """
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"corrupt_labels: fraction must be in [0, 1], got {fraction}")
-    if labels.ndim != 1:
-        raise ValueError(f"corrupt_labels: labels must be 1-D, got shape {tuple(labels.shape)}")
-    n = labels.shape[0]
-    g = torch.Generator().manual_seed(int(seed))
-    order = torch.randperm(n, generator=g)
-    redraw = torch.randint(0, num_classes, (n,), generator=g)
-    out = labels.clone().long()
-    chosen = order[: int(round(fraction * n))]
-    out[chosen] = redraw[chosen]
-    return out
+    return symmetric_noise(labels, fraction, num_classes, generator=seed, to="any").labels
 
 
-class RelabeledDataset(Dataset):
-    """A view of ``base`` whose item ``i`` is ``(base[i][0], labels[i])``; the image pipeline is untouched.
+@dataclass(frozen=True)
+class Scale:
+    """Settings of one scale.
 
-    Exposes ``num_classes``, ``img_size``, ``in_chans`` and ``classes`` of the base dataset (the tasks read them).
+    Attributes:
+        noise_levels: label-corruption fractions p.
+        seeds: training seeds (``seed``, ``seed + 1``, ...).
+        epochs: epochs per run (both losses).
+        max_steps: optional cap on optimizer steps per run (smoke only).
+        probe_iter: iteration limit of the logistic-regression probe.
     """
 
-    def __init__(self, base: Dataset, labels: torch.Tensor) -> None:
-        if len(labels) != len(base):  # type: ignore[arg-type]
-            raise ValueError(f"RelabeledDataset: {len(labels)} labels for a dataset of {len(base)} items")  # type: ignore[arg-type]
-        self.base, self._labels = base, labels.clone().long()
-        for name in ("num_classes", "img_size", "in_chans", "classes"):
-            if hasattr(base, name):
-                setattr(self, name, getattr(base, name))
+    noise_levels: tuple[float, ...]
+    seeds: int
+    epochs: int
+    max_steps: int | None
+    probe_iter: int
 
-    def __len__(self) -> int:
-        return len(self._labels)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.base[index][0], int(self._labels[index])
-
-    def labels(self) -> torch.Tensor:
-        return self._labels.clone()
+SCALES = {
+    "smoke": Scale(noise_levels=(0.0, 0.6), seeds=1, epochs=1, max_steps=2, probe_iter=20),
+    "quick": Scale(noise_levels=NOISE_LEVELS, seeds=1, epochs=40, max_steps=None, probe_iter=100),
+    "full": Scale(noise_levels=NOISE_LEVELS, seeds=3, epochs=100, max_steps=None, probe_iter=100),
+}
 
 
 def _config(out_dir: Path, *, task: str, epochs: int, seed: int, device: str, progress: bool, max_steps=None):
@@ -140,13 +126,12 @@ def _evaluate(fn: Any, fit_ds: Dataset, val_ds: Dataset, device: str | torch.dev
 
 def _one_run(method: str, p: float, seed: int, data: dict[str, Any], run_dir: Path, *, epochs: int, device: str,
              progress: bool, max_steps: int | None, probe_iter: int) -> dict[str, Any]:
-    from ratelab.core.dist import resolve_device
     from ratelab.train import ClassificationTask, MCR2Task, Trainer
 
-    noisy = corrupt_labels(data["train"].labels(), p, 10, seed=1000 + seed)  # official corruption seed was 10
+    # Official corrupt.py protocol: a share p redrawn from all classes (~0.9 p wrong); its corruption seed was 10.
+    noisy = symmetric_noise(data["train"].labels(), p, 10, generator=1000 + seed, to="any").labels
     train = RelabeledDataset(data["train"], noisy)
     fit_ds = RelabeledDataset(data["fit"], noisy)
-    shutil.rmtree(run_dir, ignore_errors=True)
     if method == "mcr2":
         task: Any = MCR2Task(feature_dim=FEATURE_DIM, n_components=N_COMPONENTS, train_dataset=train,
                              val_dataset=data["val"], fit_dataset=fit_ds)
@@ -208,40 +193,35 @@ def _angle_figure(mats: dict[str, np.ndarray]):
     "mcr2-label-noise",
     paper="MCR² (Yu et al., NeurIPS 2020)",
     description="MCR² vs cross-entropy on digits at 0-60% label corruption; nearest subspace, probe, subspace angles",
+    scales=SCALES,
     quick_minutes=2.0,
 )
-def run(out_dir: Path, *, quick: bool, smoke: bool, seed: int, device: str, progress: bool) -> RecipeResult:
-    from ratelab.core.dist import resolve_device
+def run(out_dir: Path, *, scale: str, seed: int, device: str, progress: bool) -> RecipeResult:
     from ratelab.data import build_dataset
     from ratelab.eval.subspace import class_subspace_cosines, nearest_subspace_fit
 
-    levels = [0.0, 0.6] if smoke else list(NOISE_LEVELS)
-    seeds = [seed] if quick or smoke else [seed, seed + 1, seed + 2]
-    epochs = 1 if smoke else 40 if quick else 100
-    max_steps = 2 if smoke else None
+    row = SCALES[scale]
+    levels = list(row.noise_levels)
+    seeds = [seed + i for i in range(row.seeds)]
+    epochs, max_steps = row.epochs, row.max_steps
     common = {"img_size": IMG_SIZE, "seed": 0}  # one fixed train/val partition for every run
     data = {"train": build_dataset("digits", "train", **common), "val": build_dataset("digits", "val", **common),
             "fit": build_dataset("digits", "train", augment=False, **common)}
 
     rows: list[dict[str, Any]] = []
     clean_feats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    # One intra-op thread on CPU for these tiny networks, restored afterwards: with 2 threads on a 2-core machine
-    # the same MCR² run took 47 s instead of 3.7 s (measured; the slowdown appeared in the noisy-label runs only).
-    threads = torch.get_num_threads()
-    if resolve_device(device).type == "cpu":
-        torch.set_num_threads(1)
-    try:
+    # One intra-op thread on CPU for these tiny networks: with 2 threads on a 2-core machine the same MCR² run took
+    # 47 s instead of 3.7 s (measured; the slowdown appeared in the noisy-label runs only).
+    with limit_threads(1, device=device):
         for s in seeds:
             for p in levels:
                 for method in ("mcr2", "ce"):
-                    out = _one_run(method, p, s, data, out_dir / f"{method}_p{int(100 * p)}_seed{s}",
+                    out = _one_run(method, p, s, data, fresh_run_dir(out_dir, f"{method}_p{int(100 * p)}_seed{s}"),
                                    epochs=epochs, device=device, progress=progress, max_steps=max_steps,
-                                   probe_iter=20 if smoke else 100)
+                                   probe_iter=row.probe_iter)
                     rows.append(out["row"])
                     if p == 0.0 and s == seeds[0]:
                         clean_feats[method] = out["feats"]
-    finally:
-        torch.set_num_threads(threads)
 
     names = {"MCR² nearest subspace": ("mcr2", "ns_acc"), "MCR² linear probe": ("mcr2", "probe_acc"),
              "CE logits": ("ce", "logit_acc"), "CE nearest subspace": ("ce", "ns_acc"),
@@ -305,12 +285,9 @@ def run(out_dir: Path, *, quick: bool, smoke: bool, seed: int, device: str, prog
     report.checks(checks)
     report.table([[name] + [mean[name][p] for p in levels] for name in names],
                  headers=["evaluator"] + [f"{int(100 * p)}% noise" for p in levels])
-    fig = _accuracy_figure(table, levels)
-    fig.savefig(out_dir / "accuracy_vs_noise.png", dpi=110, bbox_inches="tight")
-    report.figure(out_dir / "accuracy_vs_noise.png", "validation accuracy vs label corruption (mean ± std over seeds)")
+    add_figure(report, _accuracy_figure(table, levels), out_dir, "accuracy_vs_noise.png",
+               "validation accuracy vs label corruption (mean ± std over seeds)")
     if cos_mats:
-        fig = _angle_figure(cos_mats)
-        fig.savefig(out_dir / "subspace_angles.png", dpi=110, bbox_inches="tight")
-        report.figure(out_dir / "subspace_angles.png",
-                      "principal angles between class subspaces at 0% noise (0 = orthogonal, 1 = identical)")
+        add_figure(report, _angle_figure(cos_mats), out_dir, "subspace_angles.png",
+                   "principal angles between class subspaces at 0% noise (0 = orthogonal, 1 = identical)")
     return RecipeResult(results, report)

@@ -11,10 +11,10 @@ principal angles, singular values vs the closed form, Hessian extreme eigenvalue
 saddle points (one singular value at the smaller stationary root) are escaped by ascent after a small step along
 the top Hessian eigenvector. No data, no network: the features Z are the optimization variables.
 
-Commands::
+Commands (scales in ``SCALES``)::
 
-    ratelab reproduce mcr2-landscape --quick --out runs/mcr2-landscape     # 3 settings x 24 starts (< 1 CPU minute)
-    ratelab reproduce mcr2-landscape --out runs/mcr2-landscape-full       # 4 settings x 100 starts
+    ratelab reproduce mcr2-landscape --scale quick --out runs/mcr2-landscape  # 3 settings x 24 starts (< 1 CPU minute)
+    ratelab reproduce mcr2-landscape --scale full --out runs/mcr2-landscape-full   # 4 settings x 100 starts
 
 Expected: every start converges to a certified local maximizer with cross-class cosine ~1e-15 and singular values
 equal to the closed form to ~1e-9; with unequal class sizes most starts stop at local, non-global rank splits.
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ import torch
 
 from ratelab.eval.report import Report
 from ratelab.recipes import RecipeResult, check, register_recipe
+from ratelab.recipes._common import add_figure, limit_threads, logger
 
 EPS = 0.5
 # (name, d, class sizes, lambda): the first three are the settings of the design note's numerical study
@@ -45,6 +47,28 @@ SETTINGS = [
 SMOKE_SETTINGS = [("S", 6, (4, 4), 0.1)]
 GRAD_TOL = 1e-9  # ascent stops at this gradient norm; certify calls a point critical below 1e-6
 STRUCT_TOL = 1e-6  # orthogonality and singular-value tolerance of the checks
+
+
+@dataclass(frozen=True)
+class Scale:
+    """Settings of one scale.
+
+    Attributes:
+        settings: names of the (d, class sizes, lambda) settings studied (``SETTINGS``; ``"S"`` is the smoke one).
+        starts: random starts per setting.
+        steps: ascent step limit (each ascent stops earlier at ``GRAD_TOL``).
+    """
+
+    settings: tuple[str, ...]
+    starts: int
+    steps: int
+
+
+SCALES = {
+    "smoke": Scale(settings=("S",), starts=2, steps=600),
+    "quick": Scale(settings=("A", "B", "C"), starts=24, steps=30000),
+    "full": Scale(settings=("A", "B", "C", "D"), starts=100, steps=30000),
+}
 
 
 def _labels(sizes: tuple[int, ...]) -> torch.Tensor:
@@ -207,27 +231,26 @@ def _fig_objective(rows, escapes):
     "mcr2-landscape",
     paper="Global geometric analysis of MCR² (Wang et al., ICML 2024)",
     description="regularized MCR²: random-start ascent certified against the closed-form maximizers; saddle escape",
+    scales=SCALES,
     quick_minutes=1.0,
 )
-def run(out_dir: Path, *, quick: bool, smoke: bool, seed: int, device: str, progress: bool) -> RecipeResult:
-    # device is ignored: float64 CPU analysis at these sizes is faster than any launch overhead.
-    settings = SMOKE_SETTINGS if smoke else SETTINGS[:3] if quick else SETTINGS
-    starts = 2 if smoke else 24 if quick else 100
-    steps = 600 if smoke else 30000
+def run(out_dir: Path, *, scale: str, seed: int, device: str, progress: bool) -> RecipeResult:
+    row = SCALES[scale]
+    by_name = {s[0]: s for s in SETTINGS + SMOKE_SETTINGS}
+    settings = [by_name[n] for n in row.settings]
+    starts, steps = row.starts, row.steps
     lanczos_iters = None  # full Krylov space (n*d <= 720 here): exact extreme eigenvalues
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: threading only adds overhead
-    try:
+    log = logger(progress, "mcr2-landscape")
+    # device is ignored: float64 CPU analysis at these sizes is faster than any launch overhead; one thread, as
+    # threading tiny matrices only adds overhead.
+    with limit_threads(1, device="cpu"):
         rows, escapes = [], []
         for i, (name, d, sizes, lam) in enumerate(settings):
-            if progress:
-                print(f"[mcr2-landscape] setting {name}: d={d}, N_k={sizes}, lam={lam}, {starts} starts", flush=True)
+            log(f"setting {name}: d={d}, N_k={sizes}, lam={lam}, {starts} starts")
             rows.append(_run_setting(name, d, sizes, lam, starts=starts, steps=steps, seed=seed + 1000 * i,
                                      lanczos_iters=lanczos_iters))
             escapes.append(_escape_saddle(name, d, sizes, lam, seed=seed + 1000 * i, steps=steps,
                                           lanczos_iters=lanczos_iters))
-    finally:
-        torch.set_num_threads(threads)
 
     total = sum(r["starts"] for r in rows)
     n_conv = sum(r["converged"] for r in rows)
@@ -312,16 +335,12 @@ def run(out_dir: Path, *, quick: bool, smoke: bool, seed: int, device: str, prog
                  "F increase after escape", "end kind", "end ranks", "end sigma rel err",
                  "F increase, opposite step", "end ranks, opposite step"],
     )
-    for fname, fig, cap in [
-        ("sigma_vs_closed_form.png", _fig_sigma(rows), "nonzero singular values of each class at the end points "
-         "vs the closed-form local-max value (red) and the saddle root (dashed)"),
-        ("gram_heatmap.png", _fig_gram(rows), "|Z Z^T| (sample Gram, rows sorted by class) of one end point per "
-         "setting: block diagonal = orthogonal class subspaces"),
-        ("objective.png", _fig_objective(rows, escapes), "F vs iteration: random starts (top) and escape from a "
-         "constructed strict saddle (bottom); dashed: F* of the global split"),
-    ]:
-        fig.savefig(out_dir / fname, dpi=110, bbox_inches="tight")
-        report.figure(out_dir / fname, cap)
+    add_figure(report, _fig_sigma(rows), out_dir, "sigma_vs_closed_form.png", "nonzero singular values of each class "
+               "at the end points vs the closed-form local-max value (red) and the saddle root (dashed)")
+    add_figure(report, _fig_gram(rows), out_dir, "gram_heatmap.png", "|Z Z^T| (sample Gram, rows sorted by class) of "
+               "one end point per setting: block diagonal = orthogonal class subspaces")
+    add_figure(report, _fig_objective(rows, escapes), out_dir, "objective.png", "F vs iteration: random starts (top) "
+               "and escape from a constructed strict saddle (bottom); dashed: F* of the global split")
     if not math.isfinite(summary["worst_sigma_rel_error"]):
         raise RuntimeError("mcr2-landscape: non-finite singular-value error; the ascent diverged")
     return RecipeResult(results, report)

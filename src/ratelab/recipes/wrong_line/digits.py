@@ -17,65 +17,75 @@ MNIST) could not be recovered in detail (note §1.3), so this is ratelab's own s
   means memorising. With ``cue_follows="observed"`` the cue is drawn from the (noisy) training label instead,
   as in Arjovsky et al.'s Colored MNIST, so the cue *explains* part of the noise;
 * models: networks of the library (``mcr2_mlp_small`` at several widths, ``mcr2_cnn_small``; the full sweep adds
-  ``crate_pico_patch4_16`` with 2-pixel patches), trained with one small direct loop (AdamW, cross-entropy, no
-  augmentation, no weight decay so that they can memorise), on nested training subsets of several sizes, and
-  evaluated at several epochs: every (architecture, training size, epoch) is one point of the scatter, as in
-  accuracy-on-the-line studies.
+  ``crate_pico_patch4_16`` with 2-pixel patches), trained by the library's Trainer (AdamW at a constant learning
+  rate, cross-entropy, no augmentation, no weight decay so that they can memorise, fp32, batch 128 with the ragged
+  tail of each epoch dropped), on nested training subsets of several sizes, and evaluated at several epochs: every
+  (architecture, training size, epoch) is one point of the scatter, as in accuracy-on-the-line studies.
 
 ``digits_sweep`` runs both conditions and returns the per-model table; the recipe (``recipe.py``) fits the probit
 lines. :func:`cue_only_accuracy` (the best classifier that sees only the cue) is reported as a sanity column.
 
 Measured (quick: mlp-64, mlp-512, cnn-8 x n in {360, 1437} x epochs {5, 15, 40} = 18 models per condition; seed 0;
-colour cue, cue_p = 0.9, noise 0.3; ~22 s with one thread on a loaded 2-core machine). Cue-only classifier: ID 0.894,
-OOD 0.092. Clean: ID 0.35-0.97, OOD 0.19-0.83, probit Pearson r = +0.82 (+0.96 without the one barely trained
-point, cnn-8/n360/e5 at ID 0.35), Spearman +0.97. Noisy: r = +0.56 (bootstrap 95% [-0.15, 0.84]; +0.16 without
-that point), Spearman +0.44. So label noise flattens the line but does not make it negative here. Memorising the
-flipped labels (share fitted rises to 0.73-1.0 by epoch 40) costs ID 0.07-0.18 while OOD moves by -0.11 to +0.03
-along each run: in this low-dimensional image space memorisation is not benign (it hurts ID too), unlike the note's
-d_n >> n linear model (§3) where ID keeps improving while OOD falls. Variations tried (same quick grid, pooled r
-clean / noisy): noise 0.4 with cue_p 0.95: +0.66 / +0.43; border cue: +0.84 / +0.69; cue_p 0.75: +0.95 / +0.85;
-cue drawn from the noisy label (``cue_follows="observed"``, Colored-MNIST style, noisy only): +0.09, every model
-close to the cue-only rule (ID ~0.90, OOD 0.13-0.31). None gave a negative correlation; the defaults stay the
-simplest design.
+colour cue, cue_p = 0.9, noise 0.3; trained by the Trainer, 19 s with one thread on a loaded 2-core machine).
+Cue-only classifier: ID 0.894, OOD 0.092. Clean: ID 0.20-0.97, OOD 0.12-0.83, probit Pearson r = +0.83 (+0.89
+without the one barely trained point, cnn-8/n360/e5 at ID 0.20), Spearman +0.98. Noisy: r = +0.62 (bootstrap 95%
+[-0.16, 0.86]; +0.16 without that point), Spearman +0.38. So label noise flattens the line but does not make it
+negative here. Memorising the flipped labels (share fitted 0.57-1.0 by epoch 40) costs ID 0.05-0.25 below each
+run's best checkpoint while OOD moves by -0.09 to +0.22 from epoch 5 to 40: in this low-dimensional image space
+memorisation is not benign (it hurts ID too), unlike the note's d_n >> n linear model (§3) where ID keeps improving
+while OOD falls. The sweep's first version trained with its own loop (the ragged tail of each epoch kept as a smaller
+batch, so 3 instead of 2 steps per epoch at n = 360): clean +0.82, noisy +0.56 [-0.15, +0.84]; the per-model
+accuracies moved by 0.02-0.03 on average (at most 0.14, the early n = 360 checkpoints), the correlations within their
+intervals. Variations tried with that loop (same quick grid, pooled r clean / noisy): noise 0.4 with cue_p 0.95:
++0.66 / +0.43; border cue: +0.84 / +0.69; cue_p 0.75: +0.95 / +0.85; cue drawn from the noisy label
+(``cue_follows="observed"``, Colored-MNIST style, noisy only): +0.09, every model close to the cue-only rule (ID
+~0.90, OOD 0.13-0.31). None gave a negative correlation; the defaults stay the simplest design.
 
 Full (6 architectures incl. crate-pico x n in {180, 360, 720, 1437} x epochs {5, 10, 20, 40} = 96 models per
-condition; seed 0; 361 s with one thread on a loaded machine): clean r = +0.76 (Spearman +0.96), noisy r = +0.19
-(Spearman +0.10; the recipe's bootstrap interval [-0.03, +0.38]). Again noise destroys the line without reversing it.
+condition; seed 0; 361 s with one thread on a loaded machine; measured with the first version's own loop): clean
+r = +0.76 (Spearman +0.96), noisy r = +0.19 (Spearman +0.10; the recipe's bootstrap interval [-0.03, +0.38]). Again
+noise destroys the line without reversing it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
+import json
 import math
+import shutil
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from ratelab.core.dist import resolve_device
+from ratelab.analysis.accuracy_line import probit_pearson
+from ratelab.data.noise import symmetric_noise
+from ratelab.recipes._common import fresh_run_dir, limit_threads
 
 __all__ = [
     "PALETTE",
+    "SCALES",
     "DigitsCueConfig",
     "apply_cue",
     "assign_cues",
     "cue_label_agreement",
     "cue_only_accuracy",
     "digits_sweep",
-    "flip_labels",
     "make_cue_data",
-    "probit_pearson",
     "run_condition",
     "train_tracked",
     "with_overrides",
 ]
 
 NUM_CLASSES = 10
+PROBIT_CLIP = 1e-3  # finite test sets (a few hundred images x cue draws): a perfect score maps to probit 3.09
 
 # Ten well separated RGB colours (one per class); every channel is > 0 somewhere so no digit becomes invisible.
 PALETTE = torch.tensor([
@@ -150,8 +160,9 @@ ARCHS_FULL: tuple[tuple[str, str, dict[str, Any]], ...] = (
 )
 
 
-# Principled variations of the design tried once (quick grid, seed 0) before settling on the defaults; copied into
-# every result's meta as a record, not recomputed. r = pooled probit Pearson over the 18 models (clean, noisy).
+# Principled variations of the design tried once (quick grid, seed 0, the sweep's first training loop) before settling
+# on the defaults; copied into every result's meta as a record, not recomputed. r = pooled probit Pearson over the 18
+# models (clean, noisy).
 VARIATIONS_TRIED: tuple[dict[str, Any], ...] = (
     {"change": "none (default: colour, cue_p 0.9, noise 0.3, cue follows clean label)", "r_clean": 0.82,
      "r_noisy": 0.56},
@@ -184,25 +195,6 @@ def assign_cues(labels: torch.Tensor, p: float, generator: torch.Generator, num_
     agree = torch.rand(n, generator=generator) < p
     other = (labels + torch.randint(1, num_classes, (n,), generator=generator)) % num_classes
     return torch.where(agree, labels, other)
-
-
-def flip_labels(labels: torch.Tensor, rate: float, generator: torch.Generator, num_classes: int = NUM_CLASSES
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric label noise: exactly ``round(rate * n)`` samples move to a uniformly drawn *other* class.
-
-    Args:
-        labels: (n,) int64 clean labels.
-        rate: share of wrong labels, in [0, 1).
-        generator: seeded torch generator.
-
-    Returns:
-        ``(noisy (n,) int64, flipped (n,) bool)``.
-    """
-    n = labels.shape[0]
-    flipped = torch.zeros(n, dtype=torch.bool)
-    flipped[torch.randperm(n, generator=generator)[: int(round(rate * n))]] = True
-    shift = torch.randint(1, num_classes, (n,), generator=generator)
-    return torch.where(flipped, (labels + shift) % num_classes, labels), flipped
 
 
 def _border_patterns(img_size: int, num_classes: int = NUM_CLASSES) -> torch.Tensor:
@@ -291,7 +283,8 @@ def make_cue_data(cfg: DigitsCueConfig, *, noisy: bool, seed: int) -> dict[str, 
     g = torch.Generator().manual_seed(10_000 + seed)
     perm = torch.randperm(len(ytr), generator=g)
     xtr, ytr = xtr[perm], ytr[perm]  # nested subsets = prefixes
-    y_obs, flipped = flip_labels(ytr, cfg.noise if noisy else 0.0, torch.Generator().manual_seed(20_000 + seed))
+    # Symmetric noise to another class, exactly round(noise * n) labels (every flipped label is wrong).
+    y_obs, flipped = symmetric_noise(ytr, cfg.noise if noisy else 0.0, NUM_CLASSES, generator=20_000 + seed)
     source = y_obs if cfg.cue_follows == "observed" else ytr
     cue_tr = assign_cues(source, cfg.cue_p, torch.Generator().manual_seed(30_000 + seed))
     gt = torch.Generator().manual_seed(40_000 + seed)
@@ -321,76 +314,101 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.
     return correct / max(1, len(y))
 
 
-def train_tracked(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, checkpoints: tuple[int, ...], lr: float,
-                  batch_size: int, weight_decay: float, seed: int, device: str | torch.device,
-                  evaluate: Any) -> list[dict[str, float]]:
-    """Train with AdamW + cross-entropy (constant lr) and call ``evaluate(model, epoch)`` at each checkpoint epoch.
+def _tracked_task(model: nn.Module, train: Any, val: Any, measure: Callable[[nn.Module], dict[str, float]]) -> Any:
+    from ratelab.train import ClassificationTask
+
+    class TrackedTask(ClassificationTask):
+        """Cross-entropy on the given tensors with a model built beforehand (its seeded initialization stays the
+        same in both conditions and at every size); each evaluation is ``measure(model)``, whatever the loader."""
+
+        def build_model(self, cfg: Any) -> nn.Module:
+            return model
+
+        def evaluate(self, model: nn.Module, *args: Any, **kwargs: Any) -> dict[str, float]:
+            return measure(model)
+
+    # The ID test set stands in as the validation set: the Trainer evaluates only runs that have one.
+    return TrackedTask(train_dataset=train, val_dataset=val)
+
+
+def train_tracked(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, run_dir: str | Path,
+                  checkpoints: tuple[int, ...], lr: float, batch_size: int, weight_decay: float, seed: int,
+                  device: str | torch.device, measure: Callable[[nn.Module], dict[str, float]],
+                  val: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[dict[str, Any]]:
+    """Train with the library's Trainer (AdamW at constant ``lr``, cross-entropy, fp32) and measure at checkpoints.
+
+    The Trainer evaluates every ``gcd(checkpoints)`` epochs and logs each evaluation to ``run_dir/metrics.jsonl``
+    with its epoch; the rows of the checkpoint epochs are returned. Batches are ``batch_size`` samples in a
+    permutation per epoch seeded by ``(seed, epoch)``; the ragged tail of each epoch is dropped.
 
     Args:
-        model: the network (moved to ``device``).
+        model: the network (built and seeded by the caller; moved to ``device``).
         x: (n, C, S, S) inputs; y: (n,) int64 labels.
-        checkpoints: increasing epochs at which to evaluate; training stops at the last.
-        seed: fixes the minibatch order.
-        evaluate: ``fn(model, epoch) -> dict``; its results are returned in checkpoint order.
+        run_dir: the run directory (emptied first). Its resumable checkpoint is deleted afterwards (the sweep never
+            resumes; it is the largest file); config, metrics and final weights stay.
+        checkpoints: increasing epochs at which to measure; training stops at the last.
+        seed: the run's seed (data order).
+        measure: ``fn(model) -> dict of floats`` in eval mode without gradients.
+        val: (inputs, labels) the Trainer holds as its validation set (default: the training tensors); ``measure``
+            decides what is actually measured.
+
+    Returns:
+        ``[{"epochs": e, **measure(model after e epochs)}, ...]`` in checkpoint order.
     """
-    dev = resolve_device(device)
-    model.to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    g = torch.Generator().manual_seed(seed)
-    n, out = len(y), []
-    # A final batch of one sample would break BatchNorm in training mode; drop such a remainder.
-    n_batches = max(1, n // batch_size + (1 if n % batch_size > 1 else 0))
-    for epoch in range(1, checkpoints[-1] + 1):
-        model.train()
-        perm = torch.randperm(n, generator=g)
-        for b in range(n_batches):
-            idx = perm[b * batch_size:(b + 1) * batch_size]
-            loss = F.cross_entropy(model(x[idx].to(dev)), y[idx].to(dev))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        if epoch in checkpoints:
-            out.append(evaluate(model, epoch))
-    return out
+    from torch.utils.data import TensorDataset
 
+    from ratelab.train import TrainConfig, Trainer
 
-# -------------------------------------------------------------------------------------------------- statistics
-
-
-def probit_pearson(id_acc: list[float] | np.ndarray, ood_acc: list[float] | np.ndarray, clip: float = 1e-3
-                   ) -> float:
-    """Pearson r of probit(ID) vs probit(OOD) accuracy (accuracies clipped to [clip, 1 - clip]); nan if < 3 points."""
-    from scipy.stats import norm
-
-    a = norm.ppf(np.clip(np.asarray(id_acc, dtype=float), clip, 1 - clip))
-    b = norm.ppf(np.clip(np.asarray(ood_acc, dtype=float), clip, 1 - clip))
-    if len(a) < 3 or a.std() == 0 or b.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(a, b)[0, 1])
+    run_dir = fresh_run_dir(Path(run_dir).parent, Path(run_dir).name)
+    every = functools.reduce(math.gcd, checkpoints)
+    name = getattr(model, "model_name", None) or type(model).__name__
+    cfg = TrainConfig(
+        model=name, epochs=checkpoints[-1], batch_size=batch_size, optimizer="adamw", lr=lr, min_lr=lr,
+        weight_decay=weight_decay, warmup_steps=0, label_smoothing=0.0, grad_clip=0.0, amp="none", seed=seed,
+        out_dir=str(run_dir), ckpt_every=0, eval_every=every, log_every=10_000, device=str(device), progress=False,
+    )
+    vx, vy = val if val is not None else (x, y)
+    task = _tracked_task(model, TensorDataset(x, y), TensorDataset(vx, vy), measure)
+    # The Trainer's per-run lines (a header, every evaluation, a footer) would drown the sweep's own for dozens of
+    # tiny runs; they are all in the run's metrics.jsonl.
+    with contextlib.redirect_stdout(io.StringIO()):
+        Trainer(cfg, task).fit()
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    rows = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("kind") == "eval" and rec["epoch"] + 1 in checkpoints:
+            rows[rec["epoch"] + 1] = {k: v for k, v in rec.items() if k not in ("kind", "epoch")}
+    missing = [e for e in checkpoints if e not in rows]
+    if missing:
+        raise RuntimeError(f"train_tracked: {run_dir / 'metrics.jsonl'} has no evaluation at epochs {missing}")
+    return [{"epochs": e, **rows[e]} for e in checkpoints]
 
 
 # ------------------------------------------------------------------------------------------------------- sweep
 
+# One DigitsCueConfig per scale of the wrong-line recipe (its Scale table holds these rows).
+SCALES: dict[str, DigitsCueConfig] = {
+    "smoke": DigitsCueConfig(archs=(("mlp-16", "mcr2_mlp_small", {"hidden": 16}),
+                                    ("cnn-4", "mcr2_cnn_small", {"width": 4, "hidden": 16})),
+                             n_train=(200, 400), checkpoints=(1, 2), ood_draws=1),
+    "quick": DigitsCueConfig(archs=ARCHS_QUICK, n_train=(360, 1437), checkpoints=(5, 15, 40)),
+    "full": DigitsCueConfig(archs=ARCHS_FULL, n_train=(180, 360, 720, 1437), checkpoints=(5, 10, 20, 40)),
+}
 
-def _settings(quick: bool, smoke: bool) -> DigitsCueConfig:
-    if smoke:
-        return DigitsCueConfig(archs=(("mlp-16", "mcr2_mlp_small", {"hidden": 16}),
-                                      ("cnn-4", "mcr2_cnn_small", {"width": 4, "hidden": 16})),
-                               n_train=(200, 400), checkpoints=(1, 2), ood_draws=1)
-    if quick:
-        return DigitsCueConfig(archs=ARCHS_QUICK, n_train=(360, 1437), checkpoints=(5, 15, 40))
-    return DigitsCueConfig(archs=ARCHS_FULL, n_train=(180, 360, 720, 1437), checkpoints=(5, 10, 20, 40))
 
-
-def run_condition(cfg: DigitsCueConfig, *, noisy: bool, seed: int, device: str, progress: bool
-                  ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def run_condition(cfg: DigitsCueConfig, *, noisy: bool, seed: int, device: str, progress: bool,
+                  out_dir: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Train every (architecture, training size) of ``cfg`` on one condition; one row per checkpoint.
+
+    Args:
+        out_dir: the condition's run directories go to ``out_dir/<arch>_n<size>``.
 
     Returns:
         ``(rows, info)``: rows with ``model``, ``arch``, ``n_train``, ``epochs``, ``id_acc``, ``ood_acc``,
         ``train_acc`` (on the labels trained on), ``memorized`` (share of flipped labels predicted as given; None
-        when clean, so results stay strict JSON), ``train_clean_acc``, ``wall_s``; info with the measured cue
-        agreement, noise rate, cue-only accuracies and the pooled probit Pearson r (None if undefined).
+        when clean, so results stay strict JSON), ``train_clean_acc``, ``wall_s``, ``step``; info with the measured
+        cue agreement, noise rate, cue-only accuracies and the pooled probit Pearson r (None if undefined).
     """
     from ratelab.core.registry import create_model
 
@@ -405,27 +423,32 @@ def run_condition(cfg: DigitsCueConfig, *, noisy: bool, seed: int, device: str, 
             model = create_model(name, num_classes=NUM_CLASSES, in_chans=3, img_size=cfg.img_size, **kw)
             t0 = time.perf_counter()
 
-            def evaluate(m: nn.Module, epoch: int, *, _label=label, _n=n_eff, _x=x, _y=y, _yc=yc, _fl=fl,
-                         _t0=t0) -> dict[str, Any]:
+            def measure(m: nn.Module, *, _x=x, _y=y, _yc=yc, _fl=fl, _t0=t0) -> dict[str, float]:
                 dev = next(m.parameters()).device
-                row = {
-                    "model": f"{_label}/n{_n}/e{epoch}", "arch": _label, "n_train": _n, "epochs": epoch,
+                out = {
                     "id_acc": _accuracy(m, d["x_id"], d["y_test"], dev),
                     "ood_acc": _accuracy(m, d["x_ood"], d["y_test"], dev),
                     "train_acc": _accuracy(m, _x, _y, dev),
                     "train_clean_acc": _accuracy(m, _x, _yc, dev),
-                    "memorized": _accuracy(m, _x[_fl], _y[_fl], dev) if bool(_fl.any()) else None,
-                    "wall_s": round(time.perf_counter() - _t0, 2),
                 }
+                if bool(_fl.any()):
+                    out["memorized"] = _accuracy(m, _x[_fl], _y[_fl], dev)
+                out["wall_s"] = round(time.perf_counter() - _t0, 2)
+                return out
+
+            tracked = train_tracked(model, x, y, run_dir=Path(out_dir) / f"{label}_n{n_eff}",
+                                    checkpoints=cfg.checkpoints, lr=cfg.lr, batch_size=cfg.batch_size,
+                                    weight_decay=cfg.weight_decay, seed=seed * 1000 + a_idx + 7 * n_eff,
+                                    device=device, measure=measure, val=(d["x_id"], d["y_test"]))
+            for t in tracked:
+                row = {"model": f"{label}/n{n_eff}/e{t['epochs']}", "arch": label, "n_train": n_eff,
+                       "epochs": t["epochs"], "id_acc": t["id_acc"], "ood_acc": t["ood_acc"],
+                       "train_acc": t["train_acc"], "train_clean_acc": t["train_clean_acc"],
+                       "memorized": t.get("memorized"), "wall_s": t["wall_s"], "step": t["step"]}
+                rows.append(row)
                 if progress:
                     print(f"[wrong-line digits {cond}] {row['model']:>22s}  ID {row['id_acc']:.3f}  "
-                          f"OOD {row['ood_acc']:.3f}  train {row['train_acc']:.3f}  "
-                          f"({row['wall_s']:.1f}s)", flush=True)
-                return row
-
-            rows += train_tracked(model, x, y, checkpoints=cfg.checkpoints, lr=cfg.lr, batch_size=cfg.batch_size,
-                                  weight_decay=cfg.weight_decay, seed=seed * 1000 + a_idx + 7 * n_eff,
-                                  device=device, evaluate=evaluate)
+                          f"OOD {row['ood_acc']:.3f}  train {row['train_acc']:.3f}  ({row['wall_s']:.1f}s)", flush=True)
     n_max = min(max(cfg.n_train), len(d["y_train"]))
     info = {
         "n_train_split": int(len(d["y_train"])),
@@ -439,7 +462,8 @@ def run_condition(cfg: DigitsCueConfig, *, noisy: bool, seed: int, device: str, 
         },
         "cue_only_acc": cue_only_accuracy(d["cue_train"][:n_max], d["y_train"][:n_max],
                                           {"id": (d["cue_id"], d["y_test"]), "ood": (d["cue_ood"], d["y_test"])}),
-        "probit_r": _none_if_nan(probit_pearson([r["id_acc"] for r in rows], [r["ood_acc"] for r in rows])),
+        "probit_r": _none_if_nan(probit_pearson([r["id_acc"] for r in rows], [r["ood_acc"] for r in rows],
+                                                clip=PROBIT_CLIP)),
     }
     return rows, info
 
@@ -448,49 +472,54 @@ def _none_if_nan(v: float) -> float | None:
     return None if math.isnan(v) else v
 
 
-def digits_sweep(out_dir: str | Path, *, quick: bool, smoke: bool, seed: int, device: str, progress: bool,
-                 config: DigitsCueConfig | None = None, threads: int | None = 1) -> dict[str, Any]:
+def digits_sweep(out_dir: str | Path | None, config: DigitsCueConfig | str = "quick", *, seed: int = 0,
+                 device: str = "cpu", progress: bool = False, threads: int | None = 1) -> dict[str, Any]:
     """Run the clean and the noisy sweep of the digits nuisance-cue experiment.
 
     Args:
-        out_dir: run directory (unused for now: the caller writes the results; kept for the recipe contract).
-        quick: the <= ~1 CPU-minute setting (3 architectures x 2 sizes x 3 checkpoints = 18 points per condition);
-            ``quick=False`` (and not smoke) is the full sweep (6 x 4 x 4 = 96 points per condition).
-        smoke: a few-second wiring check (2 tiny networks x 2 sizes x 2 epochs = 8 points per condition).
+        out_dir: run directories go to ``out_dir/digits_runs/{clean,noisy}/``; None = a temporary directory,
+            removed afterwards.
+        config: a scale of :data:`SCALES` -- ``"smoke"`` (2 tiny networks x 2 sizes x 2 epochs = 8 points per
+            condition), ``"quick"`` (3 x 2 x 3 = 18), ``"full"`` (6 x 4 x 4 = 96) -- or a :class:`DigitsCueConfig`.
         seed: fixes data subsets, cues, noise, initializations and minibatch order.
         device: torch device string.
         progress: print one line per evaluated checkpoint.
-        config: override the settings entirely (``quick``/``smoke`` are then ignored).
-        threads: torch intra-op threads while the sweep runs (restored afterwards); ``None`` leaves them alone. The
-            networks are so small (batch 128, <= 0.6 M parameters) that one thread is as fast as two on an idle
-            2-core machine and several times faster on a loaded one (measured while other jobs ran: quick took
-            22-47 s with one thread and had not finished after 280 s with two).
+        threads: torch intra-op threads on the CPU while the sweep runs (restored afterwards); ``None`` leaves them
+            alone. The networks are so small (batch 128, <= 0.6 M parameters) that one thread is as fast as two on
+            an idle 2-core machine and several times faster on a loaded one (measured while other jobs ran: quick
+            took 22-47 s with one thread and had not finished after 280 s with two).
 
     Returns:
         ``{"clean": rows, "noisy": rows, "meta": {...}}`` with rows as in :func:`run_condition` (``model``,
         ``id_acc``, ``ood_acc``, ``arch``, ``n_train``, ``epochs``, ...).
     """
-    del out_dir
-    cfg = config or _settings(quick, smoke)
+    if isinstance(config, str):
+        if config not in SCALES:
+            raise ValueError(f"digits_sweep: config must be a DigitsCueConfig or one of {sorted(SCALES)}, got "
+                             f"{config!r}")
+        config = SCALES[config]
+    cfg = config
+    mode = next((name for name, row in SCALES.items() if row == cfg), "custom")  # recorded in meta
     cfg.validate()
-    prev_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
+    with contextlib.ExitStack() as stack:
+        root = Path(stack.enter_context(tempfile.TemporaryDirectory())) if out_dir is None else Path(out_dir)
+        if threads is not None:
+            stack.enter_context(limit_threads(threads, device=device))
         t0 = time.perf_counter()
-        clean, info_c = run_condition(cfg, noisy=False, seed=seed, device=device, progress=progress)
+        clean, info_c = run_condition(cfg, noisy=False, seed=seed, device=device, progress=progress,
+                                      out_dir=root / "digits_runs" / "clean")
         t1 = time.perf_counter()
-        noisy, info_n = run_condition(cfg, noisy=True, seed=seed, device=device, progress=progress)
+        noisy, info_n = run_condition(cfg, noisy=True, seed=seed, device=device, progress=progress,
+                                      out_dir=root / "digits_runs" / "noisy")
         t2 = time.perf_counter()
         used_threads = torch.get_num_threads()
-    finally:
-        torch.set_num_threads(prev_threads)
     meta = {
         "dataset": "sklearn digits (build_dataset('digits'), stratified 80/20 split fixed by seed)",
         "settings": {**asdict(cfg), "archs": [[a, n, kw] for a, n, kw in cfg.archs]},
-        "mode": "custom" if config is not None else ("smoke" if smoke else ("quick" if quick else "full")),
+        "mode": mode,
         "seed": seed,
         "ood": "same test images, cue drawn uniformly (independent of the class); ID: cue = class w.p. cue_p",
+        "training": "ratelab.train.Trainer: AdamW at constant lr, cross-entropy, fp32, ragged epoch tail dropped",
         "clean": info_c,
         "noisy": info_n,
         "wall_s": {"clean": round(t1 - t0, 2), "noisy": round(t2 - t1, 2), "total": round(t2 - t0, 2)},

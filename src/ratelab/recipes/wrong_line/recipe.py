@@ -23,10 +23,10 @@ Pearson r of probit(ID) vs probit(OOD) accuracy across the 12 models of each cur
 main noisy setting), each with a 95 % bootstrap interval over curves. Pooled fits over all models of an η are in
 ``synthetic.by_noise``.
 
-Commands::
+Commands (scales in ``SCALES``)::
 
-    ratelab reproduce wrong-line --quick --out runs/wrong-line         # synthetic (~10 s) + digits quick
-    ratelab reproduce wrong-line --out runs/wrong-line-full            # + η/s grids, independent sets, exact x3
+    ratelab reproduce wrong-line --scale quick --out runs/wrong-line        # synthetic (~10 s) + digits quick
+    ratelab reproduce wrong-line --scale full --out runs/wrong-line-full    # + η/s grids, independent sets, exact x3
 
 Measured (seed 0, 2 shared and busy CPU cores). Quick: corr_clean = +0.9996 [+0.9994, +0.9997], corr_noisy =
 -0.870 [-0.901, -0.838] with 20/20 curves negative (η = 0.05: -0.82; pooled over 240 models: +0.999 / -0.73),
@@ -35,16 +35,17 @@ mean OOD accuracy 0.844 -> 0.714 while ID rises 0.884 -> 0.945 (η = 0.2, n = 40
 exact model's OOD error, literal reading r = +0.99 — all as in note §2.2-§2.3; synthetic part 8 s, digits part 43 s,
 58 s in all. Full synthetic part (~70 s): exact model, 3 seeds at the note's sizes, r = +0.999 / -0.79 / -0.92 for
 η = 0 / 0.05 / 0.2; η grid 0.05/0.1/0.2/0.3/0.4: -0.82/-0.82/-0.87/-0.77/-0.52 (18/20 negative at 0.4);
-independent training sets per n: -0.73 ± 0.12 at η = 0.2. Digits (quick, with the digits sweep as of this writing):
-probit r clean +0.82 [+0.78, +0.98], noisy +0.56 [-0.15, +0.84]; full (96 models per condition, 5.5 min): clean
-+0.76 [+0.71, +0.87], noisy +0.19 [-0.03, +0.38]: lower with noise, but not negative. Full run in all: 7 min.
+independent training sets per n: -0.73 ± 0.12 at η = 0.2. Digits (quick, trained by the Trainer): probit r
+clean +0.83 [+0.78, +0.99], noisy +0.62 [-0.16, +0.86] (the sweep's first, hand-written loop: +0.82 / +0.56
+[-0.15, +0.84]); full (96 models per condition, 5.5 min, first loop): clean +0.76 [+0.71, +0.87], noisy +0.19
+[-0.03, +0.38]: lower with noise, but not negative. Full run in all: 7 min.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,40 +63,75 @@ from ratelab.analysis.wrong_line import (
 )
 from ratelab.eval.report import Report
 from ratelab.recipes import RecipeResult, check, register_recipe
+from ratelab.recipes._common import add_figure, limit_threads, logger
+from ratelab.recipes.wrong_line import digits as digits_part
 
-__all__ = ["run", "settings"]
+__all__ = ["SCALES", "Scale", "run", "settings"]
 
 ETA_NOISY = 0.2  # the note's headline noisy setting; corr_noisy refers to it
-DIGITS_CLIP = 1e-3  # finite test sets (a few hundred images x cue draws): a perfect score maps to probit 3.09
+DIGITS_CLIP = digits_part.PROBIT_CLIP  # finite test sets: a perfect score maps to probit 3.09
 S_GRID = (1.0, 2.0, 3.0, 5.0, 7.0, 10.0, 20.0)
 
 
-def settings(*, quick: bool, smoke: bool) -> dict[str, Any]:
-    """The configurations one run uses (smoke < quick < full)."""
-    main = WrongLineConfig(mode="reduced")  # note §4 defaults; 20 seeds, η ∈ {0, 0.05, 0.2}
-    if smoke:
-        main = replace(main, n_seeds=3, sizes=tuple(int(v) for v in np.geomspace(400, 4000, 6).round()))
-    exact = replace(main, mode="exact", n_seeds=1, noise_rates=(0.0, ETA_NOISY), sizes=(200, 300, 400)) if smoke \
-        else replace(main, mode="exact", n_seeds=1, sizes=(400, 608, 924, 1404)) if quick \
-        else replace(main, mode="exact", n_seeds=3)
-    long_sizes = tuple(int(v) for v in np.geomspace(100, 40_000, 6 if smoke else 14).round())
-    long = replace(main, noise_rates=(ETA_NOISY,), sizes=long_sizes, n_seeds=2 if smoke else 5 if quick else 10)
-    literal = LiteralConfig(n_seeds=3 if smoke else 10 if quick else 20)
-    out: dict[str, Any] = {"main": main, "exact": exact, "long": long, "literal": literal,
-                           "n_boot": 200 if smoke else 1000}
-    if not quick and not smoke:
+def _geom(lo: int, hi: int, n: int) -> tuple[int, ...]:
+    """``n`` geometrically spaced integer sizes from ``lo`` to ``hi``."""
+    return tuple(int(v) for v in np.geomspace(lo, hi, n).round())
+
+
+@dataclass(frozen=True)
+class Scale:
+    """Settings of one scale.
+
+    Attributes:
+        main_seeds, main_sizes: learning curves per η and their training-set sizes in the main sweep (d_n -> ∞
+            reduction; η ∈ {0, 0.05, 0.2}, the note's §4 defaults otherwise).
+        exact_seeds, exact_sizes, exact_noise_rates: the exact finite-d_n cross-check on the same data streams.
+        long_sizes, long_seeds: the long learning curve at η = 0.2.
+        literal_seeds: seeds of the literal reading of the paper's 300-d task.
+        n_boot: bootstrap resamples of every interval.
+        grids: also the η grid and the independent-training-set sweep.
+        digits: settings of the digits nuisance-cue variant (:data:`ratelab.recipes.wrong_line.digits.SCALES`).
+    """
+
+    main_seeds: int
+    main_sizes: tuple[int, ...]
+    exact_seeds: int
+    exact_sizes: tuple[int, ...]
+    exact_noise_rates: tuple[float, ...]
+    long_sizes: tuple[int, ...]
+    long_seeds: int
+    literal_seeds: int
+    n_boot: int
+    grids: bool
+    digits: digits_part.DigitsCueConfig
+
+
+SCALES = {
+    "smoke": Scale(main_seeds=3, main_sizes=_geom(400, 4000, 6), exact_seeds=1, exact_sizes=(200, 300, 400),
+                   exact_noise_rates=(0.0, ETA_NOISY), long_sizes=_geom(100, 40_000, 6), long_seeds=2,
+                   literal_seeds=3, n_boot=200, grids=False, digits=digits_part.SCALES["smoke"]),
+    "quick": Scale(main_seeds=20, main_sizes=_geom(400, 4000, 12), exact_seeds=1, exact_sizes=(400, 608, 924, 1404),
+                   exact_noise_rates=(0.0, 0.05, ETA_NOISY), long_sizes=_geom(100, 40_000, 14), long_seeds=5,
+                   literal_seeds=10, n_boot=1000, grids=False, digits=digits_part.SCALES["quick"]),
+    "full": Scale(main_seeds=20, main_sizes=_geom(400, 4000, 12), exact_seeds=3, exact_sizes=_geom(400, 4000, 12),
+                  exact_noise_rates=(0.0, 0.05, ETA_NOISY), long_sizes=_geom(100, 40_000, 14), long_seeds=10,
+                  literal_seeds=20, n_boot=1000, grids=True, digits=digits_part.SCALES["full"]),
+}
+
+
+def settings(scale: str | Scale) -> dict[str, Any]:
+    """The synthetic-model configurations of one scale (a name of ``SCALES`` or a row)."""
+    row = SCALES[scale] if isinstance(scale, str) else scale
+    main = WrongLineConfig(mode="reduced", n_seeds=row.main_seeds, sizes=row.main_sizes)
+    exact = replace(main, mode="exact", n_seeds=row.exact_seeds, noise_rates=row.exact_noise_rates,
+                    sizes=row.exact_sizes)
+    long = replace(main, noise_rates=(ETA_NOISY,), sizes=row.long_sizes, n_seeds=row.long_seeds)
+    out: dict[str, Any] = {"main": main, "exact": exact, "long": long,
+                           "literal": LiteralConfig(n_seeds=row.literal_seeds), "n_boot": row.n_boot}
+    if row.grids:
         out["eta_grid"] = replace(main, noise_rates=(0.0, 0.05, 0.1, 0.2, 0.3, 0.4))
-        out["independent"] = replace(main, nested=False, sizes=tuple(int(v) for v in np.geomspace(400, 4000, 8)
-                                                                     .round()))
+        out["independent"] = replace(main, nested=False, sizes=_geom(400, 4000, 8))
     return out
-
-
-def _blas_one_thread():
-    # Multi-threaded BLAS on a shared 2-core machine made the exact solver ~10x slower (measured: 11.9 s vs 1.3 s for
-    # the same fits), so the dense linear algebra runs single-threaded for the duration of the synthetic part.
-    from threadpoolctl import threadpool_limits
-
-    return threadpool_limits(limits=1, user_api="blas")
 
 
 def _curve_means(models: list[dict[str, Any]], eta: float) -> dict[str, list[float]]:
@@ -227,14 +263,18 @@ def _ci(t: tuple[float, float]) -> list[float]:
     "wrong-line",
     paper="Accuracy on the wrong line (Sanyal et al., AISTATS 2025)",
     description="ID-OOD probit correlation with/without label noise: synthetic nuisance model, bound, digits cue",
+    scales=SCALES,
     quick_minutes=2.0,
 )
-def run(out_dir: Path, *, quick: bool, smoke: bool, seed: int, device: str, progress: bool) -> RecipeResult:
+def run(out_dir: Path, *, scale: str, seed: int, device: str, progress: bool) -> RecipeResult:
     out_dir = Path(out_dir)
-    st = settings(quick=quick, smoke=smoke)
+    st = settings(scale)
     n_boot = st["n_boot"]
+    log = logger(progress, "wrong-line")
     t0 = time.time()
-    with _blas_one_thread():
+    # Multi-threaded BLAS on a shared 2-core machine made the exact solver ~10x slower (measured: 11.9 s vs 1.3 s for
+    # the same fits), so the dense linear algebra of the synthetic part runs single-threaded.
+    with limit_threads(1, device="cpu", blas=True):
         main = wrong_line_sweep(st["main"], seed=seed, progress=progress)
         by_noise = summarize_sweep(main, n_boot=n_boot, seed=seed)
         exact = wrong_line_sweep(st["exact"], seed=seed, progress=progress)
@@ -256,8 +296,7 @@ def run(out_dir: Path, *, quick: bool, smoke: bool, seed: int, device: str, prog
             extra["independent_sets"] = {str(k): {kk: v[kk] for kk in ("r_mean", "r_sd", "r_mean_ci", "n_negative")}
                                          for k, v in summarize_sweep(ind, n_boot=n_boot, seed=seed).items()}
     synth_s = time.time() - t0
-    if progress:
-        print(f"[wrong-line] synthetic part done in {synth_s:.1f}s", flush=True)
+    log(f"synthetic part done in {synth_s:.1f}s")
 
     clean, noisy = by_noise[0.0], by_noise[ETA_NOISY]
     cfg = st["main"]
@@ -272,22 +311,9 @@ def run(out_dir: Path, *, quick: bool, smoke: bool, seed: int, device: str, prog
         "time_s": synth_s, **extra,
     }
 
-    # ---- digits variant (networks of the library, colour cue + label noise)
-    import torch
-
-    from ratelab.core.dist import resolve_device
-    from ratelab.recipes.wrong_line.digits import digits_sweep
-
-    # One intra-op thread for these tiny CPU networks (as in mcr2-label-noise, where 2 threads on a shared 2-core
-    # machine were >10x slower); restored afterwards.
-    threads = torch.get_num_threads()
-    if resolve_device(device).type == "cpu":
-        torch.set_num_threads(1)
+    # ---- digits variant (networks of the library, colour cue + label noise; one CPU thread inside the sweep)
     t1 = time.time()
-    try:
-        dg = digits_sweep(out_dir, quick=quick, smoke=smoke, seed=seed, device=device, progress=progress)
-    finally:
-        torch.set_num_threads(threads)
+    dg = digits_part.digits_sweep(out_dir, SCALES[scale].digits, seed=seed, device=device, progress=progress)
     digits_s = time.time() - t1
     dfit = {}
     for cond in ("clean", "noisy"):
@@ -387,8 +413,7 @@ def run(out_dir: Path, *, quick: bool, smoke: bool, seed: int, device: str, prog
     ]
     report.heading("Synthetic model")
     for fig, name, cap in figs[:3]:
-        fig.savefig(out_dir / name, dpi=110, bbox_inches="tight")
-        report.figure(out_dir / name, cap)
+        add_figure(report, fig, out_dir, name, cap)
     report.table([[k, v["r_mean"], v["r_min"], v["r_max"]] for k, v in literal.items()],
                  headers=["literal reading (300-d, 1-D signal)", "mean r", "min r", "max r"])
     report.table([[s, v["r_mean"], v["r_sd"]] for s, v in s_sweep.items()],
@@ -405,8 +430,7 @@ def run(out_dir: Path, *, quick: bool, smoke: bool, seed: int, device: str, prog
     )
     report.heading("Digits with a nuisance cue")
     fig, name, cap = figs[3]
-    fig.savefig(out_dir / name, dpi=110, bbox_inches="tight")
-    report.figure(out_dir / name, cap)
+    add_figure(report, fig, out_dir, name, cap)
     report.table([[k, v.pearson, f"[{v.pearson_ci[0]:+.3f}, {v.pearson_ci[1]:+.3f}]", v.slope, v.spearman, v.n]
                   for k, v in dfit.items()], headers=["condition", "probit r", "95% CI", "slope", "Spearman", "models"])
     if not all(math.isfinite(v) for v in (clean["r_mean"], noisy["r_mean"])):

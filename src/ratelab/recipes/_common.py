@@ -1,0 +1,117 @@
+"""What every recipe shares: its scale table, fresh run directories, thread limits, figures, device, log lines.
+
+A recipe declares one frozen dataclass ``Scale`` and a table ``SCALES = {"smoke": Scale(...), "quick": ...,
+"full": ...}`` (the three rows of one type; :func:`check_scales`), and gets the name of the scale to run;
+``SCALES[scale]`` is its settings. Inside the recipe:
+
+* :func:`fresh_run_dir` for every training run directory (a re-run retrains from scratch instead of meeting the
+  old run's checkpoint);
+* :func:`limit_threads` around CPU work on tiny tensors, where extra threads only add contention on a shared
+  machine (measured in the recipes' docstrings: up to 10x slower with 2 threads on a busy 2-core machine);
+* :func:`add_figure` to write a figure next to ``results.json`` and embed the same PNG into the report;
+* :func:`resolve_device` for the ``device`` argument (``"auto"`` = CUDA when available);
+* :func:`logger` for progress lines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import shutil
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ratelab.core.dist import resolve_device
+from ratelab.eval.report import Report
+
+__all__ = ["FIGURE_DPI", "SCALE_NAMES", "add_figure", "check_scales", "fresh_run_dir", "limit_threads", "logger",
+           "resolve_device"]
+
+SCALE_NAMES = ("smoke", "quick", "full")
+FIGURE_DPI = 110
+
+
+def check_scales(name: str, scales: Mapping[str, Any]) -> None:
+    """A recipe's scale table: exactly the rows ``smoke``, ``quick`` and ``full``, frozen dataclasses of one type.
+
+    Raises:
+        TypeError, ValueError: naming the recipe and what is wrong (a programming error in the recipe).
+    """
+    if not isinstance(scales, Mapping) or tuple(sorted(scales)) != tuple(sorted(SCALE_NAMES)):
+        got = sorted(scales) if isinstance(scales, Mapping) else type(scales).__name__
+        raise ValueError(f"recipe {name!r}: the scale table must have exactly the rows {list(SCALE_NAMES)}, got {got}")
+    types = {type(row) for row in scales.values()}
+    if len(types) != 1:
+        raise TypeError(f"recipe {name!r}: the scale rows must share one type, got {sorted(t.__name__ for t in types)}")
+    row_type = types.pop()
+    params = getattr(row_type, "__dataclass_params__", None)
+    if not dataclasses.is_dataclass(row_type) or params is None or not params.frozen:
+        raise TypeError(f"recipe {name!r}: the scale rows must be frozen dataclasses, got {row_type.__name__}")
+
+
+def fresh_run_dir(out_dir: str | Path, *parts: str) -> Path:
+    """``out_dir/parts...``, emptied and created: a recipe re-run trains from scratch, never on a stale run.
+
+    Only paths strictly inside ``out_dir`` are removed (``parts`` must be relative names without ``..``), so a
+    recipe cannot delete the directory the user pointed it at.
+
+    Raises:
+        ValueError: no ``parts``, or a part that is absolute or climbs out of ``out_dir``.
+    """
+    if not parts:
+        raise ValueError("fresh_run_dir: give the run's name inside out_dir (refusing to empty out_dir itself)")
+    rel = Path(*parts)
+    if rel.is_absolute() or ".." in rel.parts or rel == Path("."):
+        raise ValueError(f"fresh_run_dir: {rel} must be a relative path inside out_dir")
+    path = Path(out_dir) / rel
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def limit_threads(n: int = 1, *, device: str | torch.device = "cpu", blas: bool = False) -> Iterator[None]:
+    """Limit CPU threads for the duration of the block; the previous settings are restored afterwards.
+
+    Args:
+        n: threads to use.
+        device: the device the work runs on; torch's intra-op threads are limited only when it resolves to the
+            CPU (``"auto"`` included), because on a GPU they only feed the launches.
+        blas: also limit the BLAS thread pools that numpy/scipy use (threadpoolctl), for dense linear algebra
+            outside torch.
+    """
+    if n < 1:
+        raise ValueError(f"limit_threads: n must be >= 1, got {n}")
+    prev = torch.get_num_threads()
+    on_cpu = resolve_device(device).type == "cpu"
+    with contextlib.ExitStack() as stack:
+        if blas:
+            from threadpoolctl import threadpool_limits
+
+            stack.enter_context(threadpool_limits(limits=n, user_api="blas"))
+        if on_cpu:
+            torch.set_num_threads(n)
+            stack.callback(torch.set_num_threads, prev)
+        yield
+
+
+def add_figure(report: Report, fig: Any, out_dir: str | Path, filename: str, caption: str = "") -> Path:
+    """Save ``fig`` (a matplotlib Figure) as ``out_dir/filename`` (PNG) and embed that file into ``report``.
+
+    Returns:
+        The path of the PNG.
+    """
+    path = Path(out_dir) / filename
+    fig.savefig(path, dpi=FIGURE_DPI, bbox_inches="tight")
+    report.figure(path, caption)
+    return path
+
+
+def logger(progress: bool, prefix: str) -> Callable[[str], None]:
+    """``log(msg)`` printing ``[prefix] msg`` (flushed) when ``progress`` is on, else doing nothing."""
+    if not progress:
+        return lambda msg: None
+    return lambda msg: print(f"[{prefix}] {msg}", flush=True)
