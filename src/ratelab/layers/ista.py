@@ -62,7 +62,8 @@ class ISTA(nn.Module):
         M = torch.addmm(W, W.t(), W, beta=self.step, alpha=-self.step)  # eta W - eta W^T W
         x2 = x.reshape(-1, x.shape[-1])
         y = torch.addmm(x2, x2, M).sub_(self.step * self.lambd)
-        return F.relu(y).view(x.shape)
+        # ReLU after the reshape: the output is a fresh tensor, not a view (FSDP2 warns on blocks returning views).
+        return F.relu(y.view(x.shape))
 
     def forward_ref(self, x: torch.Tensor) -> torch.Tensor:
         """Three-matmul form, as in the paper's equation: b + eta (D^T b - D^T D b) - eta lambda."""
