@@ -164,7 +164,12 @@ def sample_stream(cfg: WrongLineConfig, n: int, seed: int) -> dict[str, np.ndarr
 
 
 def noisy_labels(y_clean: np.ndarray, u: np.ndarray, eta: float) -> np.ndarray:
-    """Training labels: y_clean with the entries where u < η flipped."""
+    """Training labels: y_clean with the entries where u < η flipped.
+
+    Not :mod:`ratelab.data.noise`: here the flips are part of the data model -- the stream's own uniforms ``u``
+    decide them, so every η of a sweep flips a nested set of the same ±1 labels -- and ``analysis`` stays below
+    ``data`` in the layering.
+    """
     return np.where(u < eta, -y_clean, y_clean)
 
 
