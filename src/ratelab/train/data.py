@@ -170,9 +170,15 @@ class SeededItems(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> Any:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(self.seed, self.epoch, int(index), 0xA06) % 2**63)
+        # The CPU generator only: torch.manual_seed would also (lazily) seed CUDA and record a stack trace per call,
+        # 50x the cost of the item itself on small datasets. The draws on the CPU stream are identical.
+        gen = torch.default_generator
+        saved = gen.get_state()
+        gen.manual_seed(derive_seed(self.seed, self.epoch, int(index), 0xA06) % 2**63)
+        try:
             return self.dataset[index]
+        finally:
+            gen.set_state(saved)
 
 
 def collate_or_none(items: list[Any]) -> Any:
