@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from ratelab.core.errors import UnknownNameError
 from ratelab.data import build_dataset, dataset_options, list_datasets, stratified_split
 from ratelab.data.common import shift
 from ratelab.data.shapes import shape_mask
@@ -31,8 +32,10 @@ def _find_shift(aug: torch.Tensor, raw: torch.Tensor, max_shift: int, fill: floa
 
 def test_registry_lists_and_rejects_bad_names():
     assert list_datasets() == ["cifar10", "cifar100", "digits", "imagefolder", "shapes"]
-    with pytest.raises(ValueError, match="nosuchdata.*digits"):
+    with pytest.raises(UnknownNameError, match="nosuchdata.*digits"):
         build_dataset("nosuchdata", "train")
+    with pytest.raises(UnknownNameError, match="did you mean 'digits'"):
+        build_dataset("digit", "train")
     with pytest.raises(ValueError, match="'bogus'.*train.*val"):
         build_dataset("digits", "bogus")
     with pytest.raises(ValueError, match="'bogus'.*train.*val.*test"):

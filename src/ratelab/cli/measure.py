@@ -78,7 +78,7 @@ def _validate(args: argparse.Namespace) -> None:
     if args.img_size is not None and args.img_size < 1:
         raise UsageError(f"--img-size must be >= 1, got {args.img_size}")
     if args.checkpoint is not None and not Path(args.checkpoint).exists():
-        raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no such file or directory")
+        raise UsageError(f"--checkpoint {args.checkpoint}: no such file or directory")
 
 
 def _format_table(result: dict[str, Any]) -> str:

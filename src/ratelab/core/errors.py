@@ -15,6 +15,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DatasetError",
+    "DatasetNotFound",
     "RatelabError",
     "TrainingDiverged",
     "UnknownNameError",
@@ -46,6 +47,10 @@ class WeightsNotFound(CheckpointError, FileNotFoundError):
 
 class DatasetError(RatelabError, ValueError):
     """A dataset file is missing, unreadable or malformed; the message names the file (and line or key)."""
+
+
+class DatasetNotFound(DatasetError, FileNotFoundError):
+    """A dataset file or directory does not exist; the message names it."""
 
 
 class UnknownNameError(RatelabError, KeyError):

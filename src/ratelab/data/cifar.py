@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ratelab.core.errors import DatasetError, DatasetNotFound
 from ratelab.data.common import ImageDataset, resize, resolve_split, sample_shift, shift
 from ratelab.data.registry import register_dataset
 
@@ -49,14 +50,14 @@ class _SafeUnpickler(pickle.Unpickler):
 
 def _load_pickle(path: str) -> dict:
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"CIFAR file not found: {path}")
+        raise DatasetNotFound(f"CIFAR file not found: {path}")
     try:
         with open(path, "rb") as f:
             obj = _SafeUnpickler(f, encoding="bytes").load()
     except Exception as e:  # any decoding failure is a bad file; say which
-        raise ValueError(f"cannot read CIFAR pickle {path}: {e}") from e
+        raise DatasetError(f"cannot read CIFAR pickle {path}: {e}") from e
     if not isinstance(obj, dict):
-        raise ValueError(f"CIFAR pickle {path} holds a {type(obj).__name__}, expected a dict")
+        raise DatasetError(f"CIFAR pickle {path} holds a {type(obj).__name__}, expected a dict")
     return obj
 
 
@@ -65,7 +66,7 @@ def _field(d: dict, key: str, path: str) -> Any:
     for k in (key.encode(), key):
         if k in d:
             return d[k]
-    raise ValueError(f"CIFAR pickle {path} has no key {key!r} (keys: {sorted(str(k) for k in d)})")
+    raise DatasetError(f"CIFAR pickle {path} has no key {key!r} (keys: {sorted(str(k) for k in d)})")
 
 
 def _names(values: Any) -> list[str]:
@@ -93,7 +94,7 @@ class _Cifar(ImageDataset):
         meta_path = os.path.join(root, self.meta_file)
         self.classes = _names(_field(_load_pickle(meta_path), names_key, meta_path))
         if len(self.classes) != n_classes:
-            raise ValueError(f"{meta_path}: {names_key} has {len(self.classes)} names, expected {n_classes}")
+            raise DatasetError(f"{meta_path}: {names_key} has {len(self.classes)} names, expected {n_classes}")
         self.num_classes = n_classes
 
         data, labels = [], []
@@ -103,9 +104,9 @@ class _Cifar(ImageDataset):
             x = np.asarray(_field(batch, "data", path), dtype=np.uint8)
             y = np.asarray(_field(batch, label_key, path), dtype=np.int64)
             if x.ndim != 2 or x.shape[1] != 3072 or len(y) != len(x):
-                raise ValueError(f"{path}: data {x.shape} / {label_key} ({len(y)},) should be (n, 3072) / (n,)")
+                raise DatasetError(f"{path}: data {x.shape} / {label_key} ({len(y)},) should be (n, 3072) / (n,)")
             if len(y) and (y.min() < 0 or y.max() >= n_classes):
-                raise ValueError(f"{path}: {label_key} outside [0, {n_classes})")
+                raise DatasetError(f"{path}: {label_key} outside [0, {n_classes})")
             data.append(x)
             labels.append(y)
         self._data = torch.from_numpy(np.concatenate(data).reshape(-1, 3, 32, 32))  # (n, 3, 32, 32) uint8

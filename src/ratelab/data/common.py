@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from ratelab.core.errors import DatasetError
+
 
 def resolve_split(dataset: str, split: str, valid: Sequence[str], aliases: dict[str, str] | None = None) -> str:
     """Canonical split name, or a ValueError listing the valid ones."""
@@ -22,7 +24,7 @@ def resolve_split(dataset: str, split: str, valid: Sequence[str], aliases: dict[
     if split in aliases:
         return aliases[split]
     names = list(valid) + [f"{a} (= {c})" for a, c in aliases.items()]
-    raise ValueError(f"dataset {dataset!r} has no split {split!r}; valid splits: {', '.join(names)}")
+    raise DatasetError(f"dataset {dataset!r} has no split {split!r}; valid splits: {', '.join(names)}")
 
 
 def stratified_split(labels: torch.Tensor, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from ratelab.core.errors import DatasetError, DatasetNotFound
 from ratelab.data.common import ImageDataset, resolve_split, sample_shift, shift, stratified_split
 from ratelab.data.registry import register_dataset
 
@@ -64,9 +65,9 @@ def load_image(path: str, mode: str) -> Image.Image:
         with Image.open(path) as im:
             return im.convert(mode)  # convert() forces a full decode, so truncated files fail here
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"image file not found: {path}") from e
+        raise DatasetNotFound(f"image file not found: {path}") from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"cannot read image file {path}: {e}") from e
+        raise DatasetError(f"cannot read image file {path}: {e}") from e
 
 
 @register_dataset("imagefolder")
@@ -107,10 +108,10 @@ class ImageFolder(ImageDataset):
         val_fraction: float = 0.2,
     ) -> None:
         if root is None:
-            raise ValueError("dataset 'imagefolder' needs root= (a directory of class folders)")
+            raise DatasetError("dataset 'imagefolder' needs root= (a directory of class folders)")
         root = os.fspath(root)
         if not os.path.isdir(root):
-            raise FileNotFoundError(f"imagefolder root directory not found: {root}")
+            raise DatasetNotFound(f"imagefolder root directory not found: {root}")
         if in_chans not in (1, 3):
             raise ValueError(f"in_chans must be 1 or 3, got {in_chans!r}")
         self.root, self.in_chans, self.img_size = root, in_chans, img_size or 224
@@ -137,9 +138,9 @@ class ImageFolder(ImageDataset):
                 keep = (tr if self.split == "train" else va).tolist()
                 paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
         if not self.classes:
-            raise ValueError(f"no class sub-directories in {folder}")
+            raise DatasetError(f"no class sub-directories in {folder}")
         if not paths:
-            raise ValueError(
+            raise DatasetError(
                 f"no image files ({', '.join(IMG_EXTENSIONS)}) found under {folder} for split {self.split!r}"
             )
         self.samples = list(zip(paths, labels))

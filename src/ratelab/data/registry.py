@@ -11,6 +11,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from ratelab.core.errors import ConfigError, UnknownNameError, did_you_mean
 from ratelab.core.registry import named_decorator
 
 _DATASETS: dict[str, type] = {}
@@ -38,7 +39,8 @@ def dataset_options(name: str) -> list[str]:
 def _get(name: str) -> type:
     key = name.lower() if isinstance(name, str) else name
     if key not in _DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; valid datasets: {', '.join(list_datasets())}")
+        raise UnknownNameError(f"unknown dataset {name!r}{did_you_mean(name, list_datasets())}; valid datasets: "
+                               f"{', '.join(list_datasets())}")
     return _DATASETS[key]
 
 
@@ -82,9 +84,9 @@ def build_dataset(
             f"dataset {name!r} does not accept option(s) {', '.join(unknown)}; accepted: {', '.join(allowed) or 'none'}"
         )
     if img_size is not None and (isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 1):
-        raise ValueError(f"img_size must be a positive int, got {img_size!r}")
+        raise ConfigError(f"img_size must be a positive int, got {img_size!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        raise ConfigError(f"seed must be a non-negative int, got {seed!r}")
     if augment is not None and not isinstance(augment, bool):
-        raise ValueError(f"augment must be None, True or False, got {augment!r}")
+        raise ConfigError(f"augment must be None, True or False, got {augment!r}")
     return cls(split, root=root, img_size=img_size, seed=seed, augment=augment, **kwargs)
