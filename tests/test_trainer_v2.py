@@ -311,7 +311,7 @@ def test_task_section_in_config_cli_and_yaml(tmp_path, capsys):
     assert printed["lr"] == 1e-3 and printed["task"] == {**printed["task"], "name": "mcr2", "eps": 0.3,
                                                          "feature_dim": 16, "n_components": 4}
     assert main(["train", "--task", "mcr2", "--task.gamma", "1", "--print-config"]) == 2
-    assert "unknown key 'gamma'" in capsys.readouterr().err
+    assert "task.gamma: unknown key 'gamma' in task; valid:" in capsys.readouterr().err
     assert main(["train", "--task.eps", "abc", "--task", "mcr2", "--print-config"]) == 2
     assert main(["train", "--task", "icl", "--task.fewshot.noise_std", "0.7", "--print-config"]) == 0
     assert json.loads(capsys.readouterr().out.split("[train] config:\n", 1)[1])["task"]["fewshot"]["noise_std"] == 0.7

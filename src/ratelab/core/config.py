@@ -332,9 +332,26 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def config_diff(a: Any, b: Any) -> list[tuple[str, Any, Any]]:
     """Dotted keys whose values differ between two configs (dataclasses or dicts): ``[(key, a_value, b_value)]``."""
-    fa = flatten(dataclass_to_dict(a) if is_dataclass(a) else a)
-    fb = flatten(dataclass_to_dict(b) if is_dataclass(b) else b)
+    fa = _leaves(a) if is_dataclass(a) else flatten(a)
+    fb = _leaves(b) if is_dataclass(b) else flatten(b)
     return [(k, fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
+
+
+def _leaves(obj: Any, prefix: str = "") -> dict[str, Any]:
+    # Descend into sections (dataclasses, and mappings of them such as plugins); a plain dict field is one value,
+    # so {} -> {"depth": 2} is one difference, not two.
+    out: dict[str, Any] = {}
+    if is_dataclass(obj) and not isinstance(obj, type):
+        for f in fields(obj):
+            out.update(_leaves(getattr(obj, f.name), _join(prefix, f.name)))
+        if not fields(obj):
+            out[prefix] = {}  # an option-less section still counts as present
+    elif isinstance(obj, dict) and obj and all(is_dataclass(v) for v in obj.values()):
+        for k, v in obj.items():
+            out.update(_leaves(v, _join(prefix, k)))
+    else:
+        out[prefix] = dataclass_to_dict(obj)
+    return out
 
 
 # ---- dotted overrides ----------------------------------------------------------------------------------------
@@ -365,7 +382,13 @@ def _field_type(cls: type, dotted: str, data: dict[str, Any]) -> Any:
                 inst, rest = inst[rest[0]], rest[1:]
             if not is_dataclass(inst):
                 return Any
-            return _field_type(type(inst), ".".join(rest), dataclass_to_dict(inst))
+            try:
+                return _field_type(type(inst), ".".join(rest), dataclass_to_dict(inst))
+            except ConfigError as e:
+                # The inner lookup knows only the key below the section; name the whole dotted key.
+                inner = ".".join(rest)
+                raise ConfigError(str(e).replace(f"{inner}:", f"{dotted}:", 1).replace(
+                    "in the config", f"in {'.'.join(parts[: len(parts) - len(rest)])}", 1)) from None
         tp = _hints(base)[part]
         data = data.get(part, {}) if isinstance(data, dict) else {}
     return tp
