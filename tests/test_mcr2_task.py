@@ -151,7 +151,11 @@ def test_linear_probe_separable_vs_random_and_reference():
 
 
 def test_corrupt_labels_fraction_determinism_nesting():
-    from ratelab.recipes.mcr2.label_noise import RelabeledDataset, corrupt_labels
+    # The recipe's corruption: a share redrawn from all classes, nested across shares for one seed.
+    from ratelab.data.noise import RelabeledDataset, symmetric_noise
+
+    def corrupt_labels(y, fraction, k, seed):
+        return symmetric_noise(y, fraction, k, generator=seed, to="any").labels
 
     y = torch.arange(2000) % 10
     a = corrupt_labels(y, 0.4, 10, seed=3)
@@ -163,7 +167,7 @@ def test_corrupt_labels_fraction_determinism_nesting():
     b = corrupt_labels(y, 0.2, 10, seed=3)
     assert ((b != y) <= (a != y)).all()  # nested noise levels
     assert a.min() >= 0 and a.max() <= 9
-    with pytest.raises(ValueError, match="fraction"):
+    with pytest.raises(ValueError, match="rate"):
         corrupt_labels(y, 1.5, 10, seed=0)
 
     base = torch.utils.data.TensorDataset(torch.randn(2000, 1, 2, 2), y)

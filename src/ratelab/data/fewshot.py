@@ -107,10 +107,11 @@ def sample_points(task: FewShotTask, n: int, cfg: FewShotConfig, gen: torch.Gene
 
 
 def corrupt_classes(cls: torch.Tensor, num_classes: int, p: float, gen: torch.Generator) -> torch.Tensor:
-    """Replace each class, with probability ``p``, by a uniformly drawn *different* class."""
-    flip = torch.rand(cls.shape, generator=gen) < p
-    shift = torch.randint(1, num_classes, cls.shape, generator=gen)  # nonzero shift = a different class
-    return torch.where(flip, (cls + shift) % num_classes, cls)
+    """Replace each class, with probability ``p``, by a uniformly drawn *different* class
+    (:func:`ratelab.data.noise.symmetric_noise` with per-label Bernoulli selection)."""
+    from ratelab.data.noise import symmetric_noise
+
+    return symmetric_noise(cls, p, num_classes, generator=gen, to="other", selection="bernoulli").labels
 
 
 def sample_sequence(cfg: FewShotConfig, gen: torch.Generator, task: FewShotTask | None = None

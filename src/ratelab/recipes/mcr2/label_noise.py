@@ -45,7 +45,7 @@ from ratelab.eval.report import Report
 from ratelab.recipes import RecipeResult, check, register_recipe
 from ratelab.recipes._common import add_figure, fresh_run_dir, limit_threads, resolve_device
 
-__all__ = ["SCALES", "RelabeledDataset", "Scale", "corrupt_labels", "run"]
+__all__ = ["SCALES", "RelabeledDataset", "Scale", "run"]
 
 MODEL = "mcr2_mlp_small"
 IMG_SIZE = 8  # digits' native resolution: the MLP needs no upsampling
@@ -56,18 +56,6 @@ NOISE_LEVELS = (0.0, 0.2, 0.4, 0.6)
 # one (C = 1) memorizes them: at 60% noise C = 1 / 0.1 / 0.01 / 0.001 gave 0.58 / 0.71 / 0.90 / 0.93 (MCR²) and
 # 0.48 / 0.72 / 0.92 / 0.94 (CE) validation accuracy (one seed, 40 epochs; chosen once, on validation, for both).
 PROBE_C = 0.01
-
-
-def corrupt_labels(labels: torch.Tensor, fraction: float, num_classes: int, seed: int) -> torch.Tensor:
-    """This recipe's corruption under its earlier name: :func:`ratelab.data.noise.symmetric_noise` with
-    ``to="any"`` (a share ``fraction`` redrawn from all classes, nested across fractions for one seed).
-
-    Raises:
-        ValueError: ``fraction`` outside [0, 1], or labels that are not 1-D.
-    """
-    if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"corrupt_labels: fraction must be in [0, 1], got {fraction}")
-    return symmetric_noise(labels, fraction, num_classes, generator=seed, to="any").labels
 
 
 @dataclass(frozen=True)
