@@ -315,6 +315,11 @@ def test_task_section_in_config_cli_and_yaml(tmp_path, capsys):
     assert main(["train", "--task.eps", "abc", "--task", "mcr2", "--print-config"]) == 2
     assert main(["train", "--task", "icl", "--task.fewshot.noise_std", "0.7", "--print-config"]) == 0
     assert json.loads(capsys.readouterr().out.split("[train] config:\n", 1)[1])["task"]["fewshot"]["noise_std"] == 0.7
+    # The pre-v2 route (few-shot options through dataset_kwargs) is an error pointing at the task section.
+    from ratelab.train import ICLTask
+
+    with pytest.raises(ConfigError, match="--task.fewshot.OPTION"):
+        ICLTask().build_datasets(TrainConfig(task="icl", dataset_kwargs={"noise_std": 0.7}))
 
 
 # ---- resume as a user types it -------------------------------------------------------------------------------------

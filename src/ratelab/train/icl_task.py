@@ -91,6 +91,9 @@ class ICLTask(Task):
     def build_datasets(self, cfg: TrainConfig) -> tuple[Dataset, Dataset | None]:
         from ratelab.core.seeding import derive_seed
 
+        if cfg.dataset_kwargs:
+            raise ConfigError(f"dataset_kwargs: task 'icl' generates its data; set the task distribution with "
+                              f"--task.fewshot.OPTION (got {sorted(cfg.dataset_kwargs)})")
         self.train_dataset = FewShotSequences(self.fewshot, self.train_sequences, seed=cfg.seed)
         # A seed derived from (seed, tag) that no training index maps to the same stream.
         val_seed = derive_seed(cfg.seed, 0x1C1)
