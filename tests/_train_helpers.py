@@ -130,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dump", default=None, help="rank 0 saves {'state', 'ema', 'result'} here")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    if '"test_' in args.config_json:
+        import test_trainer_v2  # noqa: F401  (registers the test plugins the config names)
     cfg = TrainConfig.from_json(args.config_json)
     if args.mode == "ddp":
         from ratelab.core.dist import cleanup, init_distributed

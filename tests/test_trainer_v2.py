@@ -442,3 +442,26 @@ def test_trainer_fsdp_matches_one_process(tmp_path):
     for k, v in single.model.state_dict().items():
         assert torch.allclose(sharded[k], v, rtol=1e-5, atol=1e-5), (k, (sharded[k] - v).abs().max().item())
     assert (tmp_path / "fsdp" / "checkpoints" / "last" / "strategy.json").is_file()
+
+
+@pytest.mark.distributed
+def test_ddp_variable_and_empty_local_batches_match_one_process(tmp_path):
+    # Expected batch 4 of 1438: ranks often hold 0 or 1 examples, some global batches are empty; gradients are then
+    # summed explicitly, and the result must equal one process on the same draws.
+    from _dist import run_torchrun
+
+    helper = Path(__file__).with_name("_train_helpers.py")
+    cfg = tiny_config(tmp_path / "ddp", batch_size=4, max_steps=25, plugins={"test_poisson": {}}, eval_every=0,
+                      log_every=5)
+    sampler = [PoissonBatchSampler(1438, sample_rate=4 / 1438, rank=r, world_size=2, seed=0) for r in (0, 1)]
+    sizes = [[len(b) for b, _ in zip(s, range(25))] for s in sampler]
+    assert 0 in sizes[0] and 0 in sizes[1] and any(a != b for a, b in zip(*sizes))
+    res = run_torchrun(helper, "--config-json", json.dumps(cfg.to_dict()), "--dump", tmp_path / "final.pt",
+                       timeout=300)
+    assert "world 2" in res.stdout
+    single = Trainer(cfg.replace(out_dir=str(tmp_path / "single")), ClassificationTask())
+    out = single.fit()
+    ddp = torch.load(tmp_path / "final.pt", weights_only=True)
+    assert ddp["result"]["optimizer_steps"] == out["optimizer_steps"] < 25
+    for k, v in single.model.state_dict().items():
+        assert torch.allclose(ddp["state"][k], v, rtol=1e-5, atol=1e-5), (k, (ddp["state"][k] - v).abs().max().item())

@@ -111,12 +111,19 @@ class _Meter:
         self.count += 1
 
     def _reduced(self) -> dict[str, float]:
-        # Collective under DDP: every rank calls it at the same step with the same keys.
-        if not self.sums:
+        # Collective under DDP: every rank calls it at the same step. With variable-size batches a rank can have
+        # held no examples (no task metrics) in the window, so the key set is the union over ranks (missing = 0).
+        keys = set(self.sums)
+        if torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
+            parts: list[Any] = [None] * torch_dist.get_world_size()
+            torch_dist.all_gather_object(parts, sorted(keys))
+            keys = set().union(*map(set, parts))
+        if not keys:
             return {}
-        keys = sorted(self.sums)
-        stacked = all_reduce_mean(torch.stack([self.sums[k].reshape(()) for k in keys]))
-        return dict(zip(keys, stacked.tolist()))
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        ordered = sorted(keys)
+        stacked = all_reduce_mean(torch.stack([self.sums.get(k, zero).reshape(()) for k in ordered]))
+        return dict(zip(ordered, stacked.tolist()))
 
     def means(self) -> dict[str, float]:
         if self.count == 0:
