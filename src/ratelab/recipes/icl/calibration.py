@@ -24,25 +24,27 @@ Commands (scales in ``SCALES``)::
     ratelab reproduce icl-calibration --scale quick --out runs/icl-cal   # tiny + small, 1 seed, 300 steps, 3 tasks
     ratelab reproduce icl-calibration --scale full --out runs/icl-cal-full   # tiny + small + base, 3 seeds, 1500 steps
 
-Measured (quick, seed 0; 213 s on a shared, overloaded 2-core machine, of which 173 s training): test accuracy at
-0/1/2/4/8/16 shots, tiny 0.27/0.24/0.41/0.62/0.78/0.83, small 0.33/0.34/0.44/0.65/0.81/0.89 (0 shots = chance: the
-label words are unknown); ECE tiny 0.098/0.278/0.219/0.146/0.091/0.080, small 0.113/0.229/0.220/0.165/0.078/0.049.
-So the paper's low-shot spike appears for both sizes (ECE at 1-2 shots above both 0 and 16 shots) and the larger
-model is more accurate and better calibrated at 16 shots. Recalibration (mean ECE over sizes and shots >= 1,
-uncalibrated 0.155): scaling-binning 0.298 / 0.147 / 0.087 and temperature scaling 0.281 / 0.136 / 0.114 for 0-shot
-/ shot-specific / prompt-specific fits; only prompt-specific fitting lowers ECE in every (size, shots) cell (both
-methods), shot-specific fitting in 6/10 (scaling-binning) and 7/10 (temperature) cells, and 0-shot fitting makes
-calibration worse. So "scaling-binning reduces ECE consistently" holds here only with prompt-specific calibration
-data, where it also beats temperature scaling. A rerun of the same quick run took 110 s (less load) with identical
-numbers. Quick with seed 1 (other evaluation tasks too; 98 s): the spike again (ECE at 0/1/16 shots tiny
-0.201/0.247/0.052, small 0.131/0.215/0.025); prompt-specific scaling-binning 0.116 -> 0.063 (9/10 cells),
-temperature 0.094 (9/10), shot-specific fits no better than uncalibrated. Full (3 sizes x 3 seeds, 1500 steps, 1
-thread, 38 min): ECE at 0/1/2/4/8/16 shots tiny .105/.181/.160/.126/.073/.032, small .110/.148/.154/.124/.067/.031,
-base .093/.154/.148/.124/.067/.029 — the low-shot spike again for every size; accuracy at 16 shots .906/.918/.919
-(grows with size, barely). Recalibration (mean ECE over sizes and shots >= 1, uncalibrated 0.108): scaling-binning
-0.388 / 0.104 / 0.059 and temperature 0.335 / 0.090 / 0.072 for 0-shot / shot-specific / prompt-specific fits;
-prompt-specific temperature scaling lowers ECE in 15/15 cells, prompt-specific scaling-binning in 12/15 (lowest mean
-ECE), shot-specific 8/15 and 12/15, 0-shot fits 0/15. Each run's ``checks`` record what it measures.
+Measured (quick, seed 0; 213 s on a shared, overloaded 2-core machine, of which 173 s training; rerun after the v2
+trainer rebuild on a quiet 2-core machine, torch 2.14.1, OMP_NUM_THREADS=2, in 22 s of which 15 s training, with the
+same figures to 3 decimals, every ECE within 2e-4): test accuracy at 0/1/2/4/8/16 shots, tiny
+0.27/0.24/0.41/0.62/0.78/0.83, small 0.33/0.34/0.44/0.65/0.81/0.89 (0 shots = chance: the label words are unknown);
+ECE tiny 0.098/0.278/0.219/0.146/0.091/0.080, small 0.113/0.229/0.220/0.165/0.078/0.049. So the paper's low-shot spike
+appears for both sizes (ECE at 1-2 shots above both 0 and 16 shots) and the larger model is more accurate and better
+calibrated at 16 shots. Recalibration (mean ECE over sizes and shots >= 1, uncalibrated 0.155): scaling-binning 0.298
+/ 0.147 / 0.087 and temperature scaling 0.281 / 0.136 / 0.114 for 0-shot / shot-specific / prompt-specific fits; only
+prompt-specific fitting lowers ECE in every (size, shots) cell (both methods), shot-specific fitting in 6/10
+(scaling-binning) and 7/10 (temperature) cells, and 0-shot fitting makes calibration worse. So "scaling-binning
+reduces ECE consistently" holds here only with prompt-specific calibration data, where it also beats temperature
+scaling. A rerun of the same quick run took 110 s (less load) with identical numbers. Quick with seed 1 (other
+evaluation tasks too; 98 s): the spike again (ECE at 0/1/16 shots tiny 0.201/0.247/0.052, small 0.131/0.215/0.025);
+prompt-specific scaling-binning 0.116 -> 0.063 (9/10 cells), temperature 0.094 (9/10), shot-specific fits no better
+than uncalibrated. Full (3 sizes x 3 seeds, 1500 steps, 1 thread, 38 min; measured before the v2 rebuild): ECE at
+0/1/2/4/8/16 shots tiny .105/.181/.160/.126/.073/.032, small .110/.148/.154/.124/.067/.031, base
+.093/.154/.148/.124/.067/.029 — the low-shot spike again for every size; accuracy at 16 shots .906/.918/.919 (grows
+with size, barely). Recalibration (mean ECE over sizes and shots >= 1, uncalibrated 0.108): scaling-binning 0.388 /
+0.104 / 0.059 and temperature 0.335 / 0.090 / 0.072 for 0-shot / shot-specific / prompt-specific fits; prompt-specific
+temperature scaling lowers ECE in 15/15 cells, prompt-specific scaling-binning in 12/15 (lowest mean ECE),
+shot-specific 8/15 and 12/15, 0-shot fits 0/15. Each run's ``checks`` record what it measures.
 """
 
 from __future__ import annotations

@@ -26,20 +26,21 @@ MNIST) could not be recovered in detail (note §1.3), so this is ratelab's own s
 lines. :func:`cue_only_accuracy` (the best classifier that sees only the cue) is reported as a sanity column.
 
 Measured (quick: mlp-64, mlp-512, cnn-8 x n in {360, 1437} x epochs {5, 15, 40} = 18 models per condition; seed 0;
-colour cue, cue_p = 0.9, noise 0.3; trained by the Trainer, 19 s with one thread on a loaded 2-core machine).
-Cue-only classifier: ID 0.894, OOD 0.092. Clean: ID 0.20-0.97, OOD 0.12-0.83, probit Pearson r = +0.83 (+0.89
-without the one barely trained point, cnn-8/n360/e5 at ID 0.20), Spearman +0.98. Noisy: r = +0.62 (bootstrap 95%
-[-0.16, 0.86]; +0.16 without that point), Spearman +0.38. So label noise flattens the line but does not make it
-negative here. Memorising the flipped labels (share fitted 0.57-1.0 by epoch 40) costs ID 0.05-0.25 below each
-run's best checkpoint while OOD moves by -0.09 to +0.22 from epoch 5 to 40: in this low-dimensional image space
-memorisation is not benign (it hurts ID too), unlike the note's d_n >> n linear model (§3) where ID keeps improving
-while OOD falls. The sweep's first version trained with its own loop (the ragged tail of each epoch kept as a smaller
-batch, so 3 instead of 2 steps per epoch at n = 360): clean +0.82, noisy +0.56 [-0.15, +0.84]; the per-model
-accuracies moved by 0.02-0.03 on average (at most 0.14, the early n = 360 checkpoints), the correlations within their
-intervals. Variations tried with that loop (same quick grid, pooled r clean / noisy): noise 0.4 with cue_p 0.95:
-+0.66 / +0.43; border cue: +0.84 / +0.69; cue_p 0.75: +0.95 / +0.85; cue drawn from the noisy label
-(``cue_follows="observed"``, Colored-MNIST style, noisy only): +0.09, every model close to the cue-only rule (ID
-~0.90, OOD 0.13-0.31). None gave a negative correlation; the defaults stay the simplest design.
+colour cue, cue_p = 0.9, noise 0.3; trained by the Trainer, 19 s with one thread on a loaded 2-core machine; rerun on
+the current code on a quiet 2-core machine, torch 2.14.1: 14 s, the same figures -- the sweep trains without
+augmentation, so the trainer's per-sample augmentation seeding does not reach it). Cue-only classifier: ID 0.894, OOD
+0.092. Clean: ID 0.20-0.97, OOD 0.12-0.83, probit Pearson r = +0.83 (+0.89 without the one barely trained point,
+cnn-8/n360/e5 at ID 0.20), Spearman +0.98. Noisy: r = +0.62 (bootstrap 95% [-0.16, 0.86]; +0.16 without that point),
+Spearman +0.38. So label noise flattens the line but does not make it negative here. Memorising the flipped labels
+(share fitted 0.57-1.0 by epoch 40) costs ID 0.05-0.25 below each run's best checkpoint while OOD moves by -0.09 to
++0.22 from epoch 5 to 40: in this low-dimensional image space memorisation is not benign (it hurts ID too), unlike the
+note's d_n >> n linear model (§3) where ID keeps improving while OOD falls. The sweep's first version trained with its
+own loop (the ragged tail of each epoch kept as a smaller batch, so 3 instead of 2 steps per epoch at n = 360): clean
++0.82, noisy +0.56 [-0.15, +0.84]; the per-model accuracies moved by 0.02-0.03 on average (at most 0.14, the early n =
+360 checkpoints), the correlations within their intervals. Variations tried with that loop (same quick grid, pooled r
+clean / noisy): noise 0.4 with cue_p 0.95: +0.66 / +0.43; border cue: +0.84 / +0.69; cue_p 0.75: +0.95 / +0.85; cue
+drawn from the noisy label (``cue_follows="observed"``, Colored-MNIST style, noisy only): +0.09, every model close to
+the cue-only rule (ID ~0.90, OOD 0.13-0.31). None gave a negative correlation; the defaults stay the simplest design.
 
 Full (6 architectures incl. crate-pico x n in {180, 360, 720, 1437} x epochs {5, 10, 20, 40} = 96 models per
 condition; seed 0; 361 s with one thread on a loaded machine; measured with the first version's own loop): clean

@@ -28,17 +28,18 @@ Commands (scales in ``SCALES``)::
     ratelab reproduce wrong-line --scale quick --out runs/wrong-line        # synthetic (~10 s) + digits quick
     ratelab reproduce wrong-line --scale full --out runs/wrong-line-full    # + η/s grids, independent sets, exact x3
 
-Measured (seed 0, 2 shared and busy CPU cores). Quick: corr_clean = +0.9996 [+0.9994, +0.9997], corr_noisy =
--0.870 [-0.901, -0.838] with 20/20 curves negative (η = 0.05: -0.82; pooled over 240 models: +0.999 / -0.73),
-mean OOD accuracy 0.844 -> 0.714 while ID rises 0.884 -> 0.945 (η = 0.2, n = 400 -> 4000), per-curve r vs s =
-1/2/3/5/10/20: +1.00/+0.87/+0.26/-0.61/-0.87/-0.92, exact vs reduced accuracies within 8e-4, the bound below every
-exact model's OOD error, literal reading r = +0.99 — all as in note §2.2-§2.3; synthetic part 8 s, digits part 43 s,
-58 s in all. Full synthetic part (~70 s): exact model, 3 seeds at the note's sizes, r = +0.999 / -0.79 / -0.92 for
-η = 0 / 0.05 / 0.2; η grid 0.05/0.1/0.2/0.3/0.4: -0.82/-0.82/-0.87/-0.77/-0.52 (18/20 negative at 0.4);
-independent training sets per n: -0.73 ± 0.12 at η = 0.2. Digits (quick, trained by the Trainer): probit r
-clean +0.83 [+0.78, +0.99], noisy +0.62 [-0.16, +0.86] (the sweep's first, hand-written loop: +0.82 / +0.56
-[-0.15, +0.84]); full (96 models per condition, 5.5 min, first loop): clean +0.76 [+0.71, +0.87], noisy +0.19
-[-0.03, +0.38]: lower with noise, but not negative. Full run in all: 7 min.
+Measured (seed 0, 2 shared and busy CPU cores). Quick: corr_clean = +0.9996 [+0.9994, +0.9997], corr_noisy = -0.870
+[-0.901, -0.838] with 20/20 curves negative (η = 0.05: -0.82; pooled over 240 models: +0.999 / -0.73), mean OOD
+accuracy 0.844 -> 0.714 while ID rises 0.884 -> 0.945 (η = 0.2, n = 400 -> 4000), per-curve r vs s = 1/2/3/5/10/20:
++1.00/+0.87/+0.26/-0.61/-0.87/-0.92, exact vs reduced accuracies within 8e-4, the bound below every exact model's OOD
+error, literal reading r = +0.99 — all as in note §2.2-§2.3; synthetic part 8 s, digits part 43 s, 58 s in all (rerun
+on the current code on a quiet 2-core machine, torch 2.14.1, OMP_NUM_THREADS=2: the same figures, 2.3 s + 14 s, 18 s
+in all). Full synthetic part (~70 s): exact model, 3 seeds at the note's sizes, r = +0.999 / -0.79 / -0.92 for η = 0 /
+0.05 / 0.2; η grid 0.05/0.1/0.2/0.3/0.4: -0.82/-0.82/-0.87/-0.77/-0.52 (18/20 negative at 0.4); independent training
+sets per n: -0.73 ± 0.12 at η = 0.2. Digits (quick, trained by the Trainer, no augmentation): probit r clean +0.83
+[+0.78, +0.99], noisy +0.62 [-0.16, +0.86] (the sweep's first, hand-written loop: +0.82 / +0.56 [-0.15, +0.84]); full
+(96 models per condition, 5.5 min, first loop, before the v2 rebuild): clean +0.76 [+0.71, +0.87], noisy +0.19 [-0.03,
++0.38]: lower with noise, but not negative. Full run in all: 7 min.
 """
 
 from __future__ import annotations
