@@ -40,8 +40,8 @@ from pathlib import Path
 # when set so that two records can be told apart.
 ENV_KEYS = (
     "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OPENBLAS_CORETYPE", "MKL_DEBUG_CPU_TYPE",
-    "MKL_ENABLE_INSTRUCTIONS", "KMP_AFFINITY", "GOMP_CPU_AFFINITY", "OMP_PROC_BIND", "ATEN_CPU_CAPABILITY",
-    "MALLOC_MMAP_THRESHOLD_", "TIMM_FUSED_ATTN", "CUDA_VISIBLE_DEVICES",
+    "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "KMP_AFFINITY",
+    "GOMP_CPU_AFFINITY", "OMP_PROC_BIND", "MALLOC_MMAP_THRESHOLD_", "TIMM_FUSED_ATTN", "CUDA_VISIBLE_DEVICES",
 )
 
 
@@ -261,6 +261,7 @@ class LoadMonitor:
             busy, steal, total = (b - a for a, b in zip(self._stat0, stat1))
             self.record["other_cpu_frac"] = round(max(0.0, busy - own) / max(total, 1e-9), 3)
             self.record["steal_frac"] = round(steal / max(total, 1e-9), 3)
+        self.record["quiet"] = self.quiet()
 
     def line(self) -> str:
         r = self.record
@@ -270,9 +271,17 @@ class LoadMonitor:
             s += f"; other processes used {100 * r['other_cpu_frac']:.0f}% of the machine's CPU time meanwhile"
             if r["steal_frac"] > 0.01:
                 s += f", hypervisor steal {100 * r['steal_frac']:.0f}%"
-        if r.get("other_cpu_frac", 0.0) > 0.1 or r["loadavg_before"][0] > 0.5 * (os.cpu_count() or 1):
+        if not self.quiet():
             s += " -- NOT QUIET: absolute times are inflated; the per-repeat ratios are the usable figures"
         return s
+
+    def quiet(self, max_other: float = 0.1) -> bool:
+        """Whether other processes used at most ``max_other`` of the machine's CPU time during the block. (The
+        load average is no verdict: it counts this benchmark's own threads and lags by a minute.)"""
+        r = self.record
+        if "other_cpu_frac" in r:
+            return r["other_cpu_frac"] <= max_other
+        return r["loadavg_before"][0] <= 0.5 * (os.cpu_count() or 1)
 
 
 # ---- timing --------------------------------------------------------------------------------------------------

@@ -273,23 +273,23 @@ def plot(rows: list[dict], kinds: list[str], path: Path, title: str) -> None:
     def series(m: str, t: int) -> list[dict]:
         return [r for r in rows if r["model"] == m and r["threads"] == t]
 
-    for ax, kind in zip(axes, kinds):
-        for m in models:
+    for ax, kind in zip(axes, kinds):  # colour = model, line style = thread count
+        for i, m in enumerate(models):
             for t in threads:
                 rs = series(m, t)
                 ax.plot([r["tokens"] for r in rs], [r[kind]["img_per_s"] for r in rs], styles.get(t, "-o"),
-                        label=f"{m}, {t} thr")
+                        color=f"C{i}", label=f"{m}, {t} thr")
         ax.set(xscale="log", yscale="log", xlabel="tokens per image", ylabel="images / s",
                title={"infer": "inference", "train": "train step"}[kind])
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     ax = axes[-1]
-    for m in [m for m in models if m != "vit"]:
-        for kind in kinds:
-            for t in threads:
-                rs = series(m, t)
-                ax.plot([r["tokens"] for r in rs], [r[kind]["x_vit"] for r in rs], styles.get(t, "-o"),
-                        label=f"{m} {kind}, {t} thr")
+    pairs = [(m, kind) for m in models if m != "vit" for kind in kinds]
+    for i, (m, kind) in enumerate(pairs):
+        for t in threads:
+            rs = series(m, t)
+            ax.plot([r["tokens"] for r in rs], [r[kind]["x_vit"] for r in rs], styles.get(t, "-o"),
+                    color=f"C{i + len(models)}", label=f"{m} {kind}, {t} thr")
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.axhline(2.0, color="gray", lw=0.8, ls=":")
     ax.set(xscale="log", xlabel="tokens per image", ylabel="throughput / ViT throughput (per-repeat median)",

@@ -15,15 +15,16 @@ Contenders (all compute DeltaR of row-normalized features with eps = sqrt(0.5), 
 * ``dense``: a dense (K, n, n) membership tensor and a per-class loop of W Pi_j W^T with LU logdet (written here,
   following the official ryanchankh/mcr2 loss). Needs 4 K n^2 bytes.
 * ``mcr2-lowmem``: the package's DeltaR formula and its own ``logdet_I_plus`` with the class moments contracted in
-  opt_einsum's order by hand; timed only where neither mcr2 variant can run (above ``--max-gb``, or no opt_einsum).
+  opt_einsum's order by hand; timed only where opt_einsum is absent and plain ``mcr2`` exceeds ``--max-gb``.
 
-A contender whose working memory exceeds ``--max-gb`` is skipped with a note. Before timing, every contender's value
-must agree with ours to 1e-5 relative (asserted) and the gradient differences are recorded.
+A contender whose working memory exceeds ``--max-gb``, or whose forward exceeds ``--max-gflop``, is skipped with a
+note. Before timing, every contender's value must agree with ours to 1e-5 relative (asserted) and the gradient
+differences are recorded.
 
 Protocol (``_machine.py``): per thread count, one warm-up call each, then ``--repeats`` interleaved repeats;
 medians, IQRs and the median of the per-repeat ratios baseline / ours.
 
-Usage: ``python benchmarks/rate_speed.py [--threads 1 2] [--repeats 5] [--sizes 1000,128,10 10000,512,100]
+Usage: ``python benchmarks/rate_speed.py [--threads 1 2] [--repeats 5] [--sizes 1000,128,10 5000,512,50]
 [--json F]``
 """
 
@@ -108,8 +109,8 @@ def make_problem(n: int, d: int, K: int, dtype: torch.dtype = torch.float32, see
     return Z0, y, F.one_hot(y, K).to(dtype)
 
 
-def contenders(n: int, d: int, K: int, y: torch.Tensor, Y: torch.Tensor, max_gb: float,
-               only: list[str] | None = None) -> tuple[dict[str, Callable], list[str]]:
+def contenders(n: int, d: int, K: int, y: torch.Tensor, Y: torch.Tensor, max_gb: float = 8.0,
+               max_gflop: float = 200.0, only: list[str] | None = None) -> tuple[dict[str, Callable], list[str]]:
     """The DeltaR callables to time at this size (``Z -> scalar``) and notes on any left out."""
     try:
         from mcr2.primitives.coding_rate import DeltaR
@@ -122,28 +123,39 @@ def contenders(n: int, d: int, K: int, y: torch.Tensor, Y: torch.Tensor, max_gb:
                 return DeltaR(Z, Y, EPS)
         return fn
 
-    gb = 4 / 1e9  # bytes per fp32 element, in GB
+    # (working memory in GB: the largest intermediate, kept for backward, plus its gradient and slack, x3;
+    #  forward GFLOP), estimated per contender; above --max-gb / --max-gflop a contender is skipped with a note.
+    el = 4 / 1e9  # GB per fp32 element
+    cost = {
+        "mcr2-opt": (3 * n * K * d * el, 2 * K * n * d * d / 1e9,
+                     f"its (n, K, d) intermediate is {n * K * d * el:.1f} GB"),
+        "mcr2": (3 * n * d * d * el, 2 * K * n * d * d / 1e9,
+                 f"without opt_einsum its (n, d, d) einsum intermediate alone is {n * d * d * el:.1f} GB"),
+        "dense": (K * n * n * el, 2 * K * d * n * n / 1e9,
+                  f"the (K, n, n) membership tensor is {K * n * n * el:.1f} GB"),
+    }
+    cost["mcr2-lowmem"] = cost["mcr2-opt"]
     fns: dict[str, Callable] = {"ours": lambda Z: rate_reduction(Z, y, EPS)[0]}
     notes: list[str] = []
-    # Working memory: the largest intermediate, kept for backward, plus its gradient and slack (x3).
-    if have_opt_einsum():
-        if 3 * n * K * d * gb <= max_gb:
-            fns["mcr2-opt"] = mcr2_with(True)
-        else:
-            notes.append(f"mcr2-opt not run: its (n, K, d) intermediate alone is {n * K * d * gb:.1f} GB")
-    else:
+
+    def fits(name: str) -> bool:
+        gbs, gflop, what = cost[name]
+        if gbs > max_gb or gflop > max_gflop:
+            notes.append(f"{name} not run: {what}, about {gflop:.0f} GFLOP forward "
+                         f"(limits --max-gb {max_gb:g}, --max-gflop {max_gflop:g})")
+            return False
+        return True
+
+    if not have_opt_einsum():
         notes.append("mcr2-opt not run: opt_einsum is not installed (pip install opt_einsum; it is the faster "
                      "configuration of the mcr2 baseline, so the ratio to mcr2 overstates our advantage)")
-    if 3 * n * d * d * gb <= max_gb:
+    elif fits("mcr2-opt"):
+        fns["mcr2-opt"] = mcr2_with(True)
+    if fits("mcr2"):
         fns["mcr2"] = mcr2_with(False)
-    else:
-        notes.append(f"mcr2 without opt_einsum not run: its (n, d, d) einsum intermediate alone is "
-                     f"{n * d * d * gb:.1f} GB")
-    if K * n * n * gb <= max_gb:
+    if fits("dense"):
         fns["dense"] = lambda Z: dense_delta_r(Z, y, K, EPS)
-    else:
-        notes.append(f"dense (K, n, n) baseline not run: the membership tensor alone is {K * n * n * gb:.0f} GB")
-    if "mcr2-opt" not in fns and "mcr2" not in fns:
+    if not have_opt_einsum() and "mcr2" not in fns and fits("mcr2-lowmem"):
         fns["mcr2-lowmem"] = lambda Z: mcr2_lowmem_delta_r(Z, Y, EPS)
         notes.append("timed mcr2-lowmem (the package's formula, contracted in opt_einsum's order by hand) instead")
     if only:
@@ -209,10 +221,12 @@ def markdown(sizes: list[tuple[int, int, int]], runs: dict[int, dict], threads: 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_protocol_args(p)
-    p.add_argument("--sizes", nargs="+", default=["1000,128,10", "10000,512,100"], help="n,d,K triples")
+    p.add_argument("--sizes", nargs="+", default=["1000,128,10", "5000,512,50"], help="n,d,K triples")
     p.add_argument("--contenders", default=None,
                    help="comma-separated subset of mcr2-opt,mcr2,dense,mcr2-lowmem (ours always runs)")
     p.add_argument("--max-gb", type=float, default=8.0, help="skip contenders needing more memory than this")
+    p.add_argument("--max-gflop", type=float, default=200.0,
+                   help="skip contenders whose forward needs more GFLOP than this (the dense loop at large n)")
     args = p.parse_args(argv)
     log = lambda s: print(s, flush=True)  # noqa: E731
     info = machine_info(packages=("mcr2", "opt_einsum"))
@@ -231,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             for n, d, K in sizes:
                 key = f"{n},{d},{K}"
                 Z0, y, Y = make_problem(n, d, K)
-                fns, notes[key] = contenders(n, d, K, y, Y, args.max_gb, only)
+                fns, notes[key] = contenders(n, d, K, y, Y, args.max_gb, args.max_gflop, only)
                 if key not in checks:  # values do not depend on the thread count beyond rounding: check once
                     checks[key] = check(fns, Z0)
                     log(f"  n={n} d={d} K={K}: DeltaR " + ", ".join(f"{k} {v:.6f}" for k, v in
