@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ratelab-installed
-# Pinned for this project's CPU machines (see DEVELOPERS.md); pyproject.toml states compatible ranges elsewhere.
+# Pinned for this project's CPU machines (README, "Two commands"); pyproject.toml states compatible ranges elsewhere.
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 # Reference calibration library of the tests, installed without its heavy optional stack (see pyproject.toml).
 NETCAL_PIN ?= netcal==1.3.6
@@ -17,7 +17,7 @@ help:
 	@echo "make demo   - set up .venv, train a small CRATE on digits, write $(DEMO_OUT)/report.html"
 	@echo "make test   - set up .venv and run the test suite"
 	@echo "make lint   - ruff check"
-	@echo "make bench  - CPU benchmarks (benchmarks/*.py)"
+	@echo "make bench  - CPU benchmarks: every table of docs/benchmarks.md (benchmarks/run_all.sh, ~12 min idle)"
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,7 +38,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 bench: setup
-	$(PY) benchmarks/crate_speed.py
+	bash benchmarks/run_all.sh
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache
