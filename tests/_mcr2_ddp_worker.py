@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from ratelab.core.dist import cleanup, init_distributed
+from ratelab.core.dist import barrier, cleanup, init_distributed
 from ratelab.objectives import mcr2_loss
 
 
@@ -57,6 +57,7 @@ def main() -> int:
         },
         f"{args.out}/rank{info.rank}.pt",
     )
+    barrier()  # every rank done before any tears the group down
     cleanup()
     return 0
 

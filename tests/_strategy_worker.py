@@ -22,7 +22,7 @@ import torch.distributed as torch_dist
 import torch.nn.functional as F
 
 import ratelab
-from ratelab.core.dist import DistInfo, cleanup, init_distributed
+from ratelab.core.dist import DistInfo, barrier, cleanup, init_distributed
 from ratelab.train.optim import build_optimizer
 from ratelab.train.strategy import Strategy, build_strategy
 
@@ -205,6 +205,9 @@ def main() -> None:
         res = resume_one_step(dist, args.resume_from) if args.resume_from else run_variants(dist, args.ckpt_dir)
         if dist.is_main:
             torch.save(res, args.out)
+        # Every rank reaches the end before any tears its process group down: a gloo rank destroying its group while
+        # the other still works aborted once in CI ("terminate called without an active exception").
+        barrier()
     finally:
         cleanup()
 

@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         import test_trainer_v2  # noqa: F401  (registers the test plugins the config names)
     cfg = TrainConfig.from_json(args.config_json)
     if args.mode == "ddp":
-        from ratelab.core.dist import cleanup, init_distributed
+        from ratelab.core.dist import barrier, cleanup, init_distributed
 
         init_distributed("cpu")
         _gather_checks(Path(cfg.out_dir).parent)
@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         ema = trainer.ema_model.state_dict() if trainer.ema_model is not None else None
         torch.save({"state": trainer.model.state_dict(), "ema": ema, "result": result}, args.dump)
     if args.mode == "ddp":
+        barrier()  # every rank done (rank 0 just wrote the dump) before any tears the group down
         cleanup()
     return 0
 

@@ -266,7 +266,7 @@ def test_cli_errors(tmp_path):
         _parse(["--model", "test_crate", "--checkpoint", "x", "--out", str(tmp_path)])
     with pytest.raises(SystemExit):  # --out is required
         _parse(["--model", "test_crate"])
-    with pytest.raises(FileNotFoundError, match="--checkpoint"):
+    with pytest.raises(UsageError, match="--checkpoint"):
         run(_parse(["--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path)]))
     with pytest.raises(UsageError, match="--num-images"):
         run(_parse(["--model", "test_crate", "--num-images", "0", "--out", str(tmp_path)]))

@@ -258,13 +258,14 @@ def test_label_noise_recipe_smoke(tmp_path_factory):
 
 _DDP_SCRIPT = """
 import json, sys, torch
-from ratelab.core.dist import cleanup
+from ratelab.core.dist import barrier, cleanup
 from ratelab.train import MCR2Task, TrainConfig, Trainer
 cfg = TrainConfig.from_dict(json.loads(sys.argv[1]))
 trainer = Trainer(cfg, MCR2Task(feature_dim=16, n_components=4))
 result = trainer.fit()
 if trainer.dist.is_main:
     torch.save({"state": trainer.model.state_dict(), "result": result}, sys.argv[2])
+barrier()
 cleanup()
 """
 
