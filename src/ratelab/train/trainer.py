@@ -592,12 +592,16 @@ class Trainer:
         self.optimizer_steps += 1
         if self.ema is not None:
             self.ema.update(self.model)
+        self._end_step({"loss": loss_total, **values})
+
+    def _end_step(self, values: dict[str, Any]) -> None:
+        # One logical batch consumed (with or without an update): advance the data position, add plugin metrics.
         self.step += 1
         self.batch_in_epoch += 1
         for p in self.plugins:
             values.update(p.on_step_end(self))
-        self._window.add({"loss": loss_total, **values})
-        self._epoch_meter.add({"loss": loss_total, **values})
+        self._window.add(values)
+        self._epoch_meter.add(values)
 
     def _optimizer_step(self, spec: OptimizerSpec, loss: torch.Tensor, values: dict[str, Any]) -> None:
         params = self._params[spec.name]
@@ -651,13 +655,7 @@ class Trainer:
             self.optimizer_steps += 1
             if self.ema is not None:
                 self.ema.update(self.model)
-        self.step += 1
-        self.batch_in_epoch += 1
-        values: dict[str, Any] = {"empty_batches": 1.0}
-        for p in self.plugins:
-            values.update(p.on_step_end(self))
-        self._window.add(values)
-        self._epoch_meter.add(values)
+        self._end_step({"empty_batches": 1.0})
 
     def _diverged(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> None:
         step = self.step + 1
