@@ -97,6 +97,24 @@ def test_demo_smoke_writes_report_and_summary(tmp_path, tmp_path_factory, capsys
     assert (out / "crate-digits" / "results.json").exists()
     printed = capsys.readouterr().out
     assert all(f"== {n} (" in printed for n in names)
+    # the page opens with one summary row per recipe, each linking to its section, and a tally of every claim
+    n_claims = sum(len(r["checks"]) for r in summary["recipes"].values())
+    n_ok = sum(c["holds"] for r in summary["recipes"].values() for c in r["checks"])
+    assert f"{n_ok} of {n_claims} claims hold in {len(names)} recipes" in html
+    assert all(f'<a href="#{n}">{n}</a>' in html and f'id="{n}"' in html for n in names)
+    assert html.index('class="summary"') < html.index('class="toc"') < html.index(f'id="{names[0]}"')
+    # the terminal ends with the same table: the tally, then each recipe's claims with the report's words
+    tail = printed[printed.index("Summary: "):]
+    assert tail.startswith(f"Summary: {n_ok} of {n_claims} claims hold in {len(names)} recipes")
+    assert "FAILS" not in printed and all(f"\n{n} (" in tail for n in names)
+    assert tail.count("holds  ") + tail.count("does not hold  ") == n_claims
+    from _browser import find_chromium, render
+
+    if find_chromium() is not None:  # the real page in a real browser (tests/test_report_browser.py skips if absent)
+        seen = render(out / "report.html", tmp_path)
+        assert seen["images"] == seen["images_loaded"] == html.count("data:image/png;base64,")
+        assert seen["errors"] == [] and seen["broken_links"] == []
+        assert seen["summary_recipes"] == names
 
 
 def test_eval_scores_an_mcr2_run_by_nearest_subspace(tmp_path, capsys):

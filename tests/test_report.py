@@ -29,9 +29,13 @@ def test_write_json_numpy(tmp_path):
 
 def test_fmt():
     assert fmt(0.98765) == "0.9877"
+    assert fmt(7730.6413) == "7731"  # significant digits, not decimals
+    assert fmt(123456.7) == "123,457" and fmt(70350) == "70,350"
+    assert fmt(0.0001234) == "1.23e-04" and fmt(0.0) == "0"
     assert fmt(True) == "yes"
-    assert fmt(float("nan")) == "nan"
+    assert fmt(float("nan")) == "n/a"  # a measure that does not apply
     assert fmt(3) == "3"
+    assert fmt(np.float32(0.5)) == "0.5"
 
 
 def test_checks_renders_each_recipe_claim():
@@ -39,5 +43,41 @@ def test_checks_renders_each_recipe_claim():
 
     r = Report("t").checks([check("a & b", True, 0.5), check("c", False, "x < y")])
     body = r.body()
-    assert '<span class="ok">[holds]</span> a &amp; b (0.5)' in body
-    assert '<span class="bad">[does not hold]</span> c (x &lt; y)' in body
+    assert '<td class="t">a &amp; b</td><td class="t"><span class="ok">holds</span></td><td class="t">0.5</td>' in body
+    assert '<span class="bad">does not hold</span></td><td class="t">x &lt; y</td>' in body
+    page = r.render()
+    assert "1 of 2 claims hold" in page  # the tally opens the page
+
+
+def test_table_alignment_and_precision():
+    body = Report("t").table([["vit", 7730.6413, float("nan")]], headers=["model", "img/s", "R^c"]).body()
+    assert '<td class="t">vit</td><td>7731</td><td>n/a</td>' in body
+
+
+def test_include_nests_sections_with_unique_anchors_and_a_toc():
+    from ratelab.eval.report import SummaryRow
+    from ratelab.recipes import check
+
+    inner = Report("inner").heading("Claims").checks([check("c1", True, 1.0)]).heading("Figures")
+    outer = Report("outer")
+    a = outer.include(inner, "alpha — paper A", anchor="alpha")
+    b = outer.include(inner, "beta — paper B", anchor="beta")
+    outer.summary([SummaryRow("alpha", "paper A", a, inner.claims), SummaryRow("beta", "paper B", b, inner.claims)])
+    page = outer.render()
+    ids = re.findall(r'id="([^"]+)"', page)
+    assert len(ids) == len(set(ids))  # unique anchors although both sections have "Claims"
+    assert 'id="alpha--claims"' in page and 'id="beta--claims"' in page and "<h3" in page
+    assert page.count('<a href="#alpha--claims">') == 1  # in the table of contents
+    assert "2 of 2 claims hold in 2 recipes" in page
+    assert re.search(r'<td class="t"><a href="#alpha">alpha</a><br><small>1/1 hold</small></td>', page)
+
+
+def test_verdict_words_match_terminal_and_html(capsys):
+    from ratelab.cli.reproduce import print_claims
+    from ratelab.eval.report import VERDICTS
+    from ratelab.recipes import check
+
+    print_claims({"r": {"paper": "p", "checks": [check("c1", True, 1), check("c2", False, "m")]}})
+    out = capsys.readouterr().out
+    assert "Summary: 1 of 2 claims hold in 1 recipe" in out
+    assert f"{VERDICTS[True]:<13}  c1 [1]" in out and f"{VERDICTS[False]:<13}  c2 [m]" in out

@@ -16,6 +16,8 @@ import sys
 
 # Order is the order shown in --help.
 _COMMANDS = ("train", "eval", "measure", "models", "weights", "reproduce", "demo")
+# Commands whose torch work gets an automatic thread count (recipes pin theirs: ``--threads``, default 1).
+_AUTO_THREADS = ("train", "eval", "measure")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _COMMANDS:
         importlib.import_module(f"ratelab.cli.{name}").add_parser(sub)
+    for name in _AUTO_THREADS:
+        sub.choices[name].add_argument(
+            "--threads", type=int, default=0, metavar="N",
+            help="CPU threads for torch (default 0 = automatic: torch's default, less the CPUs other processes "
+                 "keep busy, unless OMP_NUM_THREADS is set; see docs/training.md 'Threads')")
     return parser
 
 
@@ -45,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if args.command in _AUTO_THREADS:
+            _set_threads(args.threads)
         return int((args.func(args, extra) if getattr(args, "accepts_extra", False) else args.func(args)) or 0)
     except KeyboardInterrupt:
         print("ratelab: interrupted", file=sys.stderr)
@@ -58,6 +67,17 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"ratelab {args.command}: error: {e}", file=sys.stderr)
         return 1 if isinstance(e, TrainingDiverged) else 2
+
+
+def _set_threads(requested: int) -> None:
+    from ratelab.core.errors import UsageError
+    from ratelab.core.threads import apply_threads
+
+    if requested < 0:
+        raise UsageError(f"--threads: must be >= 0 (0 = automatic), got {requested}")
+    # torchrun exports OMP_NUM_THREADS=1 for several processes per node, so ranks never each claim the idle CPUs.
+    rank = int(os.environ.get("LOCAL_RANK", "0"))
+    apply_threads(requested or None, log=(lambda m: print(m, flush=True)) if rank == 0 else (lambda m: None))
 
 
 if __name__ == "__main__":

@@ -13,18 +13,14 @@ Commands (scales in ``SCALES``)::
 
 Expected: validation accuracy >= 97% (about 99% measured); sparsity per layer rising with depth after training.
 
-Measured (quick, seed 0; a quiet 2-core machine, torch 2.14.1, OMP_NUM_THREADS=2, 37 s wall of which 35 s training):
-validation accuracy 0.9889. Zero fraction of the ISTA outputs, layers 1-6: trained
-0.512/0.619/0.611/0.621/0.579/0.577, random init 0.512/0.633/0.659/0.687/0.679/0.689 (Spearman with depth, trained:
-+0.03); compression R^c trained 152.4/158.7/155.3/156.6/151.1/141.5 nats (Spearman -0.60), random init rising 156.5 ->
-162.8. So neither trend of Fig. 3 holds layer by layer at this scale (the ``checks`` say so): trained sparsity rises
-to layers 2-4 and then eases off; R^c peaks at layer 2 and is lowest at layer 6, but not monotonically. The recipe
-leaves torch's thread count alone and the result depends on it: with OMP_NUM_THREADS=1 the same run gives 0.9916
-(trained sparsity 0.512/0.618/0.618/0.623/0.586/0.581, 32 s); at a fixed thread count it repeats exactly (a second
-2-thread run, 17 min on a machine loaded by other jobs, gave the same numbers). Before each training sample's
-augmentation (the dataset's 2-pixel shifts) was seeded by (seed, epoch, index) (``TrainConfig.seeded_augmentation``),
-the 1-thread quick run gave 0.9861 and trained sparsity 0.511/0.608/0.618/0.620/0.583/0.575: another draw of the same
-shifts.
+Measured (quick, seed 0, 1 thread: ``ratelab reproduce`` pins the thread count, default 1, because the result depends
+on it; record in docs/records/demo_quick.json; 30 s): validation accuracy 0.9916. Zero fraction of the ISTA outputs,
+layers 1-6: trained 0.512/0.618/0.618/0.623/0.586/0.581, random init 0.512/0.633/0.659/0.687/0.679/0.689 (Spearman
+with depth, trained: +0.09); compression R^c trained 151.9/158.7/155.9/157.2/151.6/143.6 nats (Spearman -0.60),
+random init rising 156.5 -> 162.8. So neither trend of Fig. 3 holds layer by layer at this scale (the ``checks`` say
+so): trained sparsity rises to layers 2-4 and then eases off; R^c peaks at layer 2 and is lowest at layer 6, but not
+monotonically. With 2 threads the same run gives 0.9889 (trained sparsity 0.512/0.619/0.611/0.621/0.579/0.577):
+another rounding of the same arithmetic, the same pattern. At a fixed thread count it repeats exactly.
 """
 
 from __future__ import annotations
@@ -241,19 +237,23 @@ def run(out_dir: Path, *, scale: str, seed: int, device: str, progress: bool) ->
         "1/2 logdet(I + p/(N eps^2) W W^T) of the token-normalized projections W = U_k^T LN(z) (official CRATE "
         "measurement, eps^2 = 0.01); sparsity = fraction of exact zeros of each ISTA output."
     )
+    report.heading("Claims")
     report.checks(checks)
+    report.heading("Accuracy")
     report.table(
         [[f"seed {r['seed']}", r["final"]["val_acc"], r["final"].get("val_loss", float("nan")),
           r["final"].get("time_s", float("nan"))] for r in runs],
         headers=["run", "val acc", "val loss", "train time (s)"],
     )
     report.table(
-        [[i, sp_in.mean(0)[i], sp_tr.mean(0)[i], co_in.mean(0)[i], co_tr.mean(0)[i]] for i in depth],
-        headers=["layer", "sparsity (init)", "sparsity (trained)", "R^c (init)", "R^c (trained)"],
+        [[i + 1, sp_in.mean(0)[i], sp_tr.mean(0)[i], co_in.mean(0)[i], co_tr.mean(0)[i]] for i in depth],
+        headers=["layer (1 = first)", "sparsity (init)", "sparsity (trained)", "R^c (init)", "R^c (trained)"],
     )
+    report.heading("Per-layer rates")
     fig = plot_layer_rates({"trained": runs[0]["rates"]["trained"], "random init": runs[0]["rates"]["random init"]})
     add_figure(report, fig, out_dir, "layer_rates.png",
                "per-layer compression and sparsity, trained vs random initialization")
+    report.heading("Training and attention")
     add_figure(report, _curve_figure([r["curves"] for r in runs]), out_dir, "learning_curves.png",
                "training loss and validation accuracy")
     add_figure(report, _attention_figure(runs[0]["model"], images[:8], labels[:8]), out_dir, "attention.png",

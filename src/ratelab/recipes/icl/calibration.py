@@ -156,7 +156,7 @@ def _figures(out_dir: Path, sizes: list[str], shots: tuple[int, ...], summ: dict
             ax.fill_between(x, y - s, y + s, color=ln.get_color(), alpha=0.15, linewidth=0)
     for ax, name in ((ax_acc, "accuracy"), (ax_ece, "ECE (10 equal-width bins)")):
         ax.set(xlabel="shots", ylabel=name, xscale="symlog", xticks=list(shots), xticklabels=[str(k) for k in shots])
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="best")
     ax_acc.set_title("test accuracy vs shots")
     ax_ece.set_title("uncalibrated ECE vs shots")
     fig.tight_layout()
@@ -178,8 +178,10 @@ def _figures(out_dir: Path, sizes: list[str], shots: tuple[int, ...], summ: dict
         ax.set(title=f"icl_gpt_{size}", xlabel="shots", xscale="symlog", xticks=list(shots),
                xticklabels=[str(k) for k in shots])
     axes[0].set_ylabel("test ECE")
-    axes[-1].legend(fontsize=7)
-    fig.tight_layout()
+    # One legend below the panels: inside an axis it covered the low-shot curves, where the spike is.
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 * ((len(labels) + 3) // 4), 1, 1))
     add_figure(report, fig, out_dir, "ece_recalibration.png",
                "ECE before and after recalibration (temperature scaling, scaling-binning) under the three fitting "
                "regimes (0-shot, shot-specific, prompt-specific)")
@@ -195,7 +197,7 @@ def _figures(out_dir: Path, sizes: list[str], shots: tuple[int, ...], summ: dict
 )
 def run(out_dir: Path, *, scale: str, seed: int, device: str, progress: bool) -> RecipeResult:
     import ratelab.models.icl_gpt  # noqa: F401  (registers the models)
-    from ratelab.icl.recalibration import evaluate_regimes, format_table, summarize
+    from ratelab.icl.recalibration import evaluate_regimes, summarize
 
     row = SCALES[scale]
     sizes, seeds, steps, batch, shots = list(row.sizes), [seed + i for i in range(row.seeds)], row.steps, row.batch, \
@@ -281,14 +283,19 @@ def run(out_dir: Path, *, scale: str, seed: int, device: str, progress: bool) ->
         "demonstration sets for shot-specific fits). Probabilities are restricted to the task's label words and "
         "renormalized; ECE uses 10 equal-width (l, u] bins."
     )
+    report.heading("Claims")
     report.checks(checks)
+    report.heading("Accuracy and ECE vs shots")
     report.table([[f"icl_gpt_{sz}", k, at(summ_rows[sz], k)["acc_mean"], at(summ_rows[sz], k)["ece_mean"],
                    at(summ_rows[sz], k)["conf_mean"]] for sz in sizes for k in shots],
                  headers=["model", "shots", "accuracy", "ECE", "mean confidence"])
     _figures(out_dir, sizes, shots, summ_rows, recal_rows, report)
+    report.heading("Recalibration")
     for sz in sizes:
-        report.heading(f"icl_gpt_{sz}: recalibration (ECE after, mean over tasks and seeds)", level=3)
-        report.code(format_table([{**r, "ece_after_std": r["ece_after_mean_sd"]} for r in recal_rows[sz]],
-                                 columns=["shots", "method", "regime", "ece_before_mean", "ece_after_mean",
-                                          "ece_after_std", "acc_after_mean"]))
+        arms = list(dict.fromkeys((r["method"], r["regime"]) for r in recal_rows[sz]))
+        cell = {(r["shots"], r["method"], r["regime"]): r["ece_after_mean"] for r in recal_rows[sz]}
+        report.table([[k] + [cell.get((k, m, g), float("nan")) for m, g in arms] for k in shots],
+                     headers=["shots"] + ["uncalibrated" if m == "none" else f"{m} / {g}" for m, g in arms],
+                     digits=3, caption=f"icl_gpt_{sz}: test ECE after recalibration (mean over tasks and seeds; "
+                                       "every row in results.json with its std and accuracy)")
     return RecipeResult(results, report)

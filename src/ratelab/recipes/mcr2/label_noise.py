@@ -277,12 +277,15 @@ def run(out_dir: Path, *, scale: str, seed: int, device: str, progress: bool) ->
         f"labels (official evaluation protocol); probe: logistic regression (C = {PROBE_C}) on standardized features, "
         "also fitted on noisy labels. CE features are the L2-normalized penultimate activations."
     )
+    report.heading("Claims")
     report.checks(checks)
+    report.heading("Validation accuracy vs label noise")
     report.table([[name] + [mean[name][p] for p in levels] for name in names],
                  headers=["evaluator"] + [f"{int(100 * p)}% noise" for p in levels])
     add_figure(report, _accuracy_figure(table, levels), out_dir, "accuracy_vs_noise.png",
                "validation accuracy vs label corruption (mean ± std over seeds)")
     if cos_mats:
+        report.heading("Class subspaces")
         add_figure(report, _angle_figure(cos_mats), out_dir, "subspace_angles.png",
                    "principal angles between class subspaces at 0% noise (0 = orthogonal, 1 = identical)")
     return RecipeResult(results, report)

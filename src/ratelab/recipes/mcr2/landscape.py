@@ -317,7 +317,9 @@ def run(out_dir: Path, *, scale: str, seed: int, device: str, progress: bool) ->
         "every critical point: local_max means max eigenvalue <= 1e-6, strict_saddle a clearly positive one. "
         "'global' = local max whose rank split satisfies Theorem 1 (ii)."
     )
+    report.heading("Claims")
     report.checks(checks)
+    report.heading("Random-start ascent, certified")
     report.table(
         [[r["name"], r["d"], str(r["class_sizes"]), r["lam"], r["lambda_max"], r["starts"], r["converged"],
           r["n_local_max"], r["n_strict_saddle"] + r["n_not_critical"], r["n_global"],
@@ -326,6 +328,7 @@ def run(out_dir: Path, *, scale: str, seed: int, device: str, progress: bool) ->
         headers=["setting", "d", "N_k", "lambda", "lambda_max", "starts", "converged", "local max", "other",
                  "global", "global split", "F*", "worst cross cos", "worst sigma rel err", "splits found (top 5)"],
     )
+    report.heading("Escape from constructed strict saddles")
     report.table(
         [[e["name"], e["saddle_class"], str(e["ranks"]), e["saddle_hessian_max_eig"], e["saddle_objective"],
           e["control_objective_change"], e["objective_increase"], e["final_kind"], str(e["final_ranks"]),
@@ -335,6 +338,7 @@ def run(out_dir: Path, *, scale: str, seed: int, device: str, progress: bool) ->
                  "F increase after escape", "end kind", "end ranks", "end sigma rel err",
                  "F increase, opposite step", "end ranks, opposite step"],
     )
+    report.heading("Figures")
     add_figure(report, _fig_sigma(rows), out_dir, "sigma_vs_closed_form.png", "nonzero singular values of each class "
                "at the end points vs the closed-form local-max value (red) and the saddle root (dashed)")
     add_figure(report, _fig_gram(rows), out_dir, "gram_heatmap.png", "|Z Z^T| (sample Gram, rows sorted by class) of "

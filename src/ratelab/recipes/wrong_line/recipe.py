@@ -388,7 +388,9 @@ def run(out_dir: Path, *, scale: str, seed: int, device: str, progress: bool) ->
         "fitted with the d_n -> ∞ reduction (squared-hinge SVM); exact accuracies for Gaussian test inputs. "
         "Statistics on probit-transformed accuracies."
     )
+    report.heading("Claims")
     report.checks(checks)
+    report.heading("Per-curve correlation by label noise")
     report.table(
         [[f"{k:g}", v["r_mean"], f"[{v['r_mean_ci'][0]:+.3f}, {v['r_mean_ci'][1]:+.3f}]", v["r_sd"], v["slope_mean"],
           v["spearman_mean"], v["pooled"]["pearson"], f"{v['n_negative']}/{v['n_curves']}",
