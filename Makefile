@@ -1,4 +1,4 @@
-# One-command setup on a fresh machine: `make demo` (train + measure + report) and `make test`.
+# One-command setup on a fresh machine: `make demo` (every recipe, quick scale, one report) and `make test`.
 # Setup is idempotent: a stamp file skips the install when nothing changed.
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,12 +11,13 @@ NETCAL_PIN ?= netcal==1.3.6
 DEMO_OUT ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint bench clean help
+.PHONY: setup demo test lint bench readme clean help
 
 help:
-	@echo "make demo   - set up .venv, train a small CRATE on digits, write $(DEMO_OUT)/report.html"
+	@echo "make demo   - set up .venv, run every recipe at --scale quick, write $(DEMO_OUT)/report.html"
 	@echo "make test   - set up .venv and run the test suite"
 	@echo "make lint   - ruff check"
+	@echo "make readme - re-run the demo, record it (docs/records/demo_quick.json) and regenerate README's figures"
 	@echo "make bench  - CPU benchmarks: every table of docs/benchmarks.md (benchmarks/run_all.sh, ~12 min idle)"
 
 $(STAMP): pyproject.toml Makefile
@@ -39,6 +40,9 @@ lint: setup
 
 bench: setup
 	bash benchmarks/run_all.sh
+
+readme: setup
+	$(PY) scripts/readme_figures.py --run
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache
