@@ -1,6 +1,6 @@
 """Regenerate the README's measured figures from records, so the README cannot drift from what was measured.
 
-    python scripts/readme_figures.py --run      # (= make readme) run `ratelab demo` (2-3 min), record it, rewrite README
+    python scripts/readme_figures.py --run      # (make readme) run `ratelab demo` (2-3 min), record, rewrite README
     python scripts/readme_figures.py            # rewrite README from the records only
     python scripts/readme_figures.py --check    # exit 1 if README differs from what the records give (the suite
                                                 # runs this check: tests/test_readme.py)

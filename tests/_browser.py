@@ -47,7 +47,8 @@ def find_chromium() -> str | None:
     return None
 
 
-def render(path: str | Path, tmp_dir: str | Path, *, chromium: str | None = None, timeout: float = 120) -> dict[str, Any]:
+def render(path: str | Path, tmp_dir: str | Path, *, chromium: str | None = None,
+           timeout: float = 120) -> dict[str, Any]:
     """Load ``path`` in headless Chromium (window 1200 px wide) and return the probe's findings: image count and
     how many decoded, script/resource errors, in-page links without a target, the summary table's recipe names,
     the number of table-of-contents entries and the page size in CSS pixels."""
