@@ -95,3 +95,14 @@ def test_usage_block_was_found():
 def test_files_the_readme_names_exist():
     for rel in re.findall(r"`((?:docs|benchmarks|scripts|tests)/[\w./-]+\.(?:md|py|sh|json))`", README):
         assert (ROOT / rel).exists(), rel
+
+
+def test_listed_times_match_the_record():
+    """`ratelab reproduce --list` quotes each quick run's length; it must agree with the recorded run (within the
+    spread of a shared machine)."""
+    from ratelab.recipes import list_recipes
+
+    rec = json.loads((ROOT / "docs" / "records" / "demo_quick.json").read_text())["summary"]["recipes"]
+    for spec in list_recipes():
+        ratio = rec[spec.name]["wall_time_s"] / spec.quick_seconds
+        assert 0.4 <= ratio <= 2.5, (spec.name, rec[spec.name]["wall_time_s"], spec.quick_seconds)

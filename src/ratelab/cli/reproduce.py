@@ -44,9 +44,11 @@ def run(args: argparse.Namespace) -> int:
     if args.list or not args.recipe:
         specs = list_recipes()
         width = max(len(s.name) for s in specs)
-        print(f"{len(specs)} recipes (scales: {', '.join(SCALE_NAMES)}; minutes are for --scale quick on 2 CPU cores):")
+        total = sum(s.quick_seconds for s in specs)
+        print(f"{len(specs)} recipes (scales: {', '.join(SCALE_NAMES)}; times are for --scale quick on one thread of "
+              f"a quiet 2-core machine, about {total / 60:.0f} min for all of them):")
         for spec in specs:
-            print(f"  {spec.name:{width}s}  ~{spec.quick_minutes:g} min  {spec.paper}: {spec.description}")
+            print(f"  {spec.name:{width}s}  ~{spec.quick_seconds:>3.0f} s  {spec.paper}: {spec.description}")
         return 0
     if not args.out:
         raise ConfigError("--out: an output directory is required to run a recipe (e.g. --out runs/NAME)")

@@ -54,21 +54,22 @@ class RecipeResult:
 @dataclass(frozen=True)
 class RecipeSpec:
     """A registered recipe: its function, the paper, a one-line description, its scale table and the quick run's
-    expected length in CPU minutes (shown by ``ratelab reproduce --list``)."""
+    length in seconds on one thread of a quiet 2-core machine (shown by ``ratelab reproduce --list``; the recorded
+    runs are in docs/records/demo_quick.json)."""
 
     name: str
     fn: Callable[..., RecipeResult]
     paper: str
     description: str
     scales: Mapping[str, Any]
-    quick_minutes: float = field(default=1.0)
+    quick_seconds: float = field(default=60.0)
 
 
 _RECIPES: dict[str, RecipeSpec] = {}
 
 
 def register_recipe(name: str, *, paper: str, description: str, scales: Mapping[str, Any],
-                    quick_minutes: float = 1.0):
+                    quick_seconds: float = 60.0):
     """Decorator registering a recipe under ``name`` with its scale table (duplicates are an error).
 
     Raises:
@@ -80,7 +81,7 @@ def register_recipe(name: str, *, paper: str, description: str, scales: Mapping[
     def deco(fn: Callable[..., RecipeResult]) -> Callable[..., RecipeResult]:
         if name in _RECIPES:
             raise ValueError(f"recipe {name!r} is already registered")
-        _RECIPES[name] = RecipeSpec(name, fn, paper, description, dict(scales), quick_minutes)
+        _RECIPES[name] = RecipeSpec(name, fn, paper, description, dict(scales), quick_seconds)
         return fn
 
     return deco

@@ -297,7 +297,7 @@ def _sweep_figure(rows: list[dict[str, Any]]):
     paper="Adventurer (Wang et al., 2024 / CVPR 2025)",
     description="small Adventurer vs ViT vs CRATE at one parameter budget on digits; heading-average/flip ablation",
     scales=SCALES,
-    quick_minutes=2.0,
+    quick_seconds=30,
 )
 def run(out_dir: Path, *, scale: str, seed: int, device: str, progress: bool) -> RecipeResult:
     from ratelab.data import build_dataset

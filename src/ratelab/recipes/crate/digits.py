@@ -159,7 +159,7 @@ def _attention_figure(model: torch.nn.Module, images: torch.Tensor, labels: torc
     paper="CRATE (Yu et al., NeurIPS 2023)",
     description="train CRATE on digits; per-layer compression and sparsity, trained vs random init",
     scales=SCALES,
-    quick_minutes=2.5,
+    quick_seconds=30,
 )
 def run(out_dir: Path, *, scale: str, seed: int, device: str, progress: bool) -> RecipeResult:
     from ratelab.analysis.layer_rates import measure_layers, plot_layer_rates

@@ -193,7 +193,7 @@ def _figures(out_dir: Path, sizes: list[str], shots: tuple[int, ...], summ: dict
     description="ICL accuracy/ECE vs shots and model size on synthetic few-shot tasks; temperature scaling and "
                 "scaling-binning under 0-shot / shot-specific / prompt-specific fitting",
     scales=SCALES,
-    quick_minutes=2.0,
+    quick_seconds=20,
 )
 def run(out_dir: Path, *, scale: str, seed: int, device: str, progress: bool) -> RecipeResult:
     import ratelab.models.icl_gpt  # noqa: F401  (registers the models)

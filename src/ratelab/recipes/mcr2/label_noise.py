@@ -189,7 +189,7 @@ def _angle_figure(mats: dict[str, np.ndarray]):
     paper="MCR² (Yu et al., NeurIPS 2020)",
     description="MCR² vs cross-entropy on digits at 0-60% label corruption; nearest subspace, probe, subspace angles",
     scales=SCALES,
-    quick_minutes=2.0,
+    quick_seconds=20,
 )
 def run(out_dir: Path, *, scale: str, seed: int, device: str, progress: bool) -> RecipeResult:
     from ratelab.data import build_dataset

@@ -232,7 +232,7 @@ def _fig_objective(rows, escapes):
     paper="Global geometric analysis of MCR² (Wang et al., ICML 2024)",
     description="regularized MCR²: random-start ascent certified against the closed-form maximizers; saddle escape",
     scales=SCALES,
-    quick_minutes=1.0,
+    quick_seconds=15,
 )
 def run(out_dir: Path, *, scale: str, seed: int, device: str, progress: bool) -> RecipeResult:
     row = SCALES[scale]

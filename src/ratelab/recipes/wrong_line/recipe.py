@@ -265,7 +265,7 @@ def _ci(t: tuple[float, float]) -> list[float]:
     paper="Accuracy on the wrong line (Sanyal et al., AISTATS 2025)",
     description="ID-OOD probit correlation with/without label noise: synthetic nuisance model, bound, digits cue",
     scales=SCALES,
-    quick_minutes=2.0,
+    quick_seconds=20,
 )
 def run(out_dir: Path, *, scale: str, seed: int, device: str, progress: bool) -> RecipeResult:
     out_dir = Path(out_dir)
