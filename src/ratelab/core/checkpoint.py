@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -42,15 +44,41 @@ _WRAPPER_KEYS = ("model", "state_dict", "module", "model_ema", "state_dict_ema")
 _EMA_KEYS = ("model_ema", "state_dict_ema")
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where the platform allows.
+
+    ``os.umask`` can only be read by setting it, which for a moment changes it for every thread of the process;
+    Linux (4.7+) reports it in ``/proc/self/status``, so that is tried first.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     # Write to a temporary file in the same directory, fsync, then rename: a crash leaves either the old file or
     # the new one, never a torn file.
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # The mode open() would give: an existing target keeps its own, a new file gets 0666 minus the umask. mkstemp
+    # creates 0600 (and safetensors writes 0600 too), which would leave checkpoints unreadable to a group that can
+    # read every other file of the run.
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        mode = 0o666 & ~current_umask()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, mode)  # after the writer, which may have replaced the file
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -145,6 +173,69 @@ def _resolve(path: str | os.PathLike) -> Path:
     return path
 
 
+# Sentences of torch's weights-only errors that advise loading the file anyway (weights_only=False, allowlisting
+# globals): right for a file one trusts, wrong as the advice of a tool handed a file that would run code.
+_TORCH_ADVICE = re.compile(
+    r"weights.only|re-running|safe_globals|allowlist|trust|check the documentation|please file an issue|"
+    r"you have two options|in pytorch 2\.6",
+    re.IGNORECASE,
+)
+
+
+def _without_torch_advice(message: str) -> str:
+    kept = []
+    for line in message.replace("\x1b[1m", "").replace("\x1b[0m", "").splitlines():
+        for sentence in re.split(r"(?<=[.!?])\s+", line.strip()):
+            sentence = re.sub(r"^(\(\d\)\s*)?(WeightsUnpickler error:?)?\s*", "", sentence).strip()
+            if sentence and not _TORCH_ADVICE.search(sentence):
+                kept.append(sentence)
+    return " ".join(kept)
+
+
+def load_torch_file(path: str | os.PathLike, *, what: str = "checkpoint", mmap: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)`` onto the CPU, with errors that name the file.
+
+    Every ``torch.load`` of ratelab goes through here. A pickle that holds anything but tensors and plain containers
+    is refused, because unpickling it could run arbitrary code; the error says so and never relays torch's advice
+    to retry with ``weights_only=False``.
+
+    Args:
+        path: the file.
+        what: what the file should be, for the message ("checkpoint", "training checkpoint", ...).
+        mmap: memory-map the tensors (zip-format files only).
+
+    Raises:
+        CheckpointError: the file was refused, or cannot be read (the message names it).
+    """
+    try:
+        try:
+            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError as e:
+            if not (mmap and "mmap can only be used" in str(e)):
+                raise
+            # A legacy (non-zip) file cannot be memory-mapped; it still is read, under the same restriction.
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        detail = _without_torch_advice(str(e))
+        if "global" in detail.lower():
+            reason = ("it references Python objects other than tensors and plain containers, and unpickling it "
+                      "could run arbitrary code")
+        else:
+            reason = ("it is not a plain pickle of tensors and containers (a corrupt file, or one written "
+                      "by other means), and unpickling it without that restriction could run arbitrary code")
+        raise CheckpointError(
+            f"{path}: refused to load this {what}: {reason}. Only weights files (tensors in dicts and lists, or "
+            f"safetensors) are read; if you wrote the file yourself, re-save just its state dict"
+            + (f". Detail: {detail}" if detail else "")
+        ) from None
+    except FileNotFoundError:
+        raise CheckpointError(f"{what} file not found: {path}") from None
+    except Exception as e:  # zip, storage or mmap errors; torch words them for its own users
+        raise CheckpointError(
+            f"{path}: cannot read the {what} ({type(e).__name__}: {_without_torch_advice(str(e)) or e})"
+        ) from e
+
+
 def read_state_dict(path: str | os.PathLike, *, use_ema: bool = False) -> dict[str, torch.Tensor]:
     """Read a flat tensor state dict from a safetensors or torch file, unwrapping common containers.
 
@@ -160,16 +251,7 @@ def read_state_dict(path: str | os.PathLike, *, use_ema: bool = False) -> dict[s
             return load_file(str(path))
         except Exception as e:  # safetensors raises its own error types
             raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"{path}: refused to load: the pickle holds objects other than tensors and plain containers, and "
-            f"loading it could run arbitrary code (torch.load weights_only=True). Re-save only the state dict. "
-            f"Details: {str(e).splitlines()[0]}"
-        ) from e
-    except Exception as e:
-        raise CheckpointError(f"{path}: could not read checkpoint ({type(e).__name__}: {e})") from e
+    obj = load_torch_file(path, what="checkpoint")
     return unwrap_state_dict(obj, source=str(path), use_ema=use_ema)
 
 

@@ -28,6 +28,44 @@ Tensors = dict[str, torch.Tensor]
 # also works when called directly (e.g. through timm's load_checkpoint(filter_fn=...)).
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_module.")
 
+# Every OfficialConverter built so far, in creation order: a file refused by one family is tried against the others
+# to say which family it belongs to. Families register by defining their converter (their package imports its
+# ``convert`` module), so the table is complete once ``ratelab.models`` is imported.
+_CONVERTERS: list[OfficialConverter] = []
+
+# Layouts of checkpoints that no ratelab family reads, by keys that all of their state dicts have: naming them
+# saves a user from guessing which model a foreign file is for.
+FOREIGN_LAYOUTS: dict[str, tuple[str, ...]] = {
+    "a timm/DeiT ViT checkpoint (no ratelab family has this layout)": (
+        "patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "blocks.0.mlp.fc1.weight"),
+}
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1].upper() in "AEIOU" else "a"
+
+
+def identify_checkpoint(state_dict: Mapping[str, torch.Tensor], *, exclude: Any = None) -> list[str]:
+    """What ``state_dict``'s keys match, as phrases: ``["an Adventurer checkpoint (ratelab layout; use an
+    adventurer_* model)"]``; empty when nothing known matches.
+
+    Tried: the converter of every family registered so far (both layouts; ``exclude`` skips one), then
+    :data:`FOREIGN_LAYOUTS`.
+    """
+    sd = strip_prefixes(state_dict)
+    found = []
+    for conv in _CONVERTERS:
+        if conv is exclude:
+            continue
+        layout = conv.key_map.detect_layout(sd)
+        if layout is not None:
+            where = "ratelab layout" if layout == "ratelab" else f"official {conv.source} layout"
+            pattern = conv.model_pattern or f"{conv.family.lower()}_*"
+            found.append(f"{conv.article or _article(conv.family)} {conv.family} checkpoint ({where}; use "
+                         f"{_article(pattern)} {pattern} model)")
+    found += [what for what, keys in FOREIGN_LAYOUTS.items() if all(k in sd for k in keys)]
+    return found
+
 
 class KeyMap:
     """Official -> ratelab key renaming from a literal template table, plus layout detection.
@@ -159,10 +197,12 @@ class OfficialConverter:
         pos_embed_key: ratelab key of a learned position embedding to resample (``None``: none).
         resample_pos_embed: the resampler (see :func:`fit_pos_embed`); required with ``pos_embed_key``.
         prefix_last: the class token's row is the last one of the position embedding.
-        foreign_hints: key present in an unrecognized file -> sentence appended to the error (what it looks like).
+        foreign_hints: key present in an unrecognized file -> sentence appended to the error (what it looks like),
+            used when the file matches no registered family (:func:`identify_checkpoint`) and no foreign layout.
         check_official: ``(official_state_dict, model) -> problems`` for family-specific fit checks.
         fix_official: ``(mapped_state_dict, model) -> None``, in place: fill what the official layout omits.
         article: ``"a"`` / ``"an"`` before ``family`` in messages (default: by its first letter).
+        model_pattern: the family's registry names, for "use a crate_* model" (default: ``family.lower() + "_*"``).
     """
 
     family: str
@@ -177,10 +217,12 @@ class OfficialConverter:
     check_official: Callable[[Tensors, Any], list[str]] | None = None
     fix_official: Callable[[Tensors, Any], None] | None = None
     article: str | None = None
+    model_pattern: str | None = None
 
     def __post_init__(self) -> None:
         if self.pos_embed_key is not None and self.resample_pos_embed is None:
             raise ValueError(f"{self.family}: pos_embed_key needs a resample_pos_embed function")
+        _CONVERTERS.append(self)
 
     def __call__(self, state_dict: Mapping[str, torch.Tensor], model: Any) -> Tensors:
         """Turn a state dict (ratelab or official layout) into ``model``'s keys.
@@ -193,8 +235,12 @@ class OfficialConverter:
         layout = self.key_map.detect_layout(sd)
         if layout is None:
             keys = sorted(sd)
-            hint = "".join(text for k, text in self.foreign_hints.items() if k in sd)
-            article = self.article or ("an" if self.family[:1].upper() in "AEIOU" else "a")
+            matches = identify_checkpoint(sd, exclude=self)
+            if matches:
+                hint = f" These keys match {' or '.join(matches)}."
+            else:
+                hint = "".join(text for k, text in self.foreign_hints.items() if k in sd)
+            article = self.article or _article(self.family)
             raise CheckpointError(
                 f"not {article} {self.family} checkpoint: expected ratelab keys {list(self.key_map.ratelab_signature)}"
                 f" or official {self.source} keys {list(self.key_map.official_signature)}.{hint} File keys "

@@ -33,6 +33,7 @@ from ratelab.core.checkpoint import (
     StateDictFilter,
     load_model_weights,
     load_state_dict_strict,
+    load_torch_file,
     read_state_dict,
     save_model,
 )
@@ -219,10 +220,7 @@ def load_model(path: str | os.PathLike, **overrides: Any) -> nn.Module:
         if pt.suffix == ".safetensors" or not pt.is_file():
             raise CheckpointError(f"{cfg_path} not found: cannot tell which model {path} holds; use create_model("
                                   f"name, checkpoint_path=...) instead")
-        try:
-            ckpt = torch.load(str(pt), map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise CheckpointError(f"{pt}: cannot read checkpoint ({type(e).__name__}: {e})") from e
+        ckpt = load_torch_file(pt, what="checkpoint")
         meta = ckpt.get("model_config") if isinstance(ckpt, dict) else None
         if not meta:
             raise CheckpointError(f"{pt}: no model_config inside; it was not written by the ratelab trainer")

@@ -51,6 +51,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -60,7 +61,13 @@ import torch
 import torch.distributed as torch_dist
 import torch.nn as nn
 
-from ratelab.core.checkpoint import atomic_torch_save, atomic_write_text, load_state_dict_strict, unwrap_model
+from ratelab.core.checkpoint import (
+    atomic_torch_save,
+    atomic_write_text,
+    load_state_dict_strict,
+    load_torch_file,
+    unwrap_model,
+)
 from ratelab.core.dist import DistInfo, barrier
 from ratelab.core.errors import CheckpointError, ConfigError
 
@@ -97,6 +104,46 @@ def _check_extra(extra: dict[str, Any]) -> None:
     clash = sorted(set(extra) & set(_RESERVED))
     if clash:
         raise ValueError(f"save_checkpoint: extra may not use the reserved keys {clash} (they hold the states)")
+
+
+# What the ``.metadata`` pickle of a torch.distributed.checkpoint directory references: DCP's own dataclasses, tensor
+# properties (dtype, layout, memory format, Size) and the directory's path.
+_DCP_GLOBALS = {("torch.serialization", "_get_layout"), ("torch", "Size"), ("collections", "OrderedDict"),
+                ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"),
+                ("pathlib", "PureWindowsPath"), ("pathlib", "Path")}
+
+
+class _DcpMetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        ok = (module.startswith("torch.distributed.checkpoint.") or (module, name) in _DCP_GLOBALS
+              or (module == "torch" and isinstance(getattr(torch, name, None),
+                                                   (torch.dtype, torch.layout, torch.memory_format))))
+        if not ok:
+            raise pickle.UnpicklingError(f"GLOBAL {module}.{name} is not part of a checkpoint's metadata")
+        return super().find_class(module, name)
+
+
+def check_dcp_metadata(directory: str | os.PathLike) -> None:
+    """Refuse a sharded checkpoint whose ``.metadata`` would run code when torch unpickles it.
+
+    ``torch.distributed.checkpoint`` reads that file with an unrestricted ``pickle.load``. It is unpickled here
+    first with an unpickler that admits only what DCP writes there, so a tampered file is refused before DCP sees it.
+
+    Raises:
+        CheckpointError: the file is missing, unreadable or references anything else (named).
+    """
+    path = Path(directory) / ".metadata"
+    try:
+        with open(path, "rb") as f:
+            _DcpMetadataUnpickler(f).load()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing; {directory} is not a complete sharded checkpoint") from None
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path}: refused to load this sharded checkpoint: its metadata pickle references "
+                              f"Python objects other than the checkpoint's own, and unpickling it could run "
+                              f"arbitrary code. Detail: {e}") from None
+    except Exception as e:  # a corrupt pickle raises anything from EOFError to ValueError
+        raise CheckpointError(f"{path}: cannot read the sharded checkpoint's metadata ({type(e).__name__}: {e})") from e
 
 
 def _check_names(path: Path, saved: Iterable[str], given: Iterable[str]) -> None:
@@ -313,10 +360,7 @@ class Strategy:
         path = Path(path)
         if path.is_dir():
             raise CheckpointError(f"{path} is a sharded checkpoint directory of the fsdp strategy; use --strategy fsdp")
-        try:
-            ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise CheckpointError(f"{path}: cannot read the training checkpoint ({type(e).__name__}: {e})") from e
+        ckpt = load_torch_file(path, what="training checkpoint")
         if not isinstance(ckpt, dict) or not all(k in ckpt for k in _RESERVED):
             keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
             raise CheckpointError(f"{path}: not a strategy checkpoint (needs 'model' and 'optimizers', has {keys})")
@@ -527,6 +571,7 @@ class FSDPStrategy(Strategy):
         # The current (sharded) states give DCP the layout to read into; it fills them in place.
         stepped = {k: optimizers[k] for k in meta["optimizers_with_state"]}  # the others stay as built
         state = self._dcp_state(raw, stepped)
+        check_dcp_metadata(found)
         try:
             dcp.load(state, checkpoint_id=str(found))
         except Exception as e:  # DCP reports a per-rank failure list; keep the path in front of it
@@ -534,7 +579,7 @@ class FSDPStrategy(Strategy):
         set_model_state_dict(raw, state["model"])
         for name, opt in stepped.items():
             set_optimizer_state_dict(raw, opt, state["optimizers"][name])
-        return torch.load(str(found / _EXTRA), map_location="cpu", weights_only=True)
+        return load_torch_file(found / _EXTRA, what="training checkpoint")
 
     @staticmethod
     def _dcp_state(model: nn.Module, optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, Any]:

@@ -93,7 +93,6 @@ checkpoint_filter_fn = OfficialConverter(
     key_map=KEY_MAP,
     width_key=("cls_token", -1),
     resample_pos_embed=resample_pos_embed,
-    foreign_hints={"patch_embed.proj.weight": " It looks like a timm/DeiT ViT checkpoint."},
     fix_official=_fill_identity_out_proj,
 )
 """Turn a CRATE state dict (ratelab or official layout) into ``model``'s keys: ``checkpoint_filter_fn(sd, model)``.
