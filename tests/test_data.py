@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ratelab.core.errors import UnknownNameError
+from ratelab.core.errors import DatasetError, UnknownNameError
 from ratelab.data import build_dataset, dataset_options, list_datasets, stratified_split
 from ratelab.data.common import shift
 from ratelab.data.shapes import shape_mask
@@ -77,8 +77,9 @@ def test_digits_shapes_split_and_determinism():
     tr_again = build_dataset("digits", "train", seed=0, augment=False)
     assert torch.equal(tr.indices, tr_again.indices) and torch.equal(tr.tensors()[0], tr_again.tensors()[0])
     assert not torch.equal(tr.indices, build_dataset("digits", "train", seed=1).indices)
-    assert torch.equal(build_dataset("digits", "test").indices, va.indices)  # "test" is an alias of "val"
-    assert build_dataset("digits", "test").split == "val"
+    # No held-out test split: "test" is an error (it was an alias of val, so val numbers read as test numbers).
+    with pytest.raises(DatasetError, match=r"'digits' has no split 'test'; valid splits: train, val \(.*no held-out"):
+        build_dataset("digits", "test")
 
     half = build_dataset("digits", "train", val_fraction=0.5)
     assert abs(len(half) - 1797 / 2) < 10
@@ -294,6 +295,35 @@ def test_imagefolder_bad_files_and_folders(tmp_path):
     garbage.unlink()
     with pytest.raises(FileNotFoundError, match="garbage.png"):
         ds[0]
+
+
+def test_imagefolder_validate_checks_headers_before_any_decode(tmp_path, folder_root):
+    from torch.utils.data import Subset
+
+    from ratelab.data.common import validate_dataset
+    from ratelab.data.noise import RelabeledDataset
+
+    good = build_dataset("imagefolder", "train", root=folder_root, img_size=8)
+    good.validate()  # no error
+    garbage = folder_root / "train" / "cat" / "c1.png"
+    garbage.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    noisy = (np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)
+    truncated = folder_root / "train" / "owl" / "o.png"
+    Image.fromarray(noisy).save(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:-400])  # the pixels' tail and the IEND chunk are gone
+    ds = build_dataset("imagefolder", "train", root=folder_root, img_size=8)  # construction does not read files
+    with pytest.raises(DatasetError, match=r"2 of 7 image files cannot be read") as err:
+        ds.validate()
+    assert str(garbage) in str(err.value) and str(truncated) in str(err.value)
+    assert "validate_data=False" in str(err.value)
+    # Views over the dataset are looked through; in-memory datasets have nothing to check.
+    for view in (Subset(ds, [0]), RelabeledDataset(ds, ds.labels())):
+        with pytest.raises(DatasetError, match="c1.png"):
+            validate_dataset(view)
+    validate_dataset(build_dataset("digits", "val"))
+    validate_dataset(None)
+    with pytest.raises(DatasetError, match="; and 1 more"):
+        ds.validate(max_listed=1)
 
 
 # -------------------------------------------------------------------------------------------------------- cifar

@@ -301,6 +301,47 @@ def test_cli_family_without_measures_says_what_is_needed(tmp_path):
     from ratelab.cli.errors import UsageError
     from ratelab.cli.measure import run
 
-    with pytest.raises(UsageError, match=r"test_adventurer supports none.*compression needs per-head subspace "
-                                         r"projections.*sparsity needs sparse codes"):
+    with pytest.raises(UsageError, match=r"test_adventurer \(family adventurer\) supports none.*compression needs "
+                                         r"per-head subspace projections.*sparsity needs sparse codes"):
         run(_parse(["--model", "test_adventurer", "--num-images", "4", "--out", str(tmp_path)]))
+
+
+def test_cli_adventurer_run_says_which_families_have_measures(tmp_path):
+    # The case: `ratelab measure` on an Adventurer run printed only "error: proj".
+    from ratelab.cli.errors import UsageError
+    from ratelab.cli.measure import family_measures, run
+    from ratelab.core.checkpoint import save_model
+
+    assert family_measures() == {"crate": ("compression", "compression_half", "sparsity")}
+    save_model(ratelab.create_model("adventurer_nano_patch4_16", in_chans=1, num_classes=10), tmp_path / "adv")
+    needle = (r"adventurer_nano_patch4_16 \(family adventurer\) supports none of the layer measures.*Families with "
+              r"layer measures: crate_\* \(compression, compression_half, sparsity\)")
+    with pytest.raises(UsageError, match=needle):
+        run(_parse(["--checkpoint", str(tmp_path / "adv"), "--num-images", "4", "--out", str(tmp_path / "m")]))
+    with pytest.raises(UsageError, match=needle):
+        run(_parse(["--model", "adventurer_nano_patch4_16", "--num-images", "4", "--out", str(tmp_path / "m")]))
+    # A family whose builder takes no image size is refused for what it lacks, not for that argument.
+    with pytest.raises(UsageError, match=r"icl_gpt_tiny \(family icl_gpt\) supports none"):
+        run(_parse(["--model", "icl_gpt_tiny", "--num-images", "4", "--out", str(tmp_path / "m")]))
+    assert not (tmp_path / "m").exists()
+    # CRATE measures everything.
+    assert run(_parse(["--model", "crate_nano_patch4_16", "--num-images", "4", "--out", str(tmp_path / "c")])) == 0
+    res = json.loads((tmp_path / "c" / "rates.json").read_text())
+    assert all(r[k] is not None for r in res["layers"] for k in ("compression", "compression_half", "sparsity"))
+
+
+def test_vit_and_a_model_that_breaks_its_declaration(images):
+    from timm.models.vision_transformer import VisionTransformer
+
+    from ratelab.analysis.layer_rates import supported_measures
+
+    vit = VisionTransformer(img_size=8, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=10)
+    assert supported_measures(vit) == ()
+    with pytest.raises(AttributeError, match="VisionTransformer has no forward_layer_quantities"):
+        measure_layers(vit, images)
+
+    class Liar(_NoBlocks):
+        layer_measures = ("compression", "sparsity")  # declares sparsity but returns no codes
+
+    with pytest.raises(ValueError, match=r"declares layer_measures.*returned no \['codes'\]"):
+        measure_layers(Liar(), torch.randn(3, 4, 2, 2), projector=None)

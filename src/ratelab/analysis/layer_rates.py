@@ -67,13 +67,29 @@ def supported_measures(model: nn.Module) -> tuple[str, ...]:
     return MEASURES if hasattr(model, "forward_layer_quantities") else ()
 
 
+def model_family_name(model: nn.Module) -> str | None:
+    """The registry family (``"crate"``, ``"adventurer"``, ...) of a model built by ``create_model``, else None."""
+    from ratelab.core.errors import UnknownNameError
+    from ratelab.core.registry import registered_family
+
+    name = getattr(model, "model_name", None)
+    if not isinstance(name, str):
+        return None
+    try:
+        return registered_family(name)
+    except UnknownNameError:
+        return None
+
+
 def unsupported_message(model: nn.Module, measures: tuple[str, ...] = MEASURES) -> str:
-    """One sentence naming which measures ``model`` lacks and what each one needs."""
+    """One sentence naming the model and its family, which measures it lacks and what each one needs."""
     name = getattr(model, "model_name", type(model).__name__)
+    family = model_family_name(model)
     have = supported_measures(model)
     missing = [m for m in measures if m not in have]
     needs = "; ".join(f"{m} needs {_NEEDS[m][1]}" for m in missing)
-    return f"model {name} supports {list(have) or 'none'} of the layer measures {list(measures)} ({needs})"
+    who = f"model {name} (family {family})" if family else f"model {name}"
+    return f"{who} supports {list(have) or 'none'} of the layer measures {list(measures)} ({needs})"
 
 
 def compression(
@@ -240,6 +256,15 @@ def measure_layers(
                     do_spars = "sparsity" in measures and (declared or "codes" in res)
                     if not (do_comp or do_spars):
                         raise ValueError(unsupported_message(model) + f"; it returned {sorted(res)}")
+                    # A declared measure whose quantity is absent is the model's bug; name it, not a bare KeyError.
+                    needed = [_NEEDS[m][0] for m, run in (("compression", do_comp), ("compression_half", do_half),
+                                                          ("sparsity", do_spars)) if run]
+                    absent = [k for k in needed if k not in res]
+                    if absent:
+                        raise ValueError(
+                            f"{getattr(model, 'model_name', type(model).__name__)} declares layer_measures "
+                            f"{list(measures)} but its forward_layer_quantities returned no {absent} "
+                            f"(it returned {sorted(res)})")
                     tokens = res["proj"][0] if do_comp else res["codes"][0]
                     shape_info = {"num_tokens": int(tokens.shape[-2])}
                     if do_comp:
@@ -359,6 +384,7 @@ __all__ = [
     "block_projector",
     "compression",
     "measure_layers",
+    "model_family_name",
     "plot_layer_rates",
     "rates_to_arrays",
     "sparsity",

@@ -134,6 +134,8 @@ def run(args: argparse.Namespace) -> int:
 
         ds = build_dataset(dataset, args.split, root=root, img_size=img_size, seed=seed, augment=False,
                            **cfg.dataset_kwargs)
+    # The split actually evaluated, as the dataset names it (CIFAR's "val" is its test set): never the alias.
+    split = getattr(ds, "split", args.split)
     dist = get_dist_info(args.device)
     device = dist.device
     model = model.to(device).eval()
@@ -156,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
         "model": getattr(model, "model_name", type(model).__name__),
         "task": cfg.task.name,
         "dataset": dataset,
-        "split": args.split,
+        "split": split,
         "img_size": img_size,
         "seed": seed,
         **res,
@@ -164,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
     label = "nearest-subspace acc" if cfg.task.name == "mcr2" else "acc"
     shown = ", ".join(f"{k} {v:.4f}" for k, v in res.items() if isinstance(v, float) and k != "acc")
     acc = f"{label} {res['acc']:.4f}, " if "acc" in res else ""
-    print(f"{out['model']} ({cfg.task.name}) on {dataset}/{args.split} ({res['n']} items): {acc}{shown}")
+    print(f"{out['model']} ({cfg.task.name}) on {dataset}/{split} ({res['n']} items): {acc}{shown}")
     for k, v in res.get("calibration", {}).items():
         print(f"  {k:18s} {v:.4f}")
     if args.out:

@@ -59,6 +59,8 @@ def _load_images(args: argparse.Namespace, img_size: int | None):
     import torch
 
     ds = _build_dataset(args.dataset, args.split, root=args.data_root, img_size=img_size, seed=args.seed)
+    # The split actually measured (CIFAR's "val" is its test set): what the output must call it.
+    args.split = getattr(ds, "split", args.split)
     n_total = len(ds)
     if n_total == 0:
         raise UsageError(f"--dataset {args.dataset} --split {args.split}: the split is empty")
@@ -79,6 +81,51 @@ def _validate(args: argparse.Namespace) -> None:
         raise UsageError(f"--img-size must be >= 1, got {args.img_size}")
     if args.checkpoint is not None and not Path(args.checkpoint).exists():
         raise UsageError(f"--checkpoint {args.checkpoint}: no such file or directory")
+
+
+def family_measures() -> dict[str, tuple[str, ...]]:
+    """``{family: measures}`` for every registered family that supports at least one layer measure.
+
+    One model per family is built on the meta device (no memory, no init cost) to read its ``layer_measures``.
+    """
+    import torch
+
+    from ratelab.analysis.layer_rates import supported_measures
+    from ratelab.models._factory import create_model, list_models, model_family
+
+    first: dict[str, str] = {}
+    for name in list_models():
+        first.setdefault(model_family(name), name)
+    out = {}
+    for family, name in sorted(first.items()):
+        try:
+            with torch.device("meta"):
+                measures = supported_measures(create_model(name))
+        except Exception:  # noqa: BLE001 -- a family that cannot be probed is simply not listed
+            continue
+        if measures:
+            out[family] = measures
+    return out
+
+
+def _require_measures(model) -> None:
+    from ratelab.analysis.layer_rates import supported_measures, unsupported_message
+
+    if supported_measures(model):
+        return
+    listed = "; ".join(f"{fam}_* ({', '.join(ms)})" for fam, ms in family_measures().items())
+    raise UsageError(unsupported_message(model) + (f". Families with layer measures: {listed}" if listed else ""))
+
+
+def _probe(name: str):
+    # The registered architecture without weights or image size, to refuse an unsupported family before any data is
+    # read (and before its builder sees dataset-specific arguments it may not take, like an ICL model's img_size).
+    import torch
+
+    from ratelab import create_model
+
+    with torch.device("meta"):
+        return create_model(name)
 
 
 def _format_table(result: dict[str, Any]) -> str:
@@ -112,11 +159,13 @@ def run(args: argparse.Namespace) -> int:
     _validate(args)
     if args.checkpoint is not None:
         model = load_model(args.checkpoint)
+        _require_measures(model)
         label = "checkpoint"
         # Measure at the resolution the model was built for unless told otherwise.
         images, n_total = _load_images(args, args.img_size or getattr(model, "img_size", None))
         _, C, H, W = images.shape
     else:
+        _require_measures(_probe(args.model))
         images, n_total = _load_images(args, args.img_size)
         _, C, H, W = images.shape
         torch.manual_seed(args.seed)
@@ -125,8 +174,6 @@ def run(args: argparse.Namespace) -> int:
     in_chans = getattr(model, "in_chans", C)
     if in_chans != C:
         raise UsageError(f"--dataset {args.dataset} gives {C}-channel images but the model expects {in_chans}")
-    if not supported_measures(model):
-        raise UsageError(unsupported_message(model) + "; layer rates need a CRATE-like model (e.g. crate_*)")
 
     device = args.device
     if device == "auto":

@@ -16,15 +16,17 @@ from torch.utils.data import Dataset
 from ratelab.core.errors import DatasetError
 
 
-def resolve_split(dataset: str, split: str, valid: Sequence[str], aliases: dict[str, str] | None = None) -> str:
-    """Canonical split name, or a ValueError listing the valid ones."""
+def resolve_split(dataset: str, split: str, valid: Sequence[str], aliases: dict[str, str] | None = None, *,
+                  note: str | None = None) -> str:
+    """Canonical split name, or a DatasetError listing the valid ones (and ``note``, e.g. why a split is absent)."""
     aliases = aliases or {}
     if split in valid:
         return split
     if split in aliases:
         return aliases[split]
     names = list(valid) + [f"{a} (= {c})" for a, c in aliases.items()]
-    raise DatasetError(f"dataset {dataset!r} has no split {split!r}; valid splits: {', '.join(names)}")
+    raise DatasetError(f"dataset {dataset!r} has no split {split!r}; valid splits: {', '.join(names)}"
+                       + (f" ({note})" if note else ""))
 
 
 def stratified_split(labels: torch.Tensor, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,6 +84,27 @@ def resize(x: torch.Tensor, size: int) -> torch.Tensor:
     shrink = size < max(x.shape[-2:])
     out = F.interpolate(x4, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)
     return out.reshape(*lead, *out.shape[-3:])
+
+
+def validate_dataset(dataset: Dataset | None) -> None:
+    """Run the cheap up-front check of a file-backed dataset (``dataset.validate()``), if it has one.
+
+    Views that wrap a dataset (``torch.utils.data.Subset``, :class:`ratelab.data.noise.RelabeledDataset`, the
+    trainer's item views) are looked through via their ``dataset`` / ``base`` attribute. In-memory and synthetic
+    datasets have nothing to check; CIFAR reads its pickles at construction, so its errors come then.
+
+    Raises:
+        DatasetError: from the dataset's check, naming the bad files.
+    """
+    seen: set[int] = set()
+    while dataset is not None and id(dataset) not in seen:
+        seen.add(id(dataset))
+        check = getattr(dataset, "validate", None)
+        if callable(check):
+            check()
+            return
+        inner = getattr(dataset, "dataset", None)
+        dataset = inner if inner is not None else getattr(dataset, "base", None)
 
 
 class ImageDataset(Dataset):

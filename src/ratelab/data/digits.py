@@ -17,7 +17,8 @@ class Digits(ImageDataset):
     """Handwritten digits 0-9, one gray channel.
 
     Splits: ``"train"`` and ``"val"``, a stratified partition fixed by ``seed`` (``val_fraction`` of each class in
-    val, default 0.2). The data has no separate test set, so ``"test"`` is accepted as an alias of ``"val"``.
+    val, default 0.2). The data has no held-out test set, and ``"test"`` is an error: evaluating val under the name
+    "test" would report a number that model selection has already seen as a test result.
 
     Normalization: mean/std of all 1797 images at the chosen ``img_size`` (independent of ``seed`` and split, so
     every split and seed shares one normalization).
@@ -26,7 +27,7 @@ class Digits(ImageDataset):
     in each direction, uncovered pixels black (the digits' background).
 
     Args:
-        split: ``"train"``, ``"val"`` or ``"test"`` (= val).
+        split: ``"train"`` or ``"val"``.
         root: ignored (the data ships with scikit-learn).
         img_size: output side, default 16.
         seed: fixes the train/val partition.
@@ -48,7 +49,10 @@ class Digits(ImageDataset):
     ) -> None:
         from sklearn.datasets import load_digits  # lazy: keeps `import ratelab.data` cheap
 
-        self.split = resolve_split(self.name, split, ("train", "val"), {"test": "val"})
+        self.split = resolve_split(
+            self.name, split, ("train", "val"),
+            note="its 1797 images are partitioned into train and val only; there is no held-out test split",
+        )
         self.img_size = img_size or 16
         self.in_chans, self.num_classes = 1, 10
         self.classes = [str(d) for d in range(10)]
