@@ -334,7 +334,7 @@ def _train_cli(out: Path, *extra: str) -> int:
 def test_readme_form_resume_uses_the_saved_run(tmp_path, capsys):
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     assert _train_cli(ref) == 0
-    # The same run, as the CLI configures it, dies in step 31 (last checkpoint: step 28).
+    # The same run, as the CLI configures it, dies in step 31 (regular checkpoint at 28, the emergency one at 30).
     cfg = TrainConfig(model="test_crate", img_size=16, batch_size=64, epochs=3, ckpt_every=7, lr=3e-3,
                       progress=False, device="cpu", out_dir=str(cut))
     assert TrainConfig.from_dict(json.loads((ref / "config.json").read_text())) == cfg.replace(out_dir=str(ref))
@@ -344,7 +344,7 @@ def test_readme_form_resume_uses_the_saved_run(tmp_path, capsys):
     # used, not the defaults.
     capsys.readouterr()
     assert main(["train", "--out-dir", str(cut), "--resume"]) == 0
-    assert "resumed at step 28" in capsys.readouterr().out
+    assert "resumed at step 30" in capsys.readouterr().out
     a, b = read_state_dict(ref), read_state_dict(cut)
     for k, v in a.items():
         assert torch.equal(b[k], v), k

@@ -27,12 +27,15 @@ ends with bitwise the same weights as an uninterrupted run. What makes it hold:
   ``num_workers``;
 * checkpoints hold every RNG state that training consumes (dropout and the like), taken between steps;
 * evaluation runs inside a saved-and-restored RNG state, so evaluating (or not) never shifts the training stream;
-* running averages of logged metrics, task state and plugin state are checkpointed too.
+* running averages of logged metrics, task state and plugin state are checkpointed too;
+* an exception that ends :meth:`Trainer.fit` (a corrupt image, a failing evaluation, a plugin) first writes an
+  emergency checkpoint of the last completed step (one process; see ``_save_emergency_checkpoint``), so a run
+  resumed after the fix ends as the uninterrupted one would.
 
 Dropout and drop-path draw from each rank's own stream, so with them on, N processes differ from one process.
 
 Files in ``out_dir``: ``config.json`` (the resolved config), ``metrics.jsonl`` (one JSON object per line: ``kind`` =
-train, eval, resume or diverged, ``step``, ``epoch``, ...), ``checkpoints/last.pt`` (``checkpoints/last/`` under
+train, eval, resume, diverged or failed, ``step``, ``epoch``, ...), ``checkpoints/last.pt`` (``checkpoints/last/`` under
 FSDP), ``model.safetensors`` + ``model_config.json`` (final raw weights; :func:`ratelab.core.checkpoint.load_model`
 reads the directory), ``ema/`` (final EMA weights, if enabled), ``init/`` (with ``save_init``),
 ``final_metrics.json``, ``tb/`` (TensorBoard, only when the ``tensorboard`` package is installed).
@@ -56,7 +59,7 @@ import torch.distributed as torch_dist
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from ratelab.core.checkpoint import atomic_write_text, model_config, save_model
+from ratelab.core.checkpoint import atomic_write_text, load_torch_file, model_config, save_model
 from ratelab.core.dist import DistInfo, all_reduce_mean, all_reduce_sum, barrier, cleanup, init_distributed
 from ratelab.core.errors import CheckpointError, ConfigError, TrainingDiverged
 from ratelab.core.seeding import capture_rng_state, derive_seed, restore_rng_state, seed_everything
@@ -153,10 +156,7 @@ def read_checkpoint_config(out_dir: str | os.PathLike) -> tuple[Path, dict[str, 
     ckpt_dir = Path(out_dir) / "checkpoints"
     for cand in (ckpt_dir / "last.pt", ckpt_dir / "last" / "extra.pt", ckpt_dir / ".last.old" / "extra.pt"):
         if cand.is_file():
-            try:
-                state = torch.load(str(cand), map_location="cpu", weights_only=True, mmap=True)
-            except Exception as e:
-                raise CheckpointError(f"{cand}: cannot read the training checkpoint ({type(e).__name__}: {e})") from e
+            state = load_torch_file(cand, what="training checkpoint", mmap=True)
             if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
                 raise CheckpointError(f"{cand}: no saved config inside; it was not written by the ratelab trainer")
             return cand, state["config"]
@@ -267,6 +267,8 @@ class Trainer:
         # Same seed on every rank: identical datasets and initial weights.
         seed_everything(cfg.seed)
         self.train_dataset, self.val_dataset = task.build_datasets(cfg)
+        if cfg.validate_data:
+            self._validate_data()
         self.steps_per_epoch = len(self._batch_sampler(epoch=0, start_step=0))
         if self.steps_per_epoch == 0:
             raise ConfigError(f"batch_size: the global batch {cfg.batch_size} is larger than the training set "
@@ -319,6 +321,10 @@ class Trainer:
         self._last_eval: dict[str, float] = {}
         self._last_eval_step = -1
         self._last_ckpt_step: int | None = None
+        # Between the first optimizer step of a step and the end of its bookkeeping the state is half-updated; an
+        # exception then has no consistent state to save (see _save_emergency_checkpoint).
+        self._mid_update = False
+        self._step_rng: tuple[torch.Tensor, Any] | None = None
         self._elapsed_before = 0.0
         self.resumed_from: int | None = None
         self._resume_changes: list[tuple[str, Any, Any]] = []
@@ -433,6 +439,16 @@ class Trainer:
         )
         return DeviceLoader(loader, self.device)
 
+    def _validate_data(self) -> None:
+        from ratelab.data.common import validate_dataset
+
+        t0 = time.perf_counter()
+        for ds in {id(d): d for d in (self.train_dataset, self.val_dataset) if d is not None}.values():
+            validate_dataset(ds)
+        took = time.perf_counter() - t0
+        if took > 30 and self.dist.is_main:
+            print(f"[train] checking the dataset's files took {took:.0f} s (--no-validate-data skips it)", flush=True)
+
     # ---- the loop ----------------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         """Train to ``total_steps`` (resuming if configured) and return the final metrics.
@@ -445,6 +461,9 @@ class Trainer:
 
         Raises:
             TrainingDiverged: the loss or gradient became non-finite; the last checkpoint is kept.
+            Exception: anything else raised while training (a data item, the task, an evaluation, a plugin), after
+                an emergency checkpoint of the last completed step was written (one process only; see
+                :meth:`_save_emergency_checkpoint`).
         """
         deterministic_before = torch.are_deterministic_algorithms_enabled()
         try:
@@ -453,6 +472,9 @@ class Trainer:
                     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
                 torch.use_deterministic_algorithms(True)
             return self._fit()
+        except (Exception, KeyboardInterrupt) as e:
+            self._save_emergency_checkpoint(e)
+            raise
         finally:
             torch.use_deterministic_algorithms(deterministic_before)
             self._close_loggers()
@@ -483,6 +505,10 @@ class Trainer:
         self._t_start = time.perf_counter()
         self._pbar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True,
                           disable=not (cfg.progress and self.dist.is_main), file=sys.stderr)
+        self._snapshot_step_rng()
+        if self.batch_in_epoch == self.steps_per_epoch:
+            # Only an emergency checkpoint stops here: the end-of-epoch evaluation failed. Finish that epoch.
+            self._end_epoch()
         while self.step < self.total_steps:
             for batch in self._train_loader():
                 self._train_step(batch)
@@ -513,8 +539,9 @@ class Trainer:
         if not self.dist.is_main:
             return
         if not named:
-            self._print(f"[train] {type(self.model).__name__} was not built by ratelab.create_model (no model_name): "
-                        f"its weights are in {self.ckpt_path} only")
+            # A model built directly (a recipe's timm baseline) has no registry name to rebuild it from, so
+            # model.safetensors + model_config.json cannot describe it; its weights are the checkpoint's "model"
+            # entry. Nothing for the user to do, so nothing is printed.
             return
         save_model(self.model, self.out_dir, state_dict=sd)
         if self.ema is not None:
@@ -596,12 +623,15 @@ class Trainer:
 
     def _end_step(self, values: dict[str, Any]) -> None:
         # One logical batch consumed (with or without an update): advance the data position, add plugin metrics.
+        self._mid_update = True
         self.step += 1
         self.batch_in_epoch += 1
         for p in self.plugins:
             values.update(p.on_step_end(self))
         self._window.add(values)
         self._epoch_meter.add(values)
+        self._snapshot_step_rng()
+        self._mid_update = False
 
     def _optimizer_step(self, spec: OptimizerSpec, loss: torch.Tensor, values: dict[str, Any]) -> None:
         params = self._params[spec.name]
@@ -622,6 +652,7 @@ class Trainer:
             self.strategy.clip_grads_with_norm_(params, clip, grad_norm)
         if spec is self.specs[0]:
             self._lr = spec.optimizer.param_groups[0]["lr"]
+        self._mid_update = True
         if self.scaler is not None:
             self.scaler.step(spec.optimizer)
             self.scaler.update()
@@ -647,6 +678,7 @@ class Trainer:
         # Nothing was sampled on any rank. Without a plugin that must act (DP-SGD adds noise to a zero gradient),
         # no update happens: the schedule and EMA stay where they are, only the data position advances.
         if any(p.step_on_empty_batch for p in self.plugins):
+            self._mid_update = True
             for spec in self.specs:
                 for p in self._params[spec.name]:
                     p.grad = torch.zeros_like(p)
@@ -674,11 +706,14 @@ class Trainer:
         raise TrainingDiverged(msg, step=step, loss=loss.item())
 
     def _end_epoch(self) -> None:
-        self._last_epoch_train = self._epoch_meter.means()
-        self._epoch_meter.reset()
+        # The epoch's meter is reset only after the evaluation, so that an evaluation that raises leaves the state
+        # of the epoch's last step: an emergency checkpoint saves it and the resumed run repeats the evaluation.
+        epoch_train = self._epoch_meter.means()  # collective
         every = self.cfg.eval_every
         if (every and (self.epoch + 1) % every == 0) or self.step >= self.total_steps:
             self._evaluate_and_log()
+        self._last_epoch_train = epoch_train
+        self._epoch_meter.reset()
         self.epoch += 1
         self.batch_in_epoch = 0
 
@@ -815,6 +850,68 @@ class Trainer:
         return out
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
+    def _snapshot_step_rng(self) -> None:
+        # torch's CPU and CUDA streams at the end of the last completed step: a step that fails after its forward
+        # passes drew dropout from them, and the resumed run must draw the same numbers again. Cheap (about 1 us);
+        # numpy's and Python's streams are not snapshotted (30 us a step): ratelab draws from them in no step.
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        self._step_rng = (torch.get_rng_state(), cuda)
+
+    def _save_emergency_checkpoint(self, error: BaseException) -> None:
+        """After an exception in :meth:`fit`: write the checkpoint of the last completed step, if it is consistent.
+
+        Consistent means the exception came between steps (data loading, evaluation, logging, a regular checkpoint)
+        or inside a step before its first optimizer update (forward and backward of any micro-batch: gradients are
+        not checkpointed). The data position, weights, optimizer, schedule, EMA, meters and torch's RNG streams
+        are then those after the last completed step, so ``resume`` continues exactly as if nothing had happened.
+        An exception during an update (between the first ``optimizer.step`` of a step and the end of its
+        bookkeeping, e.g. in a plugin's ``on_step_end``) leaves half-updated state: nothing is written and the last
+        regular checkpoint stays. ``TrainingDiverged`` never writes one (the last good checkpoint is kept on purpose).
+
+        Only in a single process. A checkpoint under DDP/FSDP is collective (finiteness check, meter reductions,
+        RNG gather, sharded writes) but an exception is raised on one rank, not necessarily on all: the others wait
+        in the step's all-reduce or keep training, so a collective started by the failing rank alone would pair with
+        the wrong collective or hang until the process-group timeout. There the last regular checkpoint
+        (``ckpt_every``) is what survives, as the message says.
+        """
+        if isinstance(error, TrainingDiverged):
+            return
+        if self._pbar is not None:
+            self._pbar.close()
+        last = (f"{self.ckpt_path} (step {self._last_ckpt_step})" if self._last_ckpt_step is not None
+                else "none was written")
+        what = f"[train] {type(error).__name__} after step {self.step} (epoch {self.epoch})"
+        if self.dist.distributed:
+            # Every failing rank says so: the others may be blocked in a collective and never get here.
+            _warn(f"{what} on rank {self.dist.rank}: no emergency checkpoint with {self.dist.world_size} ranks "
+                  f"(saving is collective and the other ranks may not have failed); the last checkpoint is {last}")
+            return
+        if self.step == 0 or self._last_ckpt_step == self.step:
+            if self._last_ckpt_step is not None:
+                _warn(f"{what}: the checkpoint {self.ckpt_path} (step {self.step}) is current; after fixing the "
+                      f"cause, continue with `ratelab train --out-dir {self.out_dir} --resume`")
+            return
+        if self._mid_update:
+            _warn(f"{what}: it came in the middle of an update, so there is no consistent state to save; the last "
+                  f"checkpoint is {last}")
+            return
+        try:
+            if self._step_rng is not None:
+                rng = capture_rng_state()
+                rng["torch"], cuda = self._step_rng
+                if cuda is not None:
+                    rng["cuda"] = cuda
+                restore_rng_state(rng)
+            path = self.save_checkpoint()
+        except Exception as e:  # noqa: BLE001 -- the original exception is what the caller must see
+            _warn(f"{what}: could not write an emergency checkpoint ({type(e).__name__}: {e}); the last checkpoint "
+                  f"is {last}")
+            return
+        self._write_row({"kind": "failed", "step": self.step, "epoch": self.epoch,
+                         "error": f"{type(error).__name__}: {error}", "checkpoint": str(path)})
+        _warn(f"{what}: wrote the emergency checkpoint {path} (the state after step {self.step}); after fixing the "
+              f"cause, continue with `ratelab train --out-dir {self.out_dir} --resume`")
+
     def save_checkpoint(self) -> Path:
         """Write the training checkpoint through the strategy, atomically (every rank must call it)."""
         if not self.strategy.all_finite(self.model.parameters()):  # collective; works on sharded parameters
@@ -934,6 +1031,11 @@ def _row_step(line: str) -> int:
         return int(json.loads(line).get("step", 0))
     except (json.JSONDecodeError, TypeError, ValueError):
         return 1 << 62  # unreadable (torn) line from a killed run: drop it
+
+
+def _warn(msg: str) -> None:
+    # stderr, beside the error the caller prints: where the work went matters as much as what failed.
+    print(msg, file=sys.stderr, flush=True)
 
 
 def _fmt(v: Any) -> str:
