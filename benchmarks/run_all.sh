@@ -6,7 +6,7 @@
 # Writes OUT_DIR/<script>.txt (full output), OUT_DIR/<script>.json (every repeat, machine, load) and
 # OUT_DIR/tables.md: per script the exact command and its final block (machine line, load lines, table), ready to
 # paste into docs/benchmarks.md; OUT_DIR/adventurer_vs_vit.png is the figure docs/benchmarks.md embeds
-# (cp it to docs/). About 12 minutes on an idle 2-core machine; on a machine other jobs are using, absolute times
+# (cp it to docs/). About 17 minutes on an idle 2-core machine; on a machine other jobs are using, absolute times
 # and the 2-thread figures are inflated (every load line says so) -- rerun when the load average is near 0.
 #
 # Environment: PY (default .venv/bin/python); WAIT_QUIET_S (see wait_quiet below). The mcr2-opt baseline needs
@@ -85,5 +85,8 @@ run adventurer_vs_vit "$PY" benchmarks/adventurer_vs_vit.py --quick --models adv
 run adventurer_vs_vit_avx2 env ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 \
   "$PY" benchmarks/adventurer_vs_vit.py --sides 1024 --models adventurer,vit --threads 1 --repeats 5 \
   --skip-train --no-memory --json "$OUT/adventurer_vs_vit_avx2.json"
+# Thread count under oversubscription (docs/benchmarks.md "Threads"; the default of `ratelab train --threads`).
+run threads_oversubscription "$PY" benchmarks/threads_oversubscription.py --repeats 5 \
+  --json "$OUT/threads_oversubscription.json"
 
 echo "run_all: done in $(( $(date +%s) - T_ALL )) s, load average $(cut -d' ' -f1-3 /proc/loadavg); tables: $TABLES"

@@ -2,9 +2,10 @@
 
 torch starts one intra-op thread per physical core. When other processes keep some of those cores busy, the
 OpenMP threads of every parallel region wait for the slowest one, and a small model's step gets many times slower
-(measured here: 60 training steps of ``crate_nano_patch4_16`` on a 2-core machine with one other busy process took
-28.4 s with 2 threads and 2.4 s with 1; docs/training.md "Threads"). :func:`choose_threads` therefore counts the
-cores other processes are using, over a short sample of ``/proc/stat``, and leaves only the idle ones to torch.
+(measured on this project's 2-core machine with one CPU-bound process beside it: ``ratelab train`` of
+``crate_nano_patch4_16`` for 60 steps took 39.9 s with 2 threads and 5.4 s with 1; docs/benchmarks.md "Threads").
+:func:`choose_threads` therefore counts the cores other processes are using, over a short sample of
+``/proc/stat``, and leaves only the idle ones to torch.
 
 Explicit choices win: a ``--threads N`` argument, then ``OMP_NUM_THREADS`` (which torch already honours).
 """
