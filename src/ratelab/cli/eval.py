@@ -51,6 +51,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calibration", action="store_true",
                    help="also report calibration: top-label ECE (15 equal-width and equal-mass bins), classwise ECE, "
                    "MCE, RMS-CE, Brier, NLL; with --out also DIR/reliability.png")
+    p.add_argument("--linear-probe", action="store_true",
+                   help="also score a linear probe (logistic regression) of the frozen encoder's forward_features, "
+                   "[CLS] and mean-pooled patch tokens, fitted on the un-augmented train split; any encoder")
+    p.add_argument("--probe-C", type=float, default=1.0, help="--linear-probe: inverse L2 strength (default 1.0)")
     p.add_argument("--out", default=None, metavar="DIR", help="write DIR/eval.json with the results")
     p.set_defaults(func=run)
 
@@ -153,6 +157,19 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--calibration needs a classifier's logits; this run's task is {cfg.task.name!r}")
         res["calibration"] = _calibration(model, ds, batch_size=args.batch_size, device=device,
                                           figure=Path(args.out) / "reliability.png" if args.out else None)
+    if args.linear_probe:
+        from ratelab.data import build_dataset
+        from ratelab.eval.probe import probe_encoder
+
+        if args.probe_C <= 0:
+            raise UsageError(f"--probe-C must be > 0, got {args.probe_C}")
+        fit = build_dataset(dataset, "train", root=root, img_size=img_size, seed=seed, augment=False,
+                            **cfg.dataset_kwargs)
+        try:
+            res["linear_probe"] = probe_encoder(model, fit, ds, C=args.probe_C, batch_size=args.batch_size,
+                                                device=device)
+        except (TypeError, ValueError) as e:
+            raise UsageError(f"--linear-probe: {e}") from None
     out = {
         "checkpoint": str(path),
         "model": getattr(model, "model_name", type(model).__name__),
@@ -169,6 +186,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"{out['model']} ({cfg.task.name}) on {dataset}/{split} ({res['n']} items): {acc}{shown}")
     for k, v in res.get("calibration", {}).items():
         print(f"  {k:18s} {v:.4f}")
+    for k, v in res.get("linear_probe", {}).items():
+        print(f"  {k:22s} {v:.4f}")
     if args.out:
         from ratelab.core.checkpoint import atomic_write_text
 
