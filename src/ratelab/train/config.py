@@ -96,6 +96,17 @@ class TrainConfig:
     model: str = _f("crate_nano_patch4_16", "Registered model name (see `ratelab models`).")
     model_kwargs: dict = _f({}, "Extra keyword arguments for create_model, as JSON or key=value pairs.")
     num_classes: int | None = _f(None, "Classifier width; default: the dataset's number of classes.")
+    init_from: str | None = _f(
+        None,
+        "Start from these weights (run dir, model.safetensors, trainer checkpoint or an official file of the "
+        "model's family): same-shape tensors copied, the position embedding resampled to the new grid, the "
+        "prefixes in init_reinit left freshly initialized (ratelab.core.init_from; CRATE-alpha's light recipe).",
+    )
+    init_reinit: str = _f(
+        "",
+        "Comma-separated parameter-name prefixes kept at their fresh initialization with init_from, e.g. "
+        "'patch_embed,head' to fine-tune at a smaller patch size on another label set.",
+    )
     # ---- data --------------------------------------------------------------------------------------------------
     dataset: str = _f("digits", "Dataset name for ratelab.data.build_dataset.")
     data_root: str | None = _f(None, "Directory holding the dataset files (dataset-specific default when unset).")

@@ -283,6 +283,13 @@ class Trainer:
         model = task.build_model(cfg)
         if not isinstance(model, nn.Module):
             raise TypeError(f"{type(task).__name__}.build_model returned {type(model).__name__}, not an nn.Module")
+        if cfg.init_from and not cfg.resume:
+            # A resumed run's weights come from its checkpoint; the start it was initialized from is history.
+            from ratelab.core.init_from import init_from
+
+            report = init_from(model, cfg.init_from, reinit=cfg.init_reinit.split(","))
+            if self.dist.is_main:
+                print(f"[train] {report.line()}", flush=True)
         self.model = model.to(self.device)
         if callable(getattr(task, "setup", None)):
             task.setup(self.device, self.dist)
