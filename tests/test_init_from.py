@@ -83,3 +83,11 @@ def test_train_cli_init_from(tmp_path, capsys):
     assert main([*base, "--max-steps", "3", "--out-dir", str(tmp_path / "bad"), "--model-kwargs", "patch_size=2",
                  "--init-from", str(tmp_path / "p4")]) == 2
     assert "init_reinit" in capsys.readouterr().err
+
+
+def test_models_keys_lists_names_and_shapes(capsys):
+    from ratelab.cli.main import main
+
+    assert main(["models", "crate_pico_patch4_16", "--keys"]) == 0
+    out = capsys.readouterr().out
+    assert "crate_pico_patch4_16 (" in out and "patch_proj.weight" in out and "(64, 16)" in out
