@@ -147,3 +147,40 @@ def test_logger(capsys):
     logger(True, "r")("hello")
     logger(False, "r")("quiet")
     assert capsys.readouterr().out == "[r] hello\n"
+
+
+def test_accuracy_difference_adds_seed_spread_to_binomial_error():
+    from ratelab.recipes._common import accuracy_difference, binom_se_diff
+
+    one = accuracy_difference([0.95], [0.90], 400)
+    assert one["two_se"] == pytest.approx(2 * binom_se_diff(0.925, 400))
+    assert one["separated"] and one["better"]
+    # the same means with a wide spread over seeds no longer separate
+    wide = accuracy_difference([0.99, 0.91], [0.93, 0.87], 400)
+    assert wide["diff"] == pytest.approx(0.05) and wide["two_se"] > one["two_se"] and not wide["separated"]
+    assert accuracy_difference([0.90], [0.95], 400)["better"] is False
+    with pytest.raises(ValueError):
+        accuracy_difference([], [0.9], 100)
+
+
+def test_train_arm_builds_after_seeding(tmp_path):
+    import torch
+
+    from ratelab.data import build_dataset
+    from ratelab.recipes._common import train_arm
+
+    train = build_dataset("digits", "train", img_size=8)
+    val = build_dataset("digits", "val", img_size=8)
+    inits = []
+
+    def factory():
+        m = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+        inits.append(m[1].weight.detach().clone())
+        return m
+
+    kw = dict(train_dataset=train, val_dataset=val, out_dir=tmp_path, device="cpu", progress=False, epochs=1,
+              batch_size=256, dataset="digits", img_size=8)
+    a = train_arm("lin", factory, seed=3, **kw)
+    train_arm("lin", factory, seed=3, **kw)
+    assert torch.equal(inits[0], inits[1])  # the seed fixes the factory's initialization
+    assert 0.0 <= a["final"]["val_acc"] <= 1.0 and a["run_dir"] == tmp_path / "runs" / "lin_seed3"

@@ -10,13 +10,16 @@ A recipe declares one frozen dataclass ``Scale`` and a table ``SCALES = {"smoke"
   machine (measured in the recipes' docstrings: up to 10x slower with 2 threads on a busy 2-core machine);
 * :func:`add_figure` to write a figure next to ``results.json`` and embed the same PNG into the report;
 * :func:`resolve_device` for the ``device`` argument (``"auto"`` = CUDA when available);
-* :func:`logger` for progress lines.
+* :func:`logger` for progress lines;
+* :func:`train_arm` to train one arm of a comparison (a model factory on given datasets, with the trainer) and
+  :func:`accuracy_difference` to tell whether two arms' accuracies separate beyond their noise.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import shutil
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -27,8 +30,8 @@ import torch
 from ratelab.core.dist import resolve_device
 from ratelab.eval.report import Report
 
-__all__ = ["FIGURE_DPI", "SCALE_NAMES", "add_figure", "check_scales", "fresh_run_dir", "limit_threads", "logger",
-           "resolve_device"]
+__all__ = ["FIGURE_DPI", "SCALE_NAMES", "accuracy_difference", "add_figure", "binom_se_diff", "check_scales",
+           "fresh_run_dir", "limit_threads", "logger", "resolve_device", "train_arm"]
 
 SCALE_NAMES = ("smoke", "quick", "full")
 FIGURE_DPI = 110
@@ -115,3 +118,59 @@ def logger(progress: bool, prefix: str) -> Callable[[str], None]:
     if not progress:
         return lambda msg: None
     return lambda msg: print(f"[{prefix}] {msg}", flush=True)
+
+
+def train_arm(name: str, factory: Callable[[], torch.nn.Module], *, train_dataset: Any, val_dataset: Any,
+              out_dir: str | Path, seed: int, device: str, progress: bool, task: Any = None,
+              **cfg: Any) -> dict[str, Any]:
+    """Train ``factory()`` (built after the trainer seeds, so the seed fixes its initialization) on the given
+    datasets in a fresh ``out_dir/runs/<name>_seed<seed>`` and return its final metrics and model.
+
+    Args:
+        task: a Task class taking ``train_dataset=``/``val_dataset=`` (default: classification).
+        cfg: :class:`ratelab.train.TrainConfig` fields (epochs, batch_size, lr, ...); ``model`` defaults to
+            ``name`` (a label here: the factory builds the network).
+
+    Returns:
+        ``{"name", "seed", "final" (the trainer's final metrics), "model" (eval mode), "run_dir"}``.
+    """
+    from ratelab.train import ClassificationTask, TrainConfig, Trainer
+
+    base = task or ClassificationTask
+
+    class FactoryTask(base):  # type: ignore[misc, valid-type]
+        def build_model(self, cfg_):
+            return factory()
+
+    safe = name.replace(" ", "_").replace("+", "plus").replace("/", "_").strip("_")
+    run_dir = fresh_run_dir(out_dir, "runs", f"{safe}_seed{seed}")
+    settings = {"model": name, "ckpt_every": 0, "log_every": 10_000, **cfg}
+    tc = TrainConfig(seed=seed, out_dir=str(run_dir), device=device, progress=progress, **settings)
+    trainer = Trainer(tc, FactoryTask(train_dataset=train_dataset, val_dataset=val_dataset))
+    final = trainer.fit()
+    return {"name": name, "seed": seed, "final": final, "model": trainer.model.eval(), "run_dir": run_dir}
+
+
+def binom_se_diff(p: float, n: int) -> float:
+    """Standard error of the difference of two independent accuracies near ``p`` on ``n`` images each."""
+    return math.sqrt(2 * max(p * (1 - p), 1e-6) / n)
+
+
+def accuracy_difference(a: list[float], b: list[float], n_eval: int) -> dict[str, float | bool]:
+    """Whether arm ``a`` beats arm ``b`` beyond noise: the difference of mean accuracies and twice its standard
+    error, which adds the binomial error of ``n_eval`` evaluation images to the spread over seeds (the sample
+    variance of each arm over its seeds, when it has two or more).
+
+    Returns:
+        ``{"diff", "two_se", "separated" (|diff| > two_se), "better" (diff > two_se)}``.
+    """
+    if not a or not b:
+        raise ValueError("accuracy_difference: both arms need at least one accuracy")
+    ma, mb = sum(a) / len(a), sum(b) / len(b)
+    var = binom_se_diff((ma + mb) / 2, n_eval) ** 2
+    for xs, m in ((a, ma), (b, mb)):
+        if len(xs) > 1:
+            var += sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs)
+    two_se = 2 * math.sqrt(var)
+    d = ma - mb
+    return {"diff": d, "two_se": two_se, "separated": abs(d) > two_se, "better": d > two_se}

@@ -56,7 +56,6 @@ record what it measured.
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from collections.abc import Callable
@@ -70,7 +69,7 @@ import torch.nn as nn
 
 from ratelab.eval.report import Report
 from ratelab.recipes import RecipeResult, check, register_recipe
-from ratelab.recipes._common import add_figure, fresh_run_dir, logger
+from ratelab.recipes._common import add_figure, binom_se_diff, logger, train_arm
 
 __all__ = ["ABLATION", "SCALES", "Scale", "build_family", "match_family", "match_params", "run", "time_inference",
            "token_sweep"]
@@ -183,33 +182,15 @@ def build_family(scale: Scale, match: dict[str, Any], img_size: int = IMG_SIZE) 
     return factories
 
 
-def _task(factory: Callable[[], nn.Module], train_ds: Any, val_ds: Any):
-    from ratelab.train import ClassificationTask
-
-    class FactoryTask(ClassificationTask):
-        """Classification on the given datasets with a model from ``factory`` (built after the Trainer seeds)."""
-
-        def build_model(self, cfg):
-            return factory()
-
-    return FactoryTask(train_dataset=train_ds, val_dataset=val_ds)
-
-
 def _train(name: str, factory: Callable[[], nn.Module], scale: Scale, seed: int, data: dict, out_dir: Path,
            device: str, progress: bool) -> dict[str, Any]:
-    from ratelab.train import TrainConfig, Trainer
-
-    run_dir = fresh_run_dir(out_dir, "runs", f"{name.replace(' ', '_').replace('+', 'plus').strip('_')}_seed{seed}")
-    cfg = TrainConfig(
-        model=name, dataset="digits", img_size=IMG_SIZE, epochs=scale.epochs, max_steps=scale.max_steps,
-        batch_size=BATCH, optimizer="adamw", lr=LR, weight_decay=0.05, warmup_epochs=1.0, min_lr=1e-5,
-        label_smoothing=0.1, grad_clip=1.0, seed=seed, out_dir=str(run_dir), ckpt_every=0, eval_every=0,
-        log_every=10_000, device=device, progress=progress,
-    )
-    trainer = Trainer(cfg, _task(factory, data["train"], data["val"]))
-    final = trainer.fit()
+    r = train_arm(name, factory, train_dataset=data["train"], val_dataset=data["val"], out_dir=out_dir, seed=seed,
+                  device=device, progress=progress, dataset="digits", img_size=IMG_SIZE, epochs=scale.epochs,
+                  max_steps=scale.max_steps, batch_size=BATCH, optimizer="adamw", lr=LR, weight_decay=0.05,
+                  warmup_epochs=1.0, min_lr=1e-5, label_smoothing=0.1, grad_clip=1.0, eval_every=0)
+    final = r["final"]
     return {"name": name, "seed": seed, "val_acc": float(final["val_acc"]), "time_s": float(final["time_s"]),
-            "steps": int(final["steps"]), "model": trainer.model.eval()}
+            "steps": int(final["steps"]), "model": r["model"]}
 
 
 def time_inference(models: dict[str, nn.Module], x: torch.Tensor, rounds: int) -> dict[str, float]:
@@ -244,11 +225,6 @@ def token_sweep(scale: Scale, match: dict[str, Any], seed: int, log: Callable[[s
         rows.append(row)
         log(f"sweep {tokens} tokens: " + ", ".join(f"{k} {batch / s:.1f} img/s" for k, s in sec.items()))
     return rows
-
-
-def _binom_se_diff(p: float, n: int) -> float:
-    """Standard error of the difference of two independent accuracies near ``p`` on ``n`` images each."""
-    return math.sqrt(2 * max(p * (1 - p), 1e-6) / n)
 
 
 def _acc_figure(accs: dict[str, list[float]]):
@@ -338,7 +314,7 @@ def run(out_dir: Path, *, scale: str, seed: int, device: str, progress: bool) ->
     sweep = token_sweep(row, info, seed, log)
 
     # ---- checks ------------------------------------------------------------------------------------------------
-    se = _binom_se_diff(mean["adventurer"], n_val * len(seeds))
+    se = binom_se_diff(mean["adventurer"], n_val * len(seeds))
     naive = mean["naive causal"]
 
     def helps(arm: str) -> tuple[bool, str]:
