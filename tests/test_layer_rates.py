@@ -312,7 +312,9 @@ def test_cli_adventurer_run_says_which_families_have_measures(tmp_path):
     from ratelab.cli.measure import family_measures, run
     from ratelab.core.checkpoint import save_model
 
-    assert family_measures() == {"crate": ("compression", "compression_half", "sparsity")}
+    fams = family_measures()  # CRATE and its descendants (crate_alpha, crate_mae), never Adventurer or ICL-GPT
+    assert fams["crate"] == ("compression", "compression_half", "sparsity")
+    assert not {"adventurer", "icl_gpt", "mae_vit"} & set(fams)
     save_model(ratelab.create_model("adventurer_nano_patch4_16", in_chans=1, num_classes=10), tmp_path / "adv")
     needle = (r"adventurer_nano_patch4_16 \(family adventurer\) supports none of the layer measures.*Families with "
               r"layer measures: crate_\* \(compression, compression_half, sparsity\)")

@@ -6,9 +6,10 @@ For each name of ``ratelab.list_models()``:
   same architecture (config, parameter names and shapes);
 * at a tiny size (the big entries get small depth/width/image overrides, the test-sized ones none): create ->
   forward -> ``save_model`` -> ``load_model`` -> identical outputs and ``model_args``;
-  ``forward_head(forward_features)`` equals ``forward``; ``forward_intermediates`` gives
-  ``final == forward_features``, one intermediate per kept layer in the family's formats, attention maps where the
-  family has them, and its errors.
+  ``forward_head(forward_features)`` equals ``forward`` (masked autoencoders, which have no head, instead: the
+  ``(loss, pred, mask)`` of a fixed masking noise, the encoder's features, and no classifier);
+  ``forward_intermediates`` gives ``final == forward_features``, one intermediate per kept layer in the family's
+  formats, attention maps where the family has them, and its errors.
 """
 
 from __future__ import annotations
@@ -27,7 +28,10 @@ NAMES = ratelab.list_models()
 B = 2
 
 # Formats each family supports, the default first (docs/models.md, "Model API").
-FORMATS = {"crate": ("NLC", "NCHW"), "adventurer": ("NLC", "NCHW"), "icl_gpt": ("NLC",), "mcr2_nets": None}
+FORMATS = {"crate": ("NLC", "NCHW"), "adventurer": ("NLC", "NCHW"), "icl_gpt": ("NLC",), "mcr2_nets": None,
+           "crate_mae": ("NLC", "NCHW"), "mae_vit": ("NLC", "NCHW")}
+# Masked autoencoders: ``model(x, mask_ratio, noise) -> (loss, pred, mask)``, no classifier head.
+MAE_FAMILIES = ("crate_mae", "mae_vit")
 
 
 def _family(name: str) -> str:
@@ -40,8 +44,11 @@ def _tiny_overrides(name: str) -> dict:
         return {}
     with torch.device("meta"):
         cfg = ratelab.create_model(name).cfg
+    fam = _family(name)
+    mae = {"crate_mae": {"num_heads": 2, "decoder_depth": 2},
+           "mae_vit": {"num_heads": 2, "decoder_depth": 2, "decoder_embed_dim": 32, "decoder_num_heads": 2}}
     return {"depth": 2, "embed_dim": 64, "img_size": 2 * cfg.patch_size,
-            **({"num_heads": 2} if _family(name) == "crate" else {})}
+            **({"num_heads": 2} if fam == "crate" else {}), **mae.get(fam, {})}
 
 
 def _inputs(model) -> tuple:
@@ -63,20 +70,42 @@ def test_model_args_rebuild_the_full_size_architecture(name):
     assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
 
 
+def _mae_forward(model, x):
+    n = model.patchify(x).shape[1]
+    noise = torch.rand(x.shape[0], n, generator=torch.Generator().manual_seed(1))
+    return model(x, mask_ratio=0.75, noise=noise)
+
+
+def _check_mae(model, x):
+    loss, pred, mask = out = _mae_forward(model, x)
+    patches = model.patchify(x)
+    n = patches.shape[1]
+    assert loss.ndim == 0 and torch.isfinite(loss) and torch.isfinite(pred).all()
+    assert pred.shape == patches.shape and mask.shape == (B, n)
+    assert (mask.sum(1) == n - int(n * 0.25)).all()
+    assert model.forward_features(x).shape == (B, n + 1, model.num_features)
+    assert model.num_classes is None and not hasattr(model, "forward_head")
+    return out
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_forward_save_load_round_trip(name, tmp_path):
     torch.manual_seed(0)
     model = ratelab.create_model(name, **_tiny_overrides(name)).eval()
     inputs = _inputs(model)
+    mae = _family(name) in MAE_FAMILIES
     with torch.no_grad():
-        out = model(*inputs)
-        assert torch.isfinite(out).all()
-        torch.testing.assert_close(model.forward_head(model.forward_features(*inputs)), out, atol=0, rtol=0)
+        if mae:
+            out = _check_mae(model, *inputs)
+        else:
+            out = model(*inputs)
+            assert torch.isfinite(out).all()
+            torch.testing.assert_close(model.forward_head(model.forward_features(*inputs)), out, atol=0, rtol=0)
     save_model(model, tmp_path)
     again = load_model(tmp_path).eval()
     assert type(again) is type(model) and again.model_args == model.model_args
     with torch.no_grad():
-        torch.testing.assert_close(again(*inputs), out, atol=0, rtol=0)
+        torch.testing.assert_close(_mae_forward(again, *inputs) if mae else again(*inputs), out, atol=0, rtol=0)
 
 
 def _check_token_family(model, inputs, fam):
