@@ -12,6 +12,8 @@ from ratelab.train.config import TrainConfig, add_config_args, config_from_args
 from ratelab.train.ema import ModelEma
 from ratelab.train.icl_task import ICLTask as ICLTask  # registers the "icl" task
 from ratelab.train.icl_task import ICLTaskConfig
+from ratelab.train.mae_task import MAETask as MAETask  # registers the "mae" task
+from ratelab.train.mae_task import MAETaskConfig
 from ratelab.train.mcr2_task import MCR2Task as MCR2Task  # registers the "mcr2" task
 from ratelab.train.mcr2_task import MCR2TaskConfig
 from ratelab.train.optim import build_optimizer, weight_decay_groups
@@ -38,6 +40,8 @@ __all__ = [
     "EvalContext",
     "ICLTask",
     "ICLTaskConfig",
+    "MAETask",
+    "MAETaskConfig",
     "MCR2Task",
     "MCR2TaskConfig",
     "ModelEma",
