@@ -298,3 +298,16 @@ def test_training_a_model_not_built_by_create_model_prints_no_warning(tmp_path, 
     ckpt = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["model"].keys() == trainer.model.state_dict().keys()
     assert not (tmp_path / "model.safetensors").exists()
+
+
+def test_mae_style_checkpoint_with_argparse_namespace_loads(tmp_path):
+    """FAIR MAE / CRATE-MAE training scripts pickle their argparse Namespace next to the weights."""
+    import argparse
+
+    from ratelab.core.checkpoint import load_torch_file, read_state_dict
+
+    sd = {"w": torch.ones(2)}
+    torch.save({"model": sd, "args": argparse.Namespace(lr=1e-3, model="mae"), "epoch": 3}, tmp_path / "ck.pth")
+    obj = load_torch_file(tmp_path / "ck.pth")
+    assert obj["args"].lr == 1e-3
+    assert torch.equal(read_state_dict(tmp_path / "ck.pth")["w"], sd["w"])

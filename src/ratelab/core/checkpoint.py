@@ -17,6 +17,7 @@ importable from here and resolves to the factory on first access (module ``__get
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import pickle
@@ -195,9 +196,10 @@ def _without_torch_advice(message: str) -> str:
 def load_torch_file(path: str | os.PathLike, *, what: str = "checkpoint", mmap: bool = False) -> Any:
     """``torch.load(path, weights_only=True)`` onto the CPU, with errors that name the file.
 
-    Every ``torch.load`` of ratelab goes through here. A pickle that holds anything but tensors and plain containers
-    is refused, because unpickling it could run arbitrary code; the error says so and never relays torch's advice
-    to retry with ``weights_only=False``.
+    Every ``torch.load`` of ratelab goes through here. A pickle that holds anything but tensors, plain containers
+    and ``argparse.Namespace`` (the training arguments MAE-style scripts save) is refused, because unpickling it
+    could run arbitrary code; the error says so and never relays torch's advice to retry with
+    ``weights_only=False``.
 
     Args:
         path: the file.
@@ -208,13 +210,16 @@ def load_torch_file(path: str | os.PathLike, *, what: str = "checkpoint", mmap: 
         CheckpointError: the file was refused, or cannot be read (the message names it).
     """
     try:
-        try:
-            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
-        except RuntimeError as e:
-            if not (mmap and "mmap can only be used" in str(e)):
-                raise
-            # A legacy (non-zip) file cannot be memory-mapped; it still is read, under the same restriction.
-            return torch.load(str(path), map_location="cpu", weights_only=True)
+        # MAE-style training scripts (FAIR MAE, CRATE-MAE) save their argparse Namespace beside the weights;
+        # rebuilding one sets attributes from a dict and runs no code, so it is allowed next to tensors.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            try:
+                return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
+            except RuntimeError as e:
+                if not (mmap and "mmap can only be used" in str(e)):
+                    raise
+                # A legacy (non-zip) file cannot be memory-mapped; it still is read, under the same restriction.
+                return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         detail = _without_torch_advice(str(e))
         if "global" in detail.lower():
