@@ -49,8 +49,8 @@ def identify_checkpoint(state_dict: Mapping[str, torch.Tensor], *, exclude: Any 
     """What ``state_dict``'s keys match, as phrases: ``["an Adventurer checkpoint (ratelab layout; use an
     adventurer_* model)"]``; empty when nothing known matches.
 
-    Tried: the converter of every family registered so far (both layouts; ``exclude`` skips one), then
-    :data:`FOREIGN_LAYOUTS`.
+    Tried: the converter of every family registered so far (both layouts; ``exclude`` skips one), then, when no
+    family matched, :data:`FOREIGN_LAYOUTS`.
     """
     sd = strip_prefixes(state_dict)
     found = []
@@ -63,7 +63,8 @@ def identify_checkpoint(state_dict: Mapping[str, torch.Tensor], *, exclude: Any 
             pattern = conv.model_pattern or f"{conv.family.lower()}_*"
             found.append(f"{conv.article or _article(conv.family)} {conv.family} checkpoint ({where}; use "
                          f"{_article(pattern)} {pattern} model)")
-    found += [what for what, keys in FOREIGN_LAYOUTS.items() if all(k in sd for k in keys)]
+    if not found:  # a family that reads these keys (ViT-MAE reads timm blocks) makes the foreign label wrong
+        found += [what for what, keys in FOREIGN_LAYOUTS.items() if all(k in sd for k in keys)]
     return found
 
 
