@@ -28,7 +28,8 @@ NAMES = ratelab.list_models()
 B = 2
 
 # Formats each family supports, the default first (docs/models.md, "Model API").
-FORMATS = {"crate": ("NLC", "NCHW"), "adventurer": ("NLC", "NCHW"), "icl_gpt": ("NLC",), "mcr2_nets": None,
+FORMATS = {"crate": ("NLC", "NCHW"), "crate_alpha": ("NLC", "NCHW"), "adventurer": ("NLC", "NCHW"),
+           "icl_gpt": ("NLC",), "mcr2_nets": None,
            "crate_mae": ("NLC", "NCHW"), "mae_vit": ("NLC", "NCHW")}
 # Masked autoencoders: ``model(x, mask_ratio, noise) -> (loss, pred, mask)``, no classifier head.
 MAE_FAMILIES = ("crate_mae", "mae_vit")
@@ -48,7 +49,7 @@ def _tiny_overrides(name: str) -> dict:
     mae = {"crate_mae": {"num_heads": 2, "decoder_depth": 2},
            "mae_vit": {"num_heads": 2, "decoder_depth": 2, "decoder_embed_dim": 32, "decoder_num_heads": 2}}
     return {"depth": 2, "embed_dim": 64, "img_size": 2 * cfg.patch_size,
-            **({"num_heads": 2} if fam == "crate" else {}), **mae.get(fam, {})}
+            **({"num_heads": 2} if fam in ("crate", "crate_alpha") else {}), **mae.get(fam, {})}
 
 
 def _inputs(model) -> tuple:
