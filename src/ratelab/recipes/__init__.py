@@ -35,6 +35,8 @@ DEFAULT_THREADS = 1
 _RECIPE_MODULES = (
     "ratelab.recipes.adventurer.recipe",
     "ratelab.recipes.crate.digits",
+    "ratelab.recipes.crate_alpha.recipe",
+    "ratelab.recipes.crate_mae.recipe",
     "ratelab.recipes.mcr2.landscape",
     "ratelab.recipes.mcr2.label_noise",
     "ratelab.recipes.wrong_line.recipe",

@@ -121,14 +121,16 @@ def logger(progress: bool, prefix: str) -> Callable[[str], None]:
 
 
 def train_arm(name: str, factory: Callable[[], torch.nn.Module], *, train_dataset: Any, val_dataset: Any,
-              out_dir: str | Path, seed: int, device: str, progress: bool, task: Any = None,
-              **cfg: Any) -> dict[str, Any]:
+              out_dir: str | Path, seed: int, device: str, progress: bool, task_cls: Any = None,
+              task_kwargs: dict[str, Any] | None = None, **cfg: Any) -> dict[str, Any]:
     """Train ``factory()`` (built after the trainer seeds, so the seed fixes its initialization) on the given
     datasets in a fresh ``out_dir/runs/<name>_seed<seed>`` and return its final metrics and model.
 
     Args:
-        task: a Task class taking ``train_dataset=``/``val_dataset=`` (default: classification).
-        cfg: :class:`ratelab.train.TrainConfig` fields (epochs, batch_size, lr, ...); ``model`` defaults to
+        task_cls: a Task class taking ``(config, train_dataset=, val_dataset=, **task_kwargs)`` (default:
+            classification); its config is the run's ``task`` section (give ``task=`` in ``cfg``).
+        task_kwargs: extra keyword arguments of the task (e.g. MAE's ``fit_dataset``).
+        cfg: :class:`ratelab.train.TrainConfig` fields (epochs, batch_size, lr, task, ...); ``model`` defaults to
             ``name`` (a label here: the factory builds the network).
 
     Returns:
@@ -136,7 +138,7 @@ def train_arm(name: str, factory: Callable[[], torch.nn.Module], *, train_datase
     """
     from ratelab.train import ClassificationTask, TrainConfig, Trainer
 
-    base = task or ClassificationTask
+    base = task_cls or ClassificationTask
 
     class FactoryTask(base):  # type: ignore[misc, valid-type]
         def build_model(self, cfg_):
@@ -146,7 +148,8 @@ def train_arm(name: str, factory: Callable[[], torch.nn.Module], *, train_datase
     run_dir = fresh_run_dir(out_dir, "runs", f"{safe}_seed{seed}")
     settings = {"model": name, "ckpt_every": 0, "log_every": 10_000, **cfg}
     tc = TrainConfig(seed=seed, out_dir=str(run_dir), device=device, progress=progress, **settings)
-    trainer = Trainer(tc, FactoryTask(train_dataset=train_dataset, val_dataset=val_dataset))
+    trainer = Trainer(tc, FactoryTask(tc.task, train_dataset=train_dataset, val_dataset=val_dataset,
+                                      **(task_kwargs or {})))
     final = trainer.fit()
     return {"name": name, "seed": seed, "final": final, "model": trainer.model.eval(), "run_dir": run_dir}
 

@@ -1,0 +1,1 @@
+"""Recipe ``crate-alpha`` (CRATE-α, Yang et al., NeurIPS 2024)."""

@@ -1,0 +1,1 @@
+"""Recipe ``crate-mae`` (CRATE-MAE, Pai et al., ICLR 2024)."""
