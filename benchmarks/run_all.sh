@@ -85,6 +85,7 @@ run adventurer_vs_vit "$PY" benchmarks/adventurer_vs_vit.py --quick --models adv
 run adventurer_vs_vit_avx2 env ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 \
   "$PY" benchmarks/adventurer_vs_vit.py --sides 1024 --models adventurer,vit --threads 1 --repeats 5 \
   --skip-train --no-memory --json "$OUT/adventurer_vs_vit_avx2.json"
+run crate_alpha_speed "$PY" benchmarks/crate_alpha_speed.py --threads 1 2 --json "$OUT/crate_alpha_speed.json"
 # Thread count under oversubscription (docs/benchmarks.md "Threads"; the default of `ratelab train --threads`).
 run threads_oversubscription "$PY" benchmarks/threads_oversubscription.py --repeats 5 \
   --json "$OUT/threads_oversubscription.json"
