@@ -436,3 +436,15 @@ def test_trainer_init_from_agrees(tmp_path):
     assert report.resampled == ["pos_embed"]
     for k, v in small.state_dict().items():
         assert torch.equal(v, twin.state_dict()[k]), k
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_flax_npz_loads_through_checkpoint_path(tmp_path, bf16):
+    """create_model(checkpoint_path=x.npz): the core reader hands the flat tree to the family's filter."""
+    ref = reference(head_eps=1e-6)
+    save_npz(flax_tree(ref), tmp_path / "checkpoint.npz", bf16=bf16)
+    model = ratelab.create_model("test_crate_alpha", checkpoint_path=str(tmp_path / "checkpoint.npz")).eval()
+    direct = load_flax_weights(ratelab.create_model("test_crate_alpha"), tmp_path / "checkpoint.npz").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), direct(x))

@@ -242,13 +242,15 @@ def load_torch_file(path: str | os.PathLike, *, what: str = "checkpoint", mmap: 
 
 
 def read_state_dict(path: str | os.PathLike, *, use_ema: bool = False) -> dict[str, torch.Tensor]:
-    """Read a flat tensor state dict from a safetensors or torch file, unwrapping common containers.
+    """Read a flat tensor state dict from a safetensors, torch or JAX ``.npz`` file, unwrapping common containers.
 
     ``.pth``/``.pt`` files are read with ``weights_only=True``: a pickle that would execute code is refused.
     ``use_ema=True`` picks the EMA weights (``model_ema`` / ``state_dict_ema``) of a file that holds both; it is an
     error when the file has none.
     """
     path = _resolve(path)
+    if path.suffix == ".npz":
+        return _read_npz(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -258,6 +260,30 @@ def read_state_dict(path: str | os.PathLike, *, use_ema: bool = False) -> dict[s
             raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
     obj = load_torch_file(path, what="checkpoint")
     return unwrap_state_dict(obj, source=str(path), use_ema=use_ema)
+
+
+def _read_npz(path: Path) -> dict[str, torch.Tensor]:
+    """A JAX/Flax ``.npz`` checkpoint (big_vision's format: "/"-joined names; bfloat16 stored as 2-byte void) as a
+    flat dict of tensors, its names kept; read with ``allow_pickle=False``, so no code can run. Families with a
+    Flax layout (CRATE-alpha) map the names in their ``checkpoint_filter_fn``."""
+    import zipfile
+
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            flat = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise CheckpointError(f"{path}: not a readable .npz of arrays ({type(e).__name__}: {e})") from e
+    out = {}
+    for k, a in flat.items():
+        if a.dtype.kind == "V" and a.dtype.itemsize == 2:
+            out[k] = torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16).float()
+        elif a.dtype.kind in "fiub":
+            out[k] = torch.from_numpy(np.ascontiguousarray(a))
+        else:
+            raise CheckpointError(f"{path}: array {k!r} has dtype {a.dtype}, expected a numeric array")
+    return out
 
 
 def unwrap_state_dict(obj: Any, *, source: str = "checkpoint", use_ema: bool = False) -> dict[str, torch.Tensor]:
