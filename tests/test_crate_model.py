@@ -43,7 +43,11 @@ def closed_form_params(model: Crate) -> int:
     n = (model.img_size // cfg.patch_size) ** 2
     stem = 2 * patch_dim + (patch_dim * d + d) + 2 * d
     tokens = d + (n + 1) * d
-    layer = 2 * d + d * inner + (inner * d + d) + 2 * d + d * d  # LN1, U, W_out (+bias), LN2, D
+    # MSSA: U, W_out (+bias); MHSA: QKV (+bias), out (+bias)
+    attn = d * inner + (inner * d + d) if cfg.attn == "mssa" else (3 * d * d + 3 * d) + (d * d + d)
+    h = round(cfg.mlp_ratio * d)
+    second = d * d if cfg.mlp == "ista" else (d * h + h) + (h * d + d)  # D | fc1, fc2
+    layer = 2 * d + attn + 2 * d + second  # LN1, attention, LN2, ISTA or MLP
     head = 2 * d + (d * model.num_classes + model.num_classes if model.num_classes else 0)
     return stem + tokens + L * layer + head
 
@@ -72,7 +76,7 @@ def test_registry_param_count(name):
     assert all(p.device.type == "meta" for p in model.parameters())
     assert count(model) == closed_form_params(model)
     d = model.cfg.embed_dim
-    if model.cfg.inner_dim == d:
+    if model.cfg.inner_dim == d and model.cfg.variant_name == "crate":
         per_layer = sum(p.numel() for p in model.blocks[0].parameters())
         assert per_layer == 3 * d * d + 5 * d
     if name in PAPER_PARAMS_M:

@@ -19,6 +19,12 @@ class CrateConfig:
         ista_step: ISTA step size eta (0.1 in the official code).
         ista_lambda: sparsity penalty lambda (0.1 in the official classifier code, 0.5 in CRATE-MAE's encoder).
         pool: ``"cls"`` (official default) or ``"mean"`` over patch tokens.
+        attn: ``"mssa"`` (CRATE: one projection U_k shared by query, key and value) or ``"mhsa"`` (a ViT's
+            multi-head self-attention with separate Q, K, V; needs ``head_dim == embed_dim // num_heads``). The
+            CRATE-MHSA arm of the segmentation paper's Table 2 ablation (arXiv 2308.16271).
+        mlp: ``"ista"`` (CRATE: one ISTA step, no skip) or ``"mlp"`` (a ViT MLP with a residual,
+            ``z + MLP(LN2(z))``): the CRATE-MLP arm of the same ablation.
+        mlp_ratio: hidden width of the ``"mlp"`` block as a multiple of ``embed_dim`` (ViT's 4); unused by ISTA.
     """
 
     embed_dim: int = 384
@@ -29,6 +35,9 @@ class CrateConfig:
     ista_step: float = 0.1
     ista_lambda: float = 0.1
     pool: str = "cls"
+    attn: str = "mssa"
+    mlp: str = "ista"
+    mlp_ratio: float = 4.0
 
     def __post_init__(self) -> None:
         if self.head_dim is None:
@@ -40,6 +49,23 @@ class CrateConfig:
         for name in ("embed_dim", "depth", "num_heads", "patch_size", "head_dim"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.attn not in ("mssa", "mhsa"):
+            raise ValueError(f"attn must be 'mssa' or 'mhsa', got {self.attn!r}")
+        if self.mlp not in ("ista", "mlp"):
+            raise ValueError(f"mlp must be 'ista' or 'mlp', got {self.mlp!r}")
+        # a ViT attention splits its d-wide q/k/v into heads; a free head_dim would need another layer
+        if self.attn == "mhsa" and self.head_dim * self.num_heads != self.embed_dim:
+            raise ValueError(f"attn='mhsa' needs head_dim * num_heads == embed_dim, got {self.head_dim} * "
+                             f"{self.num_heads} != {self.embed_dim}")
+        if not self.mlp_ratio > 0:
+            raise ValueError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
+
+    @property
+    def variant_name(self) -> str:
+        """``"crate"``, ``"crate_mlp"`` (MSSA + MLP), ``"crate_mhsa"`` (MHSA + ISTA) or ``"mhsa_mlp"`` (both
+        swapped: a ViT on CRATE's stem)."""
+        return {("mssa", "ista"): "crate", ("mssa", "mlp"): "crate_mlp", ("mhsa", "ista"): "crate_mhsa",
+                ("mhsa", "mlp"): "mhsa_mlp"}[(self.attn, self.mlp)]
 
     @property
     def inner_dim(self) -> int:

@@ -45,6 +45,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ratelab.core.builder import build_model_with_cfg
 from ratelab.core.registry import register_model
+from ratelab.layers.attention import SelfAttention
 from ratelab.layers.intermediates import check_output_fmt, pack_intermediates, resolve_indices, split_tokens
 from ratelab.layers.ista import ISTA
 from ratelab.layers.mssa import MSSA
@@ -52,16 +53,48 @@ from ratelab.layers.patch import patchify, resample_pos_embed
 from ratelab.models.crate.config import CRATE_VARIANTS, CrateConfig
 
 
+class Mlp(nn.Module):
+    """A ViT feed-forward, fc1 -> GELU -> fc2 (timm's key names). (B, N, d) -> (B, N, d)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
 class CrateBlock(nn.Module):
-    """z -> ISTA(LN2(z + MSSA(LN1(z)))). (B, N, d) -> (B, N, d)."""
+    """z -> ISTA(LN2(z + MSSA(LN1(z)))). (B, N, d) -> (B, N, d).
+
+    The Table 2 ablation switches (``cfg.attn``, ``cfg.mlp``) swap either half: ``attn="mhsa"`` puts a ViT
+    attention (separate Q, K, V, ``qkv_bias`` as in ViT) where MSSA was; ``mlp="mlp"`` replaces the ISTA step by
+    ``z_half + MLP(LN2(z_half))`` (ISTA has no skip; the MLP keeps the ViT residual). The defaults build the CRATE
+    layer with its original module names (``attn``, ``ista``), so checkpoints are unchanged.
+    """
 
     def __init__(self, cfg: CrateConfig) -> None:
         super().__init__()
         d = cfg.embed_dim
         self.norm1 = nn.LayerNorm(d)
-        self.attn = MSSA(d, cfg.num_heads, cfg.head_dim, out_bias=True)
+        if cfg.attn == "mssa":
+            self.attn: MSSA | SelfAttention = MSSA(d, cfg.num_heads, cfg.head_dim, out_bias=True)
+        else:
+            self.attn = SelfAttention(d, cfg.num_heads, qkv_bias=True)
         self.norm2 = nn.LayerNorm(d)
-        self.ista = ISTA(d, step=cfg.ista_step, lambd=cfg.ista_lambda)
+        if cfg.mlp == "ista":
+            self.ista = ISTA(d, step=cfg.ista_step, lambd=cfg.ista_lambda)
+        else:
+            self.mlp = Mlp(d, round(cfg.mlp_ratio * d))
+        self.subspace_attn = cfg.attn == "mssa"
+        self.sparse_codes = cfg.mlp == "ista"
+
+    def _second_half(self, half: torch.Tensor) -> torch.Tensor:
+        if self.sparse_codes:
+            return self.ista(self.norm2(half))
+        return half + self.mlp(self.norm2(half))
 
     def forward(
         self, x: torch.Tensor, *, return_attn: bool = False
@@ -69,17 +102,24 @@ class CrateBlock(nn.Module):
         """(B, N, d) -> (B, N, d), and the (B, K, N, N) attention with ``return_attn`` (explicit softmax path)."""
         if return_attn:
             a, attn = self.attn(self.norm1(x), return_attn=True)
-            x = x + a
-            return self.ista(self.norm2(x)), attn
-        x = x + self.attn(self.norm1(x))
-        return self.ista(self.norm2(x))
+            return self._second_half(x + a), attn
+        return self._second_half(x + self.attn(self.norm1(x)))
 
     def forward_quantities(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Same computation keeping ``proj`` U_k^T LN1(z) (B, K, N, p), ``half`` z + MSSA (B, N, d), ``out``."""
+        """Same computation keeping ``half`` z + attention (B, N, d) and ``out``, plus ``proj`` U_k^T LN1(z)
+        (B, K, N, p) for MSSA or ``keys`` (B, K, N, p) for MHSA (the features §3.4 of arXiv 2308.16271 uses for a
+        ViT)."""
         a = self.norm1(x)
-        proj = self.attn.project(a)
+        res: dict[str, torch.Tensor] = {}
+        if self.subspace_attn:
+            res["proj"] = self.attn.project(a)
+        else:
+            B, N, d = a.shape
+            K = self.attn.num_heads
+            res["keys"] = self.attn.qkv(a).reshape(B, N, 3, K, d // K)[:, :, 1].transpose(1, 2)
         half = x + self.attn(a)
-        return {"out": self.ista(self.norm2(half)), "half": half, "proj": proj}
+        res.update(out=self._second_half(half), half=half)
+        return res
 
 
 class Crate(nn.Module):
@@ -93,8 +133,11 @@ class Crate(nn.Module):
 
     Attributes:
         num_prefix_tokens: 1 ([CLS], first).
-        layer_measures: the per-layer measures of :mod:`ratelab.analysis.layer_rates` this family supports
-            (from :meth:`forward_layer_quantities`).
+        layer_measures: the per-layer measures of :mod:`ratelab.analysis.layer_rates` this model supports (from
+            :meth:`forward_layer_quantities`), per instance: the compression measures need the subspace projections
+            U_k of MSSA (absent with ``attn="mhsa"``: a ViT's Q, K, V are not one subspace basis, so the coding rate
+            of any one of them is not the objective the layer descends); sparsity needs the ISTA codes (absent with
+            ``mlp="mlp"``: a GELU MLP with a skip makes no exact zeros, so the measure would read 0 and mislead).
         model_args: set by the entry points (see :func:`ratelab.core.builder.build_model_with_cfg`).
     """
 
@@ -122,17 +165,20 @@ class Crate(nn.Module):
         self.fc_norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, num_classes) if num_classes > 0 else nn.Identity()
         self.grad_checkpointing = False
+        self.layer_measures = (("compression", "compression_half") if cfg.attn == "mssa" else ()) + (
+            ("sparsity",) if cfg.mlp == "ista" else ())
 
     # ---- configuration switches ---------------------------------------------------------------------------
     def set_attn_backend(self, backend: str) -> None:
-        """``"auto"``/``"sdpa"`` (fast) or ``"ref"`` (explicit softmax) for every MSSA block."""
+        """``"auto"``/``"sdpa"`` (fast) or ``"ref"`` (explicit softmax) for every attention block (MSSA or MHSA)."""
         for blk in self.blocks:
             blk.attn.attn_backend = backend
 
     def set_fused_ista(self, fused: bool) -> None:
-        """Two-matmul fused ISTA (default) or the paper's three-matmul reference form."""
+        """Two-matmul fused ISTA (default) or the paper's three-matmul reference form (no-op for ``mlp="mlp"``)."""
         for blk in self.blocks:
-            blk.ista.fused = fused
+            if blk.sparse_codes:
+                blk.ista.fused = fused
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
@@ -204,7 +250,7 @@ class Crate(nn.Module):
             output_fmt: ``"NLC"`` (B, h*w, d) patch tokens or ``"NCHW"`` (B, d, h, w) maps; [CLS] is split off
                 either way (timm's rule), see ``return_prefix_tokens``.
             intermediates_only: return only the intermediates (and the attention maps with ``return_attn``).
-            return_attn: also return each kept layer's (B, K, N+1, N+1) MSSA attention ([CLS] is row/column 0),
+            return_attn: also return each kept layer's (B, K, N+1, N+1) attention, MSSA or MHSA ([CLS] is row/column 0),
                 computed on the explicit-softmax path (so ``final`` then equals ``forward_features`` to rounding).
             return_prefix_tokens: each intermediate becomes ``(patch tokens, (B, 1, d) [CLS] token)``.
 
@@ -246,12 +292,14 @@ class Crate(nn.Module):
         Returns:
             dict with ``indices`` (kept layers, forward order), ``features`` (B, N+1, d) = :meth:`forward_features`,
             and lists over the kept layers, all N+1 tokens ([CLS] first): ``proj`` (B, K, N+1, p) =
-            U_k^T LN1_l(Z^l); ``half`` (B, N+1, d) = Z^{l+1/2} = Z^l + MSSA(LN1_l(Z^l)); ``tokens`` (B, N+1, d) =
-            Z^{l+1}, the layer output; ``codes`` = the sparse codes whose zeros "sparsity" counts (the ISTA output,
-            the same tensors as ``tokens``).
+            U_k^T LN1_l(Z^l) (MSSA only; with ``attn="mhsa"`` the key features ``keys`` (B, K, N+1, p) instead);
+            ``half`` (B, N+1, d) = Z^{l+1/2} = Z^l + attention(LN1_l(Z^l)); ``tokens`` (B, N+1, d) = Z^{l+1}, the
+            layer output; ``codes`` = the sparse codes whose zeros "sparsity" counts (the ISTA output, the same
+            tensors as ``tokens``; absent with ``mlp="mlp"``, whose output is not a sparse code).
         """
         take = resolve_indices(len(self.blocks), indices)
-        res: dict[str, Any] = {"indices": take, "tokens": [], "half": [], "proj": []}
+        side = "proj" if self.cfg.attn == "mssa" else "keys"
+        res: dict[str, Any] = {"indices": take, "tokens": [], "half": [], side: []}
         z = self.embed(x)
         for i, blk in enumerate(self.blocks):
             if i in take:
@@ -259,10 +307,11 @@ class Crate(nn.Module):
                 z = out["out"]
                 res["tokens"].append(z)
                 res["half"].append(out["half"])
-                res["proj"].append(out["proj"])
+                res[side].append(out[side])
             else:
                 z = self._run_block(blk, z)
-        res["codes"] = res["tokens"]
+        if self.cfg.mlp == "ista":
+            res["codes"] = res["tokens"]
         res["features"] = z
         return res
 
@@ -335,6 +384,62 @@ def crate_pico_patch4_16(**kwargs: Any) -> Crate:
     return _create_crate("pico", **kwargs)
 
 
+def _create_ablation(variant: str, defaults: dict[str, Any], **kwargs: Any) -> Crate:
+    # defaults first: model_args (which name attn and mlp) must rebuild the same model through this entry point
+    return _create_crate(variant, **{**defaults, **kwargs})
+
+
+_PICO_16 = {"img_size": 16, "num_classes": 10, "in_chans": 1}
+_MLP = {"attn": "mssa", "mlp": "mlp"}
+_MHSA = {"attn": "mhsa", "mlp": "ista"}
+
+
+# The segmentation paper's Table 2 ablation (arXiv 2308.16271): CRATE-MLP = MSSA + MLP, CRATE-MHSA = MHSA + ISTA.
+# Its S/8 widths (d = 384, K = 6) are ratelab's "tiny" at patch 8.
+@register_model
+def crate_mlp_pico_patch4_16(**kwargs: Any) -> Crate:
+    """CRATE-MLP (MSSA + ViT MLP), 4 x 64, for 16x16 inputs."""
+    return _create_ablation("pico", {**_PICO_16, **_MLP}, **kwargs)
+
+
+@register_model
+def crate_mhsa_pico_patch4_16(**kwargs: Any) -> Crate:
+    """CRATE-MHSA (ViT attention + ISTA), 4 x 64, for 16x16 inputs."""
+    return _create_ablation("pico", {**_PICO_16, **_MHSA}, **kwargs)
+
+
+@register_model
+def crate_mlp_tiny_patch16_224(**kwargs: Any) -> Crate:
+    return _create_ablation("tiny", {"patch_size": 16, **_MLP}, **kwargs)
+
+
+@register_model
+def crate_mhsa_tiny_patch16_224(**kwargs: Any) -> Crate:
+    return _create_ablation("tiny", {"patch_size": 16, **_MHSA}, **kwargs)
+
+
+@register_model
+def crate_mlp_tiny_patch8_224(**kwargs: Any) -> Crate:
+    """CRATE-MLP at the widths of the paper's S/8 (d = 384, K = 6)."""
+    return _create_ablation("tiny", {"patch_size": 8, **_MLP}, **kwargs)
+
+
+@register_model
+def crate_mhsa_tiny_patch8_224(**kwargs: Any) -> Crate:
+    """CRATE-MHSA at the widths of the paper's S/8 (d = 384, K = 6)."""
+    return _create_ablation("tiny", {"patch_size": 8, **_MHSA}, **kwargs)
+
+
+@register_model
+def crate_mlp_small_patch16_224(**kwargs: Any) -> Crate:
+    return _create_ablation("small", {"patch_size": 16, **_MLP}, **kwargs)
+
+
+@register_model
+def crate_mhsa_small_patch16_224(**kwargs: Any) -> Crate:
+    return _create_ablation("small", {"patch_size": 16, **_MHSA}, **kwargs)
+
+
 @register_model
 def test_crate(**kwargs: Any) -> Crate:
     """2 x 32 CRATE on 8x8 inputs, for unit tests."""
@@ -344,4 +449,4 @@ def test_crate(**kwargs: Any) -> Crate:
     return _create_crate("test", **kwargs)
 
 
-__all__ = ["Crate", "CrateBlock", "CrateConfig", "ISTA", "MSSA"]
+__all__ = ["Crate", "CrateBlock", "CrateConfig", "ISTA", "MSSA", "Mlp", "SelfAttention"]
