@@ -1,7 +1,8 @@
 """Datasets by name: ``build_dataset(name, split, ...)`` and ``list_datasets()``.
 
 Registered: ``digits`` (scikit-learn 8x8 digits), ``shapes`` (synthetic shapes with masks and captions),
-``imagefolder`` (``root/<split>/<class>/*.png``), ``cifar10`` and ``cifar100`` (official python pickles).
+``shapes_cluttered`` (several objects of one class among distractors on textures, exact masks), ``imagefolder``
+(``root/<split>/<class>/*.png``), ``cifar10`` and ``cifar100`` (official python pickles).
 Items are ``(image, label)``: a normalized float32 ``(C, H, W)`` tensor and an ``int``.
 """
 
