@@ -13,6 +13,7 @@ from ratelab.analysis.segmentation import (
     mask_boxes,
     maskcut,
     normalized_cut,
+    patch_features,
     pca_rgb,
     threshold_top,
 )
@@ -90,6 +91,37 @@ def test_timm_vit_adapter_matches_a_direct_computation():
     torch.testing.assert_close(eq.flatten(2), (q[:, :, :1] @ k[:, :, 1:].transpose(-2, -1)).softmax(-1)[:, :, 0])
     bigger = cls_attention_maps(vit, x, layer=-1, img_size=32, upsample=False)
     assert bigger.shape == (2, 3, 8, 8)
+
+
+@pytest.mark.parametrize("name", ["crate_mlp_pico_patch4_16", "crate_mhsa_pico_patch4_16", "test_crate_alpha",
+                                  "test_crate_mae"])
+def test_every_family_gives_maps_and_features(name):
+    torch.manual_seed(0)
+    model = create_model(name).eval()
+    c = model.in_chans
+    size = model.img_size if isinstance(model.img_size, int) else model.img_size[0]
+    x = torch.randn(2, c, size, size)
+    maps = cls_attention_maps(model, x, upsample=False)
+    _, _, attn = model.forward_intermediates(x, indices=[-2], return_attn=True)
+    torch.testing.assert_close(maps.flatten(2), attn[0][:, :, 0, 1:])
+    assert cls_attention_maps(model, x, img_size=2 * size).shape[-2:] == (size, size)
+    feats = patch_features(model, x)
+    assert feats.shape[:2] == (2, maps.shape[-2] * maps.shape[-1])
+    if "mhsa" in name:
+        with pytest.raises(TypeError, match="reading='attention'"):
+            cls_attention_maps(model, x, reading="equation")
+    else:
+        eq = cls_attention_maps(model, x, reading="equation", upsample=False)
+        torch.testing.assert_close(eq.sum(dim=(-2, -1)), torch.ones(eq.shape[:2]))
+
+
+def test_patch_features_are_the_concatenated_projections(crate):
+    x = torch.randn(1, 3, 8, 8)
+    w = crate.forward_layer_quantities(x, indices=[-2])["proj"][0][0, :, 1:]  # (K, N, p)
+    f = patch_features(crate, x)[0]
+    # <f_i, f_j> = sum_k <U_k^T z_i, U_k^T z_j>, the paper's MaskCut affinity
+    torch.testing.assert_close(f @ f.T, torch.einsum("kip,kjp->ij", w, w))
+    assert patch_features(crate, x, kind="tokens").shape == (1, 4, crate.embed_dim)
 
 
 def test_attention_maps_reject_models_without_attention():

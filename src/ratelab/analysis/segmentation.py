@@ -30,6 +30,7 @@ __all__ = [
     "mask_boxes",
     "maskcut",
     "normalized_cut",
+    "patch_features",
     "pca_rgb",
     "threshold_top",
     "upsample_maps",
@@ -139,10 +140,13 @@ def cls_attention_maps(
                 _, _, attn = model.forward_intermediates(x, indices=[layer], return_attn=True)
                 row = attn[0][:, :, 0, n_prefix:]
             else:
-                if not hasattr(model, "forward_layer_quantities"):
-                    raise TypeError(f"{type(model).__name__} has no forward_layer_quantities: reading='equation' "
-                                    f"needs the per-head projections U_k^T z")
-                w = model.forward_layer_quantities(x, indices=[layer])["proj"][0]  # (B, K, N+1, p)
+                q = model.forward_layer_quantities(x, indices=[layer]) if hasattr(
+                    model, "forward_layer_quantities") else {}
+                if "proj" not in q:
+                    # e.g. CRATE-MHSA: its keys are exposed but not the [CLS] query the formula pairs them with
+                    raise TypeError(f"{type(model).__name__} exposes no subspace projections U_k^T z "
+                                    f"(forward_layer_quantities()['proj']): use reading='attention'")
+                w = q["proj"][0]  # (B, K, N+1, p)
                 logits = torch.einsum("bkp,bknp->bkn", w[:, :, 0], w[:, :, n_prefix:])
                 row = logits.softmax(dim=-1)
         elif hasattr(model, "blocks") and hasattr(model.blocks[0], "attn"):
@@ -169,6 +173,45 @@ def cls_attention_maps(
     if upsample:
         maps = upsample_maps(maps, out_size, "nearest" if upsample is True else upsample)
     return maps
+
+
+@torch.no_grad()
+def patch_features(
+    model: torch.nn.Module, images: torch.Tensor, layer: int = -2, *, kind: str = "proj"
+) -> torch.Tensor:
+    """Per-patch features of one layer for :func:`maskcut` / :func:`pca_rgb`: (B, C, H, W) -> (B, N, D), no [CLS].
+
+    Args:
+        model: a ratelab model with ``forward_layer_quantities`` or a timm ``VisionTransformer``.
+        images: (B, C, H, W) at the size to run (resize first for a larger grid, §5.6 uses 448).
+        layer: block index (negative from the end).
+        kind: ``"proj"`` -- the heads' projections concatenated [U_1^T z; ...; U_K^T z] of LN1(z) (CRATE's MaskCut
+            affinity sum_k <U_k^T z_i, U_k^T z_j>, §3.5); for models without U_k (CRATE-MHSA, timm ViTs) the
+            attention keys, the ViT features of §3.4; ``"tokens"`` -- the layer's output tokens (CRATE-alpha's
+            "return_x" features, §5.6).
+    """
+    if kind not in ("proj", "tokens"):
+        raise ValueError(f"kind must be 'proj' or 'tokens', got {kind!r}")
+    n_prefix = int(getattr(model, "num_prefix_tokens", 1))
+    was_training = model.training
+    model.eval()
+    try:
+        if hasattr(model, "forward_layer_quantities"):
+            q = model.forward_layer_quantities(images, indices=[layer])
+            if kind == "tokens":
+                return q["tokens"][0][:, n_prefix:]
+            w = (q["proj"] if "proj" in q else q["keys"])[0]  # (B, K, N+1, p)
+            return w[:, :, n_prefix:].permute(0, 2, 1, 3).flatten(2)
+        if hasattr(model, "blocks") and hasattr(model.blocks[0], "attn"):
+            if kind == "tokens":
+                inter = model.forward_intermediates(images, indices=[layer], output_fmt="NLC",
+                                                    intermediates_only=True)
+                return inter[0]
+            _, k = _timm_qk(model, images, layer)
+            return k[:, :, n_prefix:].permute(0, 2, 1, 3).flatten(2)
+    finally:
+        model.train(was_training)
+    raise TypeError(f"{type(model).__name__}: no forward_layer_quantities and no timm-style blocks[i].attn")
 
 
 # ---- thresholds and IoU ------------------------------------------------------------------------------------------
