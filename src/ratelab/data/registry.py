@@ -56,9 +56,11 @@ def build_dataset(
 ) -> Dataset:
     """Build a registered dataset.
 
-    Every dataset yields ``(image, label)`` with ``image`` a normalized float32 tensor ``(C, H, W)`` and ``label``
-    an ``int`` (the ``shapes`` dataset adds a mask with ``return_mask=True``), and exposes ``num_classes``,
-    ``in_chans``, ``img_size``, ``classes``, ``mean``, ``std``, ``split`` and ``augment``.
+    Every classification dataset yields ``(image, label)`` with ``image`` a normalized float32 tensor ``(C, H, W)``
+    and ``label`` an ``int`` (``shapes`` and ``shapes_cluttered`` add a mask with ``return_mask=True``); the
+    evaluation readers differ: ``voc`` yields ``(image, mask)`` (int64 ``(H, W)``, 255 = ignore) and ``coco``
+    ``(image, image_id)``. All expose ``num_classes``, ``in_chans``, ``img_size``, ``classes``, ``mean``, ``std``,
+    ``split`` and ``augment``.
 
     Args:
         name: one of :func:`list_datasets` (case-insensitive).
