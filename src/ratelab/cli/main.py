@@ -15,7 +15,7 @@ import os
 import sys
 
 # Order is the order shown in --help.
-_COMMANDS = ("train", "eval", "measure", "models", "weights", "reproduce", "demo")
+_COMMANDS = ("train", "eval", "measure", "segment", "models", "weights", "reproduce", "demo")
 # Commands whose torch work gets an automatic thread count (recipes pin theirs: ``--threads``, default 1).
 _AUTO_THREADS = ("train", "eval", "measure")
 
