@@ -274,8 +274,9 @@ class Shapes(ImageDataset):
 
 # ---------------------------------------------------------------------------------------------- shapes_cluttered
 TEXTURES = ("noise", "stripes", "checker", "gradient")
-# Clutter kinds, none of them one of the six classes, so a distractor never makes the label ambiguous.
-DISTRACTORS = ("bar", "dot", "ellipse")
+# Clutter kinds, none of them one of the six classes, so a distractor never makes the label ambiguous. (An earlier
+# "dot" kind was a small disc: at 32 px it looked like a small member of the circle class.)
+DISTRACTORS = ("bar", "corner", "ellipse")
 # per-channel mean/std of shapes_cluttered (measured on 2000 train images, seed 0, 32 px, default options)
 _CLUTTER_MEAN = (0.426, 0.416, 0.406)
 _CLUTTER_STD = (0.254, 0.225, 0.242)
@@ -288,7 +289,7 @@ class Distractor:
     kind: str
     rgb: tuple[float, float, float]
     center: tuple[float, float]  # (x, y)
-    size: tuple[float, float]  # bar: (length, width); dot: (radius, radius); ellipse: (semi-major, semi-minor)
+    size: tuple[float, float]  # bar: (length, width); corner: (arm length, width); ellipse: (semi-major, semi-minor)
     angle: float  # radians, of the long axis from the x axis
 
 
@@ -302,8 +303,8 @@ def distractor_mask(d: Distractor, side: int) -> np.ndarray:
     a, b = d.size
     if d.kind == "bar":
         return (np.abs(u) <= a / 2) & (np.abs(v) <= b / 2)
-    if d.kind == "dot":
-        return np.hypot(dx, dy) <= a
+    if d.kind == "corner":  # an L: two arms from the centre, along u and along v (a cross's arms would cross)
+        return ((u >= 0) & (u <= a) & (np.abs(v) <= b / 2)) | ((v >= 0) & (v <= a) & (np.abs(u) <= b / 2))
     if d.kind == "ellipse":
         return (u / a) ** 2 + (v / b) ** 2 <= 1.0
     raise ValueError(f"unknown distractor {d.kind!r}; valid: {', '.join(DISTRACTORS)}")
@@ -376,9 +377,8 @@ def render_cluttered_scene(
         dk = DISTRACTORS[int(rng.integers(len(DISTRACTORS)))]
         if dk == "bar":
             size = (float(rng.uniform(0.3, 0.6) * side), float(max(1.5, rng.uniform(0.04, 0.07) * side)))
-        elif dk == "dot":
-            r = float(max(1.0, rng.uniform(0.04, 0.07) * side))
-            size = (r, r)
+        elif dk == "corner":
+            size = (float(rng.uniform(0.15, 0.3) * side), float(max(1.5, rng.uniform(0.04, 0.07) * side)))
         else:
             a = float(rng.uniform(0.12, 0.2) * side)
             size = (a, float(max(1.0, a * rng.uniform(0.3, 0.45))))
@@ -427,9 +427,10 @@ class ShapesCluttered(Shapes):
     among distractors that belong to no class. 6 classes (as ``shapes``), 3 channels, default 32 px.
 
     Each image: a texture (seeded value noise, stripes, checkerboard or a two-colour gradient), 0..``max_distractors``
-    clutter items (bars, dots, flat ellipses: none of them a class) and 1..``max_objects`` non-overlapping objects of
-    the image's class drawn on top (see :func:`render_cluttered_scene`). Classes are exactly balanced (every 6
-    consecutive indices hold each class once). Deterministic per ``(seed, split, index)``; independent of ``shapes``.
+    clutter items (bars, L-shaped corners, flat ellipses: none of them a class) and 1..``max_objects``
+    non-overlapping objects of the image's class drawn on top (see :func:`render_cluttered_scene`). Classes are
+    exactly balanced (every 6 consecutive indices hold each class once). Deterministic per ``(seed, split, index)``;
+    independent of ``shapes``.
 
     Items are ``(image, label)``, or ``(image, label, mask)`` with ``return_mask=True``: ``mask`` int64 ``(H, W)``,
     0 on background and distractors, ``label + 1`` on the labelled objects. :meth:`semantic_mask` and
