@@ -63,4 +63,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from ratelab.core.dist import exit_process
+
+    exit_process(main())

@@ -213,4 +213,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from ratelab.core.dist import exit_process
+
     main()
+    exit_process(0)

@@ -23,6 +23,7 @@ __all__ = [
     "all_reduce_mean",
     "all_reduce_sum",
     "barrier",
+    "exit_process",
     "cleanup",
     "get_dist_info",
     "init_distributed",
@@ -135,9 +136,35 @@ def init_distributed(device: str | torch.device = "auto") -> DistInfo:
 
 
 def cleanup() -> None:
-    """Destroy the default process group if one is up."""
+    """Destroy every process group if one is up.
+
+    Unreferenced DDP reducers and gloo work objects are collected first, while the group still exists: a gloo work
+    item that outlives its group is destroyed during interpreter shutdown, where it aborts the process
+    ("terminate called without an active exception") after the run itself succeeded.
+    """
     if dist.is_available() and dist.is_initialized():
+        import gc
+
+        gc.collect()
         dist.destroy_process_group()
+
+
+def exit_process(code: int = 0) -> None:
+    """End a torchrun worker with ``code`` without the interpreter's finalization.
+
+    After :func:`cleanup`, the only work left is tearing down C++ objects (gloo transport threads, the intra-op
+    pool) in an order torch does not control, which sometimes aborts a process whose run succeeded (exit code -6,
+    "terminate called without an active exception"; pytorch/pytorch#190489 describes the mechanism). Output is
+    flushed first; nothing else is pending by then (checkpoints are written atomically before this point).
+    """
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(int(code))
 
 
 def is_main() -> bool:
