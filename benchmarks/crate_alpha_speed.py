@@ -82,10 +82,14 @@ def check_odl(x: torch.Tensor, D: torch.Tensor, D_hat: torch.Tensor, cot: torch.
     return out
 
 
-def odl_calls(x, D, D_hat, cot) -> dict[str, dict[str, Callable]]:
+def odl_calls(x, D, D_hat, cot, *, compiled: bool = False) -> dict[str, dict[str, Callable]]:
     calls: dict[str, dict[str, Callable]] = {"fwd": {}, "fwd+bwd": {}}
     leaves = [t.clone().requires_grad_() for t in (x, D, D_hat)]
-    for name, fn in ODL_FNS.items():
+    fns = dict(ODL_FNS)
+    if compiled:
+        # Inductor fuses the reference's elementwise ops around the GEMMs: the bound for any fusion of this block.
+        fns["ref (torch.compile)"] = torch.compile(odl_ref, dynamic=False)
+    for name, fn in fns.items():
 
         def fwd(fn=fn) -> None:
             with torch.no_grad():
@@ -192,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="smoke run: ODL batch 2, train batch 2")
     ap.add_argument("--no-ref-model", action="store_true", help="train step: skip the reference-path CRATE-alpha")
     ap.add_argument("--skip-train", action="store_true", help="time the ODL block only")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time the reference ODL block under torch.compile (inductor; compiles in the warm-up)")
     ap.add_argument("--tol", type=float, default=1e-4, help="max relative fp32 fast-vs-ref difference before aborting")
     ap.add_argument("--seed", type=int, default=0, help="weights and data seed")
     args = ap.parse_args(argv)
@@ -209,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"ODL fast vs ref: fp32 output max abs diff {eq['odl']['fp32_out_max_abs_diff']:.3g} (max |out| "
         f"{eq['odl']['fp32_out_max_abs']:.3g}); fp64 gradients of x, D, D_hat max relative diff "
         f"{eq['odl']['fp64_grad_max_rel_diff']:.3g}")
-    calls = odl_calls(x, D, D_hat, cot)
+    calls = odl_calls(x, D, D_hat, cot, compiled=args.compile)
     units = {"ODL fwd": ("ktok/s", tokens / 1e3), "ODL fwd+bwd": ("ktok/s", tokens / 1e3)}
 
     params: dict[str, int] = {}
