@@ -8,12 +8,12 @@ attn)`` with ``return_attn``; with ``intermediates_only`` the ``final`` entry is
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-__all__ = ["check_output_fmt", "pack_intermediates", "resolve_indices", "split_tokens"]
+__all__ = ["check_output_fmt", "collect_intermediates", "pack_intermediates", "resolve_indices", "split_tokens"]
 
 
 def resolve_indices(num_layers: int, indices: int | Sequence[int] | None, *, what: str = "layer") -> list[int]:
@@ -83,6 +83,46 @@ def split_tokens(
         B, _, C = spatial.shape
         spatial = spatial.reshape(B, grid[0], grid[1], C).permute(0, 3, 1, 2).contiguous()
     return spatial, prefix
+
+
+def collect_intermediates(
+    z: torch.Tensor,
+    blocks: Sequence[torch.nn.Module],
+    take: Sequence[int],
+    run_block: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor],
+    *,
+    norm: Callable[[torch.Tensor], torch.Tensor] | None,
+    output_fmt: str,
+    grid: tuple[int, int],
+    num_prefix_tokens: int = 1,
+    prefix_last: bool = False,
+    return_attn: bool = False,
+    return_prefix_tokens: bool = False,
+) -> tuple[torch.Tensor, list[Any], list[torch.Tensor] | None]:
+    """Run ``blocks`` on the embedded tokens ``z`` and keep the layers in ``take``: the loop every family's
+    ``forward_intermediates`` shares.
+
+    A kept layer with ``return_attn`` runs as ``blk(z, return_attn=True) -> (z, attn)`` (each family's explicit
+    attention or mixing matrix); every other layer goes through ``run_block`` (gradient checkpointing and the fast
+    paths). Kept tokens are normalized by ``norm`` (None: not), split by :func:`split_tokens` and kept as spatial
+    tokens or ``(spatial, prefix)`` pairs.
+
+    Returns:
+        ``(final tokens, intermediates, attention maps or None)``, for :func:`pack_intermediates`.
+    """
+    inter: list[Any] = []
+    attn: list[torch.Tensor] | None = [] if return_attn else None
+    for i, blk in enumerate(blocks):
+        if attn is not None and i in take:
+            z, a = blk(z, return_attn=True)
+            attn.append(a)
+        else:
+            z = run_block(blk, z)
+        if i in take:
+            spatial, prefix = split_tokens(norm(z) if norm is not None else z, output_fmt,
+                                           num_prefix_tokens=num_prefix_tokens, prefix_last=prefix_last, grid=grid)
+            inter.append((spatial, prefix) if return_prefix_tokens else spatial)
+    return z, inter, attn
 
 
 def pack_intermediates(

@@ -54,7 +54,12 @@ from torch.utils.checkpoint import checkpoint
 
 from ratelab.core.builder import build_model_with_cfg
 from ratelab.core.registry import register_model
-from ratelab.layers.intermediates import check_output_fmt, pack_intermediates, resolve_indices, split_tokens
+from ratelab.layers.intermediates import (
+    check_output_fmt,
+    collect_intermediates,
+    pack_intermediates,
+    resolve_indices,
+)
 from ratelab.layers.mamba2 import Mamba2
 from ratelab.layers.patch import resample_pos_embed
 from ratelab.models.adventurer.config import ADVENTURER_VARIANTS, AdventurerConfig, flip_flags
@@ -310,19 +315,10 @@ class Adventurer(nn.Module):
         take = resolve_indices(len(self.blocks), indices, what="block")
         p = self.cfg.patch_size
         grid = (x.shape[-2] // p, x.shape[-1] // p)
-        h = self.embed(x)
-        inter: list[Any] = []
-        attn: list[torch.Tensor] | None = [] if return_attn else None
-        for i, blk in enumerate(self.blocks):
-            if return_attn and i in take:
-                h, M = blk(h, return_attn=True)
-                attn.append(M)
-            else:
-                h = self._run_block(blk, h)
-            if i in take:
-                spatial, prefix = split_tokens(self.norm(h) if norm else h, output_fmt, num_prefix_tokens=1,
-                                               prefix_last=True, grid=grid)
-                inter.append((spatial, prefix) if return_prefix_tokens else spatial)
+        h, inter, attn = collect_intermediates(
+            self.embed(x), self.blocks, take, self._run_block, norm=self.norm if norm else None,
+            output_fmt=output_fmt, grid=grid, prefix_last=True, return_attn=return_attn,
+            return_prefix_tokens=return_prefix_tokens)
         return pack_intermediates(h, inter, attn, intermediates_only=intermediates_only)
 
     def forward_layer_quantities(self, x: torch.Tensor, indices: int | list[int] | None = None) -> dict[str, Any]:

@@ -59,7 +59,12 @@ from torch.utils.checkpoint import checkpoint
 
 from ratelab.core.builder import build_model_with_cfg
 from ratelab.core.registry import register_model
-from ratelab.layers.intermediates import check_output_fmt, pack_intermediates, resolve_indices, split_tokens
+from ratelab.layers.intermediates import (
+    check_output_fmt,
+    collect_intermediates,
+    pack_intermediates,
+    resolve_indices,
+)
 from ratelab.layers.mssa import MSSA
 from ratelab.models.crate_alpha.config import CRATE_ALPHA_VARIANTS, CrateAlphaConfig
 
@@ -474,19 +479,9 @@ class CrateAlpha(nn.Module):
         take = resolve_indices(len(self.blocks), indices)
         p = self.cfg.patch_size
         grid = (x.shape[-2] // p, x.shape[-1] // p)
-        z = self.embed(x)
-        inter: list[Any] = []
-        attn: list[torch.Tensor] | None = [] if return_attn else None
-        for i, blk in enumerate(self.blocks):
-            if return_attn and i in take:
-                z, a = blk(z, return_attn=True)
-                attn.append(a)
-            else:
-                z = self._run_block(blk, z)
-            if i in take:
-                spatial, prefix = split_tokens(self.norm(z) if norm else z, output_fmt, num_prefix_tokens=1,
-                                               grid=grid)
-                inter.append((spatial, prefix) if return_prefix_tokens else spatial)
+        z, inter, attn = collect_intermediates(
+            self.embed(x), self.blocks, take, self._run_block, norm=self.norm if norm else None,
+            output_fmt=output_fmt, grid=grid, return_attn=return_attn, return_prefix_tokens=return_prefix_tokens)
         return pack_intermediates(z, inter, attn, intermediates_only=intermediates_only)
 
     def forward_layer_quantities(self, x: torch.Tensor, indices: int | list[int] | None = None) -> dict[str, Any]:

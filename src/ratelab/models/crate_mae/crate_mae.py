@@ -65,7 +65,12 @@ import torch.nn.functional as F
 from ratelab.core.builder import build_model_with_cfg
 from ratelab.core.errors import ConfigError
 from ratelab.core.registry import register_model
-from ratelab.layers.intermediates import check_output_fmt, pack_intermediates, resolve_indices, split_tokens
+from ratelab.layers.intermediates import (
+    check_output_fmt,
+    collect_intermediates,
+    pack_intermediates,
+    resolve_indices,
+)
 from ratelab.layers.mssa import MSSA
 from ratelab.models.crate.config import CrateConfig
 from ratelab.models.crate.crate import CrateBlock
@@ -289,18 +294,9 @@ class CrateMAE(mae.MaskedAutoencoderMixin, nn.Module):
         check_output_fmt(output_fmt, ("NLC", "NCHW"), type(self).__name__)
         take = resolve_indices(len(self.blocks), indices)
         grid = self._grid(x)
-        z = self._embed_visible(x)
-        inter: list[Any] = []
-        attn: list[torch.Tensor] | None = [] if return_attn else None
-        for i, blk in enumerate(self.blocks):
-            if return_attn and i in take:
-                z, a = blk(z, return_attn=True)
-                attn.append(a)
-            else:
-                z = self._run(blk, z)
-            if i in take:
-                spatial, prefix = split_tokens(self.norm(z) if norm else z, output_fmt, num_prefix_tokens=1, grid=grid)
-                inter.append((spatial, prefix) if return_prefix_tokens else spatial)
+        z, inter, attn = collect_intermediates(
+            self._embed_visible(x), self.blocks, take, self._run, norm=self.norm if norm else None,
+            output_fmt=output_fmt, grid=grid, return_attn=return_attn, return_prefix_tokens=return_prefix_tokens)
         return pack_intermediates(self.norm(z), inter, attn, intermediates_only=intermediates_only)
 
     # ---- white-box quantities ---------------------------------------------------------------------------------
