@@ -250,7 +250,7 @@ def read_state_dict(path: str | os.PathLike, *, use_ema: bool = False) -> dict[s
     """
     path = _resolve(path)
     if path.suffix == ".npz":
-        return _read_npz(path)
+        return read_npz(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -262,28 +262,46 @@ def read_state_dict(path: str | os.PathLike, *, use_ema: bool = False) -> dict[s
     return unwrap_state_dict(obj, source=str(path), use_ema=use_ema)
 
 
-def _read_npz(path: Path) -> dict[str, torch.Tensor]:
-    """A JAX/Flax ``.npz`` checkpoint (big_vision's format: "/"-joined names; bfloat16 stored as 2-byte void) as a
-    flat dict of tensors, its names kept; read with ``allow_pickle=False``, so no code can run. Families with a
-    Flax layout (CRATE-alpha) map the names in their ``checkpoint_filter_fn``."""
+def array_to_tensor(a: Any, name: str) -> torch.Tensor:
+    """A numeric numpy array (or tensor) as a tensor; bfloat16 stored by ``np.savez`` as 2-byte void (big_vision's
+    checkpoints) is recovered as float32.
+
+    Raises:
+        CheckpointError: a non-numeric array, naming ``name``.
+    """
+    import numpy as np
+
+    if isinstance(a, torch.Tensor):
+        return a
+    a = np.asarray(a)
+    if a.dtype.kind == "V" and a.dtype.itemsize == 2:
+        return torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16).float()
+    if a.dtype.kind not in "fiub":
+        raise CheckpointError(f"{name}: array of dtype {a.dtype}, expected a numeric array")
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def read_npz(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A JAX/Flax ``.npz`` checkpoint (big_vision's format: "/"-joined names) as a flat dict of tensors, its names
+    kept; read with ``allow_pickle=False``, so no code can run. Families with a Flax layout (CRATE-alpha) map the
+    names in their ``checkpoint_filter_fn``.
+
+    Raises:
+        CheckpointError: a missing or unreadable file, non-numeric arrays.
+    """
     import zipfile
 
     import numpy as np
 
+    path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as npz:
             flat = {k: npz[k] for k in npz.files}
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint file not found: {path}") from None
     except (OSError, ValueError, zipfile.BadZipFile) as e:
         raise CheckpointError(f"{path}: not a readable .npz of arrays ({type(e).__name__}: {e})") from e
-    out = {}
-    for k, a in flat.items():
-        if a.dtype.kind == "V" and a.dtype.itemsize == 2:
-            out[k] = torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16).float()
-        elif a.dtype.kind in "fiub":
-            out[k] = torch.from_numpy(np.ascontiguousarray(a))
-        else:
-            raise CheckpointError(f"{path}: array {k!r} has dtype {a.dtype}, expected a numeric array")
-    return out
+    return {k: array_to_tensor(a, f"{path}: {k!r}") for k, a in flat.items()}
 
 
 def unwrap_state_dict(obj: Any, *, source: str = "checkpoint", use_ema: bool = False) -> dict[str, torch.Tensor]:

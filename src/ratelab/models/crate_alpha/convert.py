@@ -25,15 +25,13 @@ official fine-tuning does (``dont_load``: the patch kernel and the head; the pos
 from __future__ import annotations
 
 import os
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from ratelab.core.checkpoint import load_state_dict_strict, read_state_dict
+from ratelab.core.checkpoint import array_to_tensor, load_state_dict_strict, read_npz, read_state_dict
 from ratelab.core.errors import CheckpointError
 from ratelab.core.keymap import KeyMap, OfficialConverter, strip_prefixes
 from ratelab.models.crate_alpha.crate_alpha import resample_pos_embed_bilinear
@@ -140,15 +138,7 @@ _PORT_CONVERTER = OfficialConverter(
 
 # ---- Flax trees ------------------------------------------------------------------------------------------------
 def _to_tensor(value: Any, name: str) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
-        return value
-    arr = np.asarray(value)
-    if arr.dtype.kind == "V" and arr.dtype.itemsize == 2:
-        # np.savez writes bfloat16 as 2-byte void; the bits are a bfloat16's (big_vision's recover_dtype).
-        return torch.from_numpy(arr.view(np.int16).copy()).view(torch.bfloat16).float()
-    if arr.dtype.kind not in "fiu":
-        raise CheckpointError(f"Flax parameter {name!r} has dtype {arr.dtype}, expected a numeric array")
-    return torch.from_numpy(np.ascontiguousarray(arr))
+    return array_to_tensor(value, f"Flax parameter {name!r}")
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -180,17 +170,7 @@ def read_flax_params(source: str | os.PathLike | Mapping[str, Any]) -> dict[str,
     Raises:
         CheckpointError: unreadable file, non-numeric arrays.
     """
-    if isinstance(source, Mapping):
-        flat = _flatten(source)
-    else:
-        path = Path(source)
-        try:
-            with np.load(path, allow_pickle=False) as npz:
-                flat = {k: npz[k] for k in npz.files}
-        except FileNotFoundError:
-            raise CheckpointError(f"Flax checkpoint file not found: {path}") from None
-        except (OSError, ValueError, zipfile.BadZipFile) as e:
-            raise CheckpointError(f"{path}: not a readable .npz of arrays ({type(e).__name__}: {e})") from e
+    flat = _flatten(source) if isinstance(source, Mapping) else read_npz(source)
     return {k: _to_tensor(v, k) for k, v in _flax_params(flat).items()}
 
 
