@@ -82,9 +82,3 @@ def print_claims(results_by_recipe: dict) -> None:
     print(f"\n{rule}\nSummary: {lines[0]}\n{rule}")
     for line in lines[1:]:
         print(line)
-
-
-def print_summary(results_by_recipe: dict) -> None:
-    """Headline numbers, then the claims table."""
-    print_figures(results_by_recipe)
-    print_claims(results_by_recipe)

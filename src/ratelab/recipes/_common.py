@@ -31,7 +31,7 @@ from ratelab.core.dist import resolve_device
 from ratelab.eval.report import Report
 
 __all__ = ["FIGURE_DPI", "SCALE_NAMES", "accuracy_difference", "add_figure", "binom_se_diff", "check_scales",
-           "fresh_run_dir", "limit_threads", "logger", "resolve_device", "train_arm"]
+           "fresh_run_dir", "limit_threads", "logger", "resolve_device", "spearman", "train_arm"]
 
 SCALE_NAMES = ("smoke", "quick", "full")
 FIGURE_DPI = 110
@@ -152,6 +152,16 @@ def train_arm(name: str, factory: Callable[[], torch.nn.Module], *, train_datase
                                       **(task_kwargs or {})))
     final = trainer.fit()
     return {"name": name, "seed": seed, "final": final, "model": trainer.model.eval(), "run_dir": run_dir}
+
+
+def spearman(x: Any, y: Any) -> float:
+    """Rank correlation of two sequences (ranks by order, ties broken by position); 0 when either is constant."""
+    import numpy as np
+
+    rx, ry = np.argsort(np.argsort(np.asarray(x))), np.argsort(np.argsort(np.asarray(y)))
+    if np.std(rx) == 0 or np.std(ry) == 0:
+        return 0.0
+    return float(np.corrcoef(rx, ry)[0, 1])
 
 
 def binom_se_diff(p: float, n: int) -> float:

@@ -35,7 +35,7 @@ import torch
 
 from ratelab.eval.report import Report
 from ratelab.recipes import RecipeResult, check, register_recipe
-from ratelab.recipes._common import add_figure, fresh_run_dir
+from ratelab.recipes._common import add_figure, fresh_run_dir, spearman
 
 MODEL = "crate_nano_patch4_16"
 TOL = 0.01  # slack for "monotone": 0.01 of zero fraction per layer; 1% of R^c per layer
@@ -63,13 +63,6 @@ SCALES = {
     "quick": Scale(MODEL, epochs=40, seeds=1, val_images=None),
     "full": Scale(MODEL, epochs=100, seeds=3, val_images=None),
 }
-
-
-def _spearman(x: np.ndarray, y: np.ndarray) -> float:
-    rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
-    if np.std(rx) == 0 or np.std(ry) == 0:
-        return 0.0
-    return float(np.corrcoef(rx, ry)[0, 1])
 
 
 def _train_config(out_dir: Path, *, model: str, epochs: int, seed: int, device: str, progress: bool):
@@ -193,8 +186,8 @@ def run(out_dir: Path, *, scale: str, seed: int, device: str, progress: bool) ->
     co_tr = np.array([[lay["compression"] for lay in r["rates"]["trained"]["layers"]] for r in runs])
     co_in = np.array([[lay["compression"] for lay in r["rates"]["random init"]["layers"]] for r in runs])
     depth = np.arange(sp_tr.shape[1])
-    sp_rho = [_spearman(depth, row) for row in sp_tr]
-    co_rho = [_spearman(depth, row) for row in co_tr]
+    sp_rho = [spearman(depth, row) for row in sp_tr]
+    co_rho = [spearman(depth, row) for row in co_tr]
     # "Rises with depth" is read strictly: no layer more than TOL below the one before it, and the last layer above
     # the first (a Spearman correlation alone would call an up-then-down curve "rising").
     sparsity_rises = all(bool(np.all(np.diff(row) >= -TOL)) and row[-1] > row[0] for row in sp_tr)

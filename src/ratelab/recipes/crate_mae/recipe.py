@@ -40,7 +40,7 @@ import torch
 
 from ratelab.eval.report import Report
 from ratelab.recipes import RecipeResult, check, register_recipe
-from ratelab.recipes._common import accuracy_difference, add_figure, logger, resolve_device, train_arm
+from ratelab.recipes._common import accuracy_difference, add_figure, logger, resolve_device, spearman, train_arm
 
 IMG = 16
 FAMILIES = {"crate_mae": "CRATE-MAE", "mae_vit": "ViT-MAE"}
@@ -84,12 +84,8 @@ def _n_params(name: str, **kw: Any) -> int:
         return sum(p.numel() for p in ratelab.create_model(name, **kw).parameters())
 
 
-def _spearman(y: list[float]) -> float:
-    x = np.arange(len(y))
-    ry = np.argsort(np.argsort(y))
-    if len(y) < 2 or np.std(ry) == 0:
-        return 0.0
-    return float(np.corrcoef(x, ry)[0, 1])
+def _depth_spearman(y: list[float]) -> float:
+    return spearman(np.arange(len(y)), y)
 
 
 @register_recipe(
@@ -184,9 +180,9 @@ def run(out_dir: Path, *, scale: str, seed: int, device: str, progress: bool) ->
               f"{best['mae_vit']:.4f} vs {best['crate_mae']:.4f}: {100 * vit_vs_crate['diff']:+.2f} points "
               f"(2 SE = {100 * vit_vs_crate['two_se']:.2f})"),
         check("the decoder undoes the encoder's compression: encoder R^c falls with depth, decoder R^c rises",
-              _spearman(enc_rc) < 0 < _spearman(dec_rc),
-              f"Spearman(depth, R^c) encoder {_spearman(enc_rc):+.2f} ({enc_rc[0]:.1f} -> {enc_rc[-1]:.1f}), "
-              f"decoder {_spearman(dec_rc):+.2f} ({dec_rc[0]:.1f} -> {dec_rc[-1]:.1f})"),
+              _depth_spearman(enc_rc) < 0 < _depth_spearman(dec_rc),
+              f"Spearman(depth, R^c) encoder {_depth_spearman(enc_rc):+.2f} ({enc_rc[0]:.1f} -> {enc_rc[-1]:.1f}), "
+              f"decoder {_depth_spearman(dec_rc):+.2f} ({dec_rc[0]:.1f} -> {dec_rc[-1]:.1f})"),
     ]
     summary = {
         **{f"params {FAMILIES[f]}": p_small[f] for f in FAMILIES},
