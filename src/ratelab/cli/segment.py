@@ -1,6 +1,6 @@
 """``ratelab segment``: attention maps, MaskCut masks and PCA pictures of a trained model on a folder of images.
 
-For every image of ``--images`` (sorted; .png/.jpg/.jpeg/.bmp/.webp) it writes into ``--out``:
+For every image of ``--images`` (sorted; the image types ``imagefolder`` reads) it writes into ``--out``:
 
 * ``<stem>_attn.png``: the mean over heads of the [CLS] attention of ``--layer`` (penultimate by default) over the
   image, and ``<stem>_attn_mask.png``: that map thresholded to the top ``--p`` share (§3.2-3.3 of the Emergence
@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -61,16 +59,12 @@ def _load(args: argparse.Namespace):
 def _read_image(path: Path, size: int, in_chans: int, mean, std):
     import numpy as np
     import torch
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
-    from ratelab.core.errors import DatasetError
+    from ratelab.data.folder import load_image
 
-    try:
-        with Image.open(path) as im:
-            im = im.convert("L" if in_chans == 1 else "RGB").resize((size, size), Image.BICUBIC)
-            arr = np.asarray(im, dtype=np.float32) / 255.0
-    except (OSError, UnidentifiedImageError) as e:
-        raise DatasetError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+    im = load_image(str(path), "L" if in_chans == 1 else "RGB").resize((size, size), Image.BICUBIC)
+    arr = np.asarray(im, dtype=np.float32) / 255.0
     x = torch.from_numpy(arr)
     x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)
     if mean is None and in_chans == 1:
@@ -103,14 +97,15 @@ def run(args: argparse.Namespace) -> int:
     from ratelab.analysis.segmentation import cls_attention_maps, maskcut, patch_features, pca_rgb, threshold_top
     from ratelab.core.dist import resolve_device
     from ratelab.core.errors import UsageError
+    from ratelab.data.folder import IMG_EXTENSIONS, is_image_file
     from ratelab.eval.report import Report
 
     src = Path(args.images)
     if not src.is_dir():
         raise UsageError(f"--images: {src} is not a directory")
-    files = sorted(f for f in src.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(f for f in src.iterdir() if f.is_file() and is_image_file(f.name))
     if not files:
-        raise UsageError(f"--images: no {'/'.join(IMAGE_SUFFIXES)} files in {src}")
+        raise UsageError(f"--images: no {'/'.join(IMG_EXTENSIONS)} files in {src}")
     if not 0 < args.p <= 1:
         raise UsageError(f"--p must be in (0, 1], got {args.p}")
     if args.n_objects < 1:

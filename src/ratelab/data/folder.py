@@ -33,7 +33,8 @@ SPLIT_DIRS = ("train", "val", "test")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def _is_image(name: str) -> bool:
+def is_image_file(name: str) -> bool:
+    """Whether a file name is one of the image types imagefolder reads (hidden files excluded)."""
     return not name.startswith(".") and name.lower().endswith(IMG_EXTENSIONS)
 
 
@@ -51,7 +52,7 @@ def _scan(folder: str, classes: Sequence[str]) -> tuple[list[str], list[int]]:
         for dirpath, dirnames, filenames in os.walk(d, followlinks=True):
             dirnames.sort()
             for f in sorted(filenames):
-                if _is_image(f):
+                if is_image_file(f):
                     paths.append(os.path.join(dirpath, f))
                     labels.append(label)
     return paths, labels
