@@ -15,6 +15,7 @@ from ratelab.analysis.segmentation import (
     normalized_cut,
     patch_features,
     pca_rgb,
+    semantic_targets,
     threshold_top,
 )
 
@@ -188,6 +189,37 @@ def test_iou_and_best_head_miou_on_hand_made_masks():
     assert res2["per_class"][1] == pytest.approx(0.75)
     # image 0: (1 + 1) / 2; image 1: 0.5 -> mIoU 0.75 (classes averaged within an image, then images)
     assert res2["mIoU"] == pytest.approx(0.75)
+
+
+def test_void_pixels_count_neither_as_hit_nor_miss():
+    """VOC scoring: the 255 band around objects is left out of both masks; a prediction that spills into it loses
+    nothing, one that covers real background does."""
+    lm = torch.zeros(2, 6, 6, dtype=torch.int64)
+    lm[0, 1:4, 1:4] = 7
+    lm[0, 0, :] = 255  # void band above the object
+    lm[1, 2:5, 2:5] = 3
+    lm[1, 0:2, 0:2] = 7
+    t = semantic_targets(lm)
+    assert t["labels"] == [7, 3, 7] and t["image_index"] == [0, 1, 1]
+    assert t["gt_masks"].shape == (3, 6, 6) and int(t["gt_masks"][0].sum()) == 9
+    assert int(t["ignore"].sum()) == 6 and bool(t["ignore"][0, 0].all())
+    pred = torch.zeros(2, 1, 6, 6, dtype=torch.bool)
+    pred[0, 0] = (lm[0] == 7) | (lm[0] == 255)  # object + the void band
+    pred[1, 0] = lm[1] > 0
+    with_void = best_head_miou(pred, t["gt_masks"], t["labels"], image_index=t["image_index"], ignore=t["ignore"])
+    without = best_head_miou(pred, t["gt_masks"], t["labels"], image_index=t["image_index"])
+    # image 0: 1 with the band ignored, 9/15 without; image 1: both classes share the one head's mask
+    iou_3, iou_7 = 9 / 13, 4 / 13
+    assert with_void["per_class"][7] == pytest.approx((1 + iou_7) / 2)
+    assert with_void["mIoU"] == pytest.approx((1 + (iou_3 + iou_7) / 2) / 2)
+    assert without["per_class"][7] == pytest.approx((9 / 15 + iou_7) / 2)
+    assert float(iou(pred[0, 0], lm[0] == 7, lm[0] == 255)) == 1.0
+    spill = pred[0, 0] | (lm[0] == 0)  # covering real background is still a miss
+    assert float(iou(spill, lm[0] == 7, lm[0] == 255)) < 1.0
+    with pytest.raises(ValueError, match="ignore"):
+        best_head_miou(pred, t["gt_masks"], t["labels"], image_index=t["image_index"], ignore=t["ignore"][:1])
+    with pytest.raises(ValueError, match="label_maps"):
+        semantic_targets(lm.float())
 
 
 def test_best_head_miou_thresholds_float_maps():

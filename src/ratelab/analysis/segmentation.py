@@ -32,6 +32,7 @@ __all__ = [
     "normalized_cut",
     "patch_features",
     "pca_rgb",
+    "semantic_targets",
     "threshold_top",
     "upsample_maps",
 ]
@@ -255,12 +256,52 @@ def threshold_top(maps: Any, p: float = 0.6, mode: str = "entries") -> torch.Ten
     return keep.reshape(m.shape)
 
 
-def iou(pred: Any, gt: Any) -> torch.Tensor:
-    """|pred & gt| / |pred | gt| over the last two dims, broadcasting the rest; 1.0 where both masks are empty."""
+def iou(pred: Any, gt: Any, ignore: Any = None) -> torch.Tensor:
+    """|pred & gt| / |pred | gt| over the last two dims, broadcasting the rest; 1.0 where both masks are empty.
+
+    ``ignore`` (bool, broadcastable): pixels left out of both masks, e.g. VOC's 255 "void" boundary band, which
+    counts neither as a hit nor as a false positive in the official scoring.
+    """
     a, b = torch.as_tensor(pred).bool(), torch.as_tensor(gt).bool()
+    if ignore is not None:
+        keep = ~torch.as_tensor(ignore).bool()
+        a, b = a & keep, b & keep
     inter = (a & b).sum(dim=(-2, -1)).double()
     union = (a | b).sum(dim=(-2, -1)).double()
     return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+
+
+def semantic_targets(
+    label_maps: Any, *, background: int = 0, ignore_index: int | None = 255
+) -> dict[str, Any]:
+    """Per-(image, class) ground truth for :func:`best_head_miou` from semantic label maps (VOC's
+    ``SegmentationClass`` PNGs: 0 background, 1..20 classes, 255 void).
+
+    Args:
+        label_maps: (n, H, W) integer class per pixel.
+        background: the label that is not a class (no mask is made for it).
+        ignore_index: the void label (None: none); its pixels go into ``ignore``.
+
+    Returns:
+        ``{"gt_masks" (M, H, W) bool, "labels" (M,), "image_index" (M,), "ignore" (n, H, W) bool}``, one mask per
+        class present in each image, images in order and classes ascending within an image. An image holding no
+        class contributes nothing (it has no class to average over).
+    """
+    lm = torch.as_tensor(label_maps)
+    if lm.ndim != 3 or lm.is_floating_point() or lm.dtype == torch.bool:
+        raise ValueError(f"label_maps: expected an integer (n, H, W) tensor, got {lm.dtype} {tuple(lm.shape)}")
+    ignore = lm == ignore_index if ignore_index is not None else torch.zeros_like(lm, dtype=torch.bool)
+    masks, labels, index = [], [], []
+    for i in range(lm.shape[0]):
+        present = torch.unique(lm[i][~ignore[i]]).tolist()
+        for c in present:
+            if c == background:
+                continue
+            masks.append(lm[i] == c)
+            labels.append(int(c))
+            index.append(i)
+    gt = torch.stack(masks) if masks else torch.zeros((0, *lm.shape[1:]), dtype=torch.bool)
+    return {"gt_masks": gt, "labels": labels, "image_index": index, "ignore": ignore}
 
 
 def best_head_miou(
@@ -271,6 +312,7 @@ def best_head_miou(
     image_index: Sequence[int] | None = None,
     p: float = 0.6,
     mode: str = "entries",
+    ignore: Any = None,
 ) -> dict[str, Any]:
     """Best-head mIoU over a dataset (§3.3).
 
@@ -280,7 +322,10 @@ def best_head_miou(
         gt_masks: (M, H, W) bool, one mask per (image, class) pair: the pixels of that class in that image.
         labels: (M,) the class of each ground-truth mask (leave out the background and ignore labels).
         image_index: (M,) the image of each ground-truth mask; ``None`` when M == n_images, mask i on image i.
-        p, mode: the threshold for float maps.
+        p, mode: the threshold for float maps (the share is taken over all of an image's pixels, void ones too:
+            the maps know nothing of the annotation).
+        ignore: (n_images, H, W) bool pixels scored as neither hit nor miss (VOC's void label;
+            :func:`semantic_targets` builds it with the masks from label maps).
 
     Returns:
         ``{"mIoU": float, "best_head": {class: head}, "per_class": {class: mean IoU with its head}}``.
@@ -302,7 +347,14 @@ def best_head_miou(
         raise ValueError(f"maps {tuple(masks.shape[-2:])} and ground truth {tuple(gt.shape[-2:])} differ in size")
     if max(idx) >= masks.shape[0]:
         raise ValueError(f"image_index up to {max(idx)} but only {masks.shape[0]} images of maps")
-    scores = iou(masks[idx], gt[:, None])  # (M, heads)
+    ign = None
+    if ignore is not None:
+        ign = torch.as_tensor(ignore).bool()
+        if ign.shape != (masks.shape[0], *masks.shape[-2:]):
+            raise ValueError(f"ignore: expected (n_images, H, W) = {(masks.shape[0], *masks.shape[-2:])}, got "
+                             f"{tuple(ign.shape)}")
+        ign = ign[idx][:, None]
+    scores = iou(masks[idx], gt[:, None], ign)  # (M, heads)
     lab_t = torch.tensor(lab)
     best_head: dict[int, int] = {}
     per_class: dict[int, float] = {}
