@@ -1,0 +1,170 @@
+"""BERT-style WordPiece tokenizer of captions, on Hugging Face ``tokenizers``.
+
+DP-Cap tokenizes with ``bert-base-uncased``: lower-casing BERT normalizer, BERT pre-tokenizer, WordPiece with ``##``
+continuations; a caption is ``[CLS] w_1 .. w_n [SEP]`` padded with ``[PAD]`` = 0, [CLS] serving as BOS and [SEP] as
+EOS. :class:`CaptionTokenizer` builds that pipeline two ways and never downloads anything:
+
+* :meth:`CaptionTokenizer.train` learns a WordPiece vocabulary on the captions at hand (special tokens first:
+  ``[PAD]`` 0, ``[UNK]`` 1, ``[CLS]`` 2, ``[SEP]`` 3, ``[MASK]`` 4);
+* :meth:`CaptionTokenizer.from_file` reads a local ``vocab.txt`` (e.g. bert-base-uncased's, where [CLS] is 101 and
+  [SEP] 102) or a ``tokenizer.json`` written by :meth:`save`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ratelab.core.errors import DatasetError, DatasetNotFound
+
+__all__ = ["SPECIAL_TOKENS", "CaptionTokenizer"]
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def _pipeline(model: Any, lowercase: bool) -> Any:
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers
+
+    tok = Tokenizer(model)
+    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None,
+                                                lowercase=lowercase)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    return tok
+
+
+class CaptionTokenizer:
+    """Captions <-> (B, L) id tensors with BOS/EOS/pad conventions of BERT (see the module docstring).
+
+    Args:
+        tokenizer: a ``tokenizers.Tokenizer`` whose vocabulary holds ``[PAD]``, ``[UNK]``, ``[CLS]`` and ``[SEP]``.
+
+    Attributes:
+        pad_id, bos_id, eos_id, unk_id: ids of [PAD], [CLS], [SEP], [UNK].
+        vocab_size: size of the vocabulary (the captioner's embedding and head).
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        from tokenizers.processors import TemplateProcessing
+
+        self.tokenizer = tokenizer
+        vocab = tokenizer.get_vocab()
+        missing = [t for t in SPECIAL_TOKENS[:4] if t not in vocab]
+        if missing:
+            raise DatasetError(f"tokenizer vocabulary lacks the special tokens {missing} (BERT-style vocabularies "
+                               "have [PAD], [UNK], [CLS] and [SEP])")
+        self.pad_id, self.unk_id = vocab["[PAD]"], vocab["[UNK]"]
+        self.bos_id, self.eos_id = vocab["[CLS]"], vocab["[SEP]"]
+        self.vocab_size = tokenizer.get_vocab_size()
+        tokenizer.post_processor = TemplateProcessing(single="[CLS] $A [SEP]",
+                                                      special_tokens=[("[CLS]", self.bos_id), ("[SEP]", self.eos_id)])
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
+
+    # ---- construction ---------------------------------------------------------------------------------------
+    @classmethod
+    def train(cls, captions: Iterable[str], vocab_size: int = 1000, *, min_frequency: int = 1,
+              lowercase: bool = True) -> CaptionTokenizer:
+        """Learn a WordPiece vocabulary of at most ``vocab_size`` entries (special tokens included) on ``captions``.
+
+        Deterministic: the same captions give the same vocabulary.
+        """
+        from tokenizers import models, trainers
+
+        if vocab_size < len(SPECIAL_TOKENS) + 1:
+            raise ValueError(f"vocab_size must be > {len(SPECIAL_TOKENS)} (the special tokens), got {vocab_size}")
+        tok = _pipeline(models.WordPiece(unk_token="[UNK]"), lowercase)
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                            special_tokens=list(SPECIAL_TOKENS), show_progress=False)
+        captions = [str(c) for c in captions]
+        if not captions:
+            raise ValueError("CaptionTokenizer.train: no captions")
+        tok.train_from_iterator(captions, trainer=trainer)
+        return cls(tok)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, *, lowercase: bool = True) -> CaptionTokenizer:
+        """A local ``vocab.txt`` (one WordPiece entry a line, BERT's format) or a ``tokenizer.json``.
+
+        Raises:
+            DatasetNotFound: no such file. DatasetError: a file that is neither (the message names it).
+        """
+        from tokenizers import Tokenizer, models
+
+        p = Path(path)
+        if p.is_dir():  # a model folder: its vocab.txt or tokenizer.json
+            for name in ("tokenizer.json", "vocab.txt"):
+                if (p / name).is_file():
+                    p = p / name
+                    break
+        if not p.is_file():
+            raise DatasetNotFound(f"tokenizer file not found: {path} (give a vocab.txt or a tokenizer.json)")
+        try:
+            if p.suffix == ".json":
+                return cls(Tokenizer.from_file(str(p)))
+            return cls(_pipeline(models.WordPiece.from_file(str(p), unk_token="[UNK]"), lowercase))
+        except DatasetError as e:
+            raise DatasetError(f"{p}: {e}") from e
+        except Exception as e:  # tokenizers raises plain Exceptions for unreadable files
+            raise DatasetError(f"cannot read tokenizer file {p}: {e}") from e
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``tokenizer.json`` atomically (a file path, or a directory to put ``tokenizer.json`` in)."""
+        p = Path(path)
+        if p.is_dir() or p.suffix != ".json":
+            p.mkdir(parents=True, exist_ok=True)
+            p = p / "tokenizer.json"
+        tmp = p.with_name(p.name + ".tmp")
+        self.tokenizer.save(str(tmp))
+        os.replace(tmp, p)
+        return p
+
+    # ---- use ----------------------------------------------------------------------------------------------------
+    def encode_ids(self, caption: str) -> list[int]:
+        """``[BOS] ids.. [EOS]`` of one caption, without padding or truncation."""
+        if not isinstance(caption, str):
+            raise TypeError(f"a caption must be a str, got {type(caption).__name__}")
+        return list(self.tokenizer.encode(caption).ids)
+
+    def encode(self, captions: str | Sequence[str], max_len: int | None = None) -> torch.Tensor:
+        """Captions -> (B, L) int64 ids, ``[BOS] .. [EOS]`` then ``pad_id``.
+
+        Args:
+            max_len: pad every row to this length; a longer caption is cut to ``max_len - 1`` tokens and ends with
+                EOS (the released code pads/truncates to 40). None: pad to the longest caption.
+        """
+        if isinstance(captions, str):
+            captions = [captions]
+        if max_len is not None and max_len < 2:
+            raise ValueError(f"max_len must be >= 2 (BOS and EOS), got {max_len}")
+        rows = [self.encode_ids(c) for c in captions]
+        if max_len is not None:
+            rows = [r if len(r) <= max_len else r[: max_len - 1] + [self.eos_id] for r in rows]
+        L = max_len if max_len is not None else max((len(r) for r in rows), default=2)
+        out = torch.full((len(rows), L), self.pad_id, dtype=torch.long)
+        for i, r in enumerate(rows):
+            out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        return out
+
+    def decode(self, ids: torch.Tensor | Sequence[int] | Sequence[Sequence[int]]) -> str | list[str]:
+        """Ids -> text, special tokens dropped and cut at the first EOS; a 2-D input gives a list of strings."""
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        if ids and isinstance(ids[0], (list, tuple)):
+            return [self.decode(r) for r in ids]  # type: ignore[misc]
+        ids = list(ids)
+        if self.eos_id in ids:
+            ids = ids[: ids.index(self.eos_id)]
+        return self.tokenizer.decode([i for i in ids if i not in (self.pad_id, self.bos_id)],
+                                     skip_special_tokens=True)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def __repr__(self) -> str:
+        return (f"CaptionTokenizer(vocab_size={self.vocab_size}, pad={self.pad_id}, bos={self.bos_id}, "
+                f"eos={self.eos_id})")
