@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ratelab.core.builder import build_model_with_cfg
+from ratelab.core.errors import ConfigError
 from ratelab.core.registry import register_model
 from ratelab.models.var.config import VQVAE_VARIANTS, VQVAEConfig
 from ratelab.models.var.quant import MultiScaleQuantizer
@@ -199,6 +200,8 @@ class VQVAE(nn.Module):
     Args:
         cfg: the architecture (:class:`~ratelab.models.var.config.VQVAEConfig`).
         dropout: dropout inside the ResNet blocks (0 in the release).
+        img_size, in_chans: accepted for the library's model conventions; they must agree with the config
+            (``patch_nums[-1] * downsampling`` and ``in_channels``), which alone decides them.
 
     API (the official method names in brackets):
 
@@ -210,8 +213,14 @@ class VQVAE(nn.Module):
     * ``quantize.next_var_input`` [``quantize.get_next_autoregressive_input``]: one sampling step.
     """
 
-    def __init__(self, cfg: VQVAEConfig, *, dropout: float = 0.0) -> None:
+    def __init__(self, cfg: VQVAEConfig, *, dropout: float = 0.0, img_size: int | None = None,
+                 in_chans: int | None = None) -> None:
         super().__init__()
+        if img_size is not None and img_size != cfg.img_size:
+            raise ConfigError(f"img_size={img_size}: this tokenizer codes {cfg.img_size}px images (patch_nums[-1]="
+                              f"{cfg.patch_nums[-1]} x downsampling {cfg.downsample}); change patch_nums instead")
+        if in_chans is not None and in_chans != cfg.in_channels:
+            raise ConfigError(f"in_chans={in_chans} differs from in_channels={cfg.in_channels}; set in_channels")
         self.cfg = cfg
         self.vocab_size, self.Cvae = cfg.vocab_size, cfg.z_channels
         self.patch_nums = cfg.patch_nums
