@@ -118,6 +118,7 @@ class CaptionTokenizer:
         if p.is_dir() or p.suffix != ".json":
             p.mkdir(parents=True, exist_ok=True)
             p = p / "tokenizer.json"
+        p.parent.mkdir(parents=True, exist_ok=True)
         tmp = p.with_name(p.name + ".tmp")
         self.tokenizer.save(str(tmp))
         os.replace(tmp, p)

@@ -1,0 +1,189 @@
+"""Image captioning (Cap / DP-Cap: Tschannen et al. 2023; Sander, Yu et al. ICML 2024).
+
+:class:`CaptionTask` (task ``"caption"``) trains a captioner of the DP-Cap convention -- ``model(images, tokens) ->
+(B, L, V)`` next-token logits with teacher forcing, ``pad_id``/``bos_id``/``eos_id`` and ``generate`` -- such as
+``dpcap_*``, on an image-caption dataset (``shapes_captions``, ``caption_folder``, ``caption_wds``).
+
+The per-example loss is :meth:`CaptionTask.per_sample_loss`: the cross-entropy of each caption's tokens after BOS,
+averaged over its non-pad targets -- a (B,) vector with one entry per image-caption pair, each depending on that pair
+only (no batch statistics), which is what DP-SGD clips per sample. :meth:`training_step` is its mean over the
+micro-batch.
+
+Tokenizer (``task.tokenizer``): a local ``vocab.txt`` (bert-base-uncased's, say) or ``tokenizer.json``; when unset,
+a WordPiece vocabulary of at most ``task.vocab_size`` entries is trained on the training split's captions
+(deterministic, so a resumed run rebuilds the same one). It is saved as ``out_dir/tokenizer.json``.
+
+Evaluation: ``val_loss`` (mean per-caption loss over the validation set, all ranks) and, on the first
+``n_generate`` validation images, greedy captions: ``val_exact_match`` (share identical to the reference caption
+after the tokenizer's normalization) and ``out_dir/captions/step{step}.txt``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.utils.data import Dataset
+
+from ratelab.core.dist import all_reduce_sum
+from ratelab.train.tasks import EvalContext, Task, TaskConfig, _dataset_kwargs, register_task
+
+__all__ = ["CaptionTask", "CaptionTaskConfig"]
+
+
+@dataclass
+class CaptionTaskConfig(TaskConfig):
+    """Options of the ``caption`` task (``--task caption --task.max_len 40 ...``).
+
+    Attributes:
+        tokenizer: path of a local ``vocab.txt`` / ``tokenizer.json`` (or a folder holding one); None = train a
+            WordPiece vocabulary on the training captions.
+        vocab_size: size of the trained vocabulary (ignored with ``tokenizer``).
+        max_len: captions padded / truncated to this many tokens, BOS and EOS included (DP-Cap's command: 40).
+        n_generate: validation images captioned greedily at each evaluation (0 = none).
+    """
+
+    name: str = "caption"
+    tokenizer: str | None = None
+    vocab_size: int = 1000
+    max_len: int = 40
+    n_generate: int = 16
+
+    def check(self) -> None:
+        if self.max_len < 2:
+            raise ValueError(f"max_len: must be >= 2 (BOS and EOS), got {self.max_len!r}")
+        if self.vocab_size < 6:
+            raise ValueError(f"vocab_size: must be >= 6 (five special tokens and a word), got {self.vocab_size!r}")
+        if self.n_generate < 0:
+            raise ValueError(f"n_generate: must be >= 0, got {self.n_generate!r}")
+
+
+@register_task("caption", config=CaptionTaskConfig)
+class CaptionTask(Task):
+    """Captioning with teacher forcing (see the module docstring).
+
+    Args:
+        config: a :class:`CaptionTaskConfig` (or its fields as keyword options).
+        train_dataset, val_dataset: caption datasets (items ``(image, caption str)``) to use instead of building
+            ``cfg.dataset``.
+        tokenizer: a :class:`ratelab.data.text_tokenizer.CaptionTokenizer` to use (overrides ``task.tokenizer``).
+    """
+
+    def __init__(self, config: CaptionTaskConfig | None = None, *, train_dataset: Dataset | None = None,
+                 val_dataset: Dataset | None = None, tokenizer: Any = None, **options: Any) -> None:
+        super().__init__(config, **options)
+        if val_dataset is not None and train_dataset is None:
+            raise ValueError("CaptionTask: val_dataset was given without train_dataset")
+        self._given = train_dataset is not None
+        self.raw_train, self.raw_val = train_dataset, val_dataset
+        self.tokenizer = tokenizer
+        self.train_dataset: Dataset | None = None
+        self.val_dataset: Dataset | None = None
+
+    # ---- data and model -------------------------------------------------------------------------------------
+    def build_tokenizer(self, captions: list[str]) -> Any:
+        from ratelab.data.text_tokenizer import CaptionTokenizer
+
+        if self.tokenizer is None:
+            c = self.config
+            self.tokenizer = (CaptionTokenizer.from_file(c.tokenizer) if c.tokenizer is not None
+                              else CaptionTokenizer.train(captions, c.vocab_size))
+        return self.tokenizer
+
+    def build_datasets(self, cfg: Any) -> tuple[Dataset, Dataset | None]:
+        from ratelab.data.captions import TokenizedCaptions
+
+        if not self._given:
+            from ratelab.data import build_dataset
+
+            common = _dataset_kwargs(cfg)
+            self.raw_train = build_dataset(cfg.dataset, "train", augment=cfg.augment, **common)
+            self.raw_val = build_dataset(cfg.dataset, "val", **common)
+        if self.tokenizer is None:
+            if not hasattr(self.raw_train, "captions"):
+                from ratelab.core.errors import ConfigError
+
+                raise ConfigError(f"dataset: {cfg.dataset!r} has no captions; the caption task trains on "
+                                  "shapes_captions, caption_folder or caption_wds")
+            self.build_tokenizer(self.raw_train.captions() if self.config.tokenizer is None else [])
+        out = getattr(cfg, "out_dir", None)
+        if out:
+            self.tokenizer.save(Path(out) / "tokenizer.json")
+        L = self.config.max_len
+        self.train_dataset = TokenizedCaptions(self.raw_train, self.tokenizer, L)
+        self.val_dataset = TokenizedCaptions(self.raw_val, self.tokenizer, L) if self.raw_val is not None else None
+        return self.train_dataset, self.val_dataset
+
+    def model_kwargs(self, cfg: Any) -> dict[str, Any]:
+        """``create_model`` keyword arguments: the tokenizer's vocabulary size and special ids, ``img_size`` and
+        ``in_chans`` from the config or the dataset."""
+        if self.tokenizer is None:
+            raise RuntimeError("CaptionTask.model_kwargs: call build_datasets first (it builds the tokenizer)")
+        t = self.tokenizer
+        kw = {"vocab_size": t.vocab_size, "pad_id": t.pad_id, "bos_id": t.bos_id, "eos_id": t.eos_id,
+              **cfg.model_kwargs}
+        for name, value in (("img_size", cfg.img_size), ("in_chans", None)):
+            if name not in kw:
+                kw[name] = value if value is not None else getattr(self.raw_train, name, None)
+        return {k: v for k, v in kw.items() if v is not None}
+
+    def build_model(self, cfg: Any) -> nn.Module:
+        from ratelab import create_model
+
+        model = create_model(cfg.model, **self.model_kwargs(cfg))
+        if not hasattr(model, "generate") or not hasattr(model, "pad_id"):
+            from ratelab.core.errors import ConfigError
+
+            raise ConfigError(f"model: {cfg.model!r} is not a captioner (no generate/pad_id); the caption task "
+                              "trains dpcap_* models")
+        return model
+
+    # ---- training and evaluation ----------------------------------------------------------------------------
+    def per_sample_loss(self, model: nn.Module, batch: Any, cfg: Any = None) -> torch.Tensor:
+        """(B,) per-caption mean cross-entropy over non-pad targets; entry i depends on example i only."""
+        from ratelab.models.dpcap.dpcap import caption_loss
+
+        imgs, tokens = batch[0], batch[1]
+        pad = self.tokenizer.pad_id if self.tokenizer is not None else 0
+        return caption_loss(model(imgs, tokens), tokens, pad)
+
+    def training_step(self, model: nn.Module, batch: Any, cfg: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Images and (B, L) ids -> the mean of :meth:`per_sample_loss` over the micro-batch."""
+        losses = self.per_sample_loss(model, batch)
+        ntok = (batch[1][:, 1:] != self.tokenizer.pad_id).sum(1).float().mean()
+        return losses.mean(), {"tokens_per_caption": ntok.detach()}
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, ctx: EvalContext) -> dict[str, float]:
+        from ratelab.core.checkpoint import unwrap_model
+
+        out: dict[str, float] = {}
+        if ctx.loader is None:
+            return out
+        sums = torch.zeros(2, dtype=torch.float64, device=ctx.device)
+        first = None
+        for batch in ctx.loader:
+            losses = self.per_sample_loss(model, batch)
+            sums += torch.stack([losses.double().sum(), torch.tensor(float(len(losses)), dtype=torch.float64,
+                                                                     device=ctx.device)])
+            if first is None:
+                first = batch
+        loss_sum, n = all_reduce_sum(sums).tolist()
+        if n:
+            out["val_loss"] = loss_sum / n
+        k = self.config.n_generate
+        if k and first is not None:
+            net = unwrap_model(model)
+            imgs, refs = first[0][:k], first[1][:k]
+            gen = net.generate(imgs, max_len=self.config.max_len)
+            hyp, ref = self.tokenizer.decode(gen), self.tokenizer.decode(refs)
+            out["val_exact_match"] = sum(h == r for h, r in zip(hyp, ref)) / len(ref)
+            if ctx.dist.is_main and ctx.out_dir is not None:
+                d = Path(ctx.out_dir) / "captions"
+                d.mkdir(parents=True, exist_ok=True)
+                lines = [f"{r}\t->\t{h}" for r, h in zip(ref, hyp)]
+                (d / f"step{ctx.step}{'_' + ctx.tag if ctx.tag else ''}.txt").write_text("\n".join(lines) + "\n")
+        return out
