@@ -8,6 +8,8 @@ Example:
 """
 
 from ratelab.core.errors import TrainingDiverged
+from ratelab.train.caption_task import CaptionTask as CaptionTask  # registers the "caption" task
+from ratelab.train.caption_task import CaptionTaskConfig
 from ratelab.train.config import TrainConfig, add_config_args, config_from_args
 from ratelab.train.ema import ModelEma
 from ratelab.train.icl_task import ICLTask as ICLTask  # registers the "icl" task
@@ -33,6 +35,8 @@ from ratelab.train.tasks import (
 from ratelab.train.trainer import Trainer
 
 __all__ = [
+    "CaptionTask",
+    "CaptionTaskConfig",
     "PLUGINS",
     "TASKS",
     "ClassificationConfig",
