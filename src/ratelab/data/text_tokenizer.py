@@ -4,8 +4,8 @@ DP-Cap tokenizes with ``bert-base-uncased``: lower-casing BERT normalizer, BERT 
 continuations; a caption is ``[CLS] w_1 .. w_n [SEP]`` padded with ``[PAD]`` = 0, [CLS] serving as BOS and [SEP] as
 EOS. :class:`CaptionTokenizer` builds that pipeline two ways and never downloads anything:
 
-* :meth:`CaptionTokenizer.train` learns a WordPiece vocabulary on the captions at hand (special tokens first:
-  ``[PAD]`` 0, ``[UNK]`` 1, ``[CLS]`` 2, ``[SEP]`` 3, ``[MASK]`` 4);
+* :meth:`CaptionTokenizer.train` builds a WordPiece vocabulary from the captions at hand (special tokens first:
+  ``[PAD]`` 0, ``[UNK]`` 1, ``[CLS]`` 2, ``[SEP]`` 3, ``[MASK]`` 4; then characters and frequent whole words);
 * :meth:`CaptionTokenizer.from_file` reads a local ``vocab.txt`` (e.g. bert-base-uncased's, where [CLS] is 101 and
   [SEP] 102) or a ``tokenizer.json`` written by :meth:`save`.
 """
@@ -69,22 +69,42 @@ class CaptionTokenizer:
     @classmethod
     def train(cls, captions: Iterable[str], vocab_size: int = 1000, *, min_frequency: int = 1,
               lowercase: bool = True) -> CaptionTokenizer:
-        """Learn a WordPiece vocabulary of at most ``vocab_size`` entries (special tokens included) on ``captions``.
+        """A WordPiece vocabulary of at most ``vocab_size`` entries (special tokens included) from ``captions``.
 
-        Deterministic: the same captions give the same vocabulary.
+        Entries, in id order: the special tokens; every character seen, as a word start and as a ``##``
+        continuation (so any caption over these characters encodes without [UNK]); then whole words by
+        decreasing count (ties in alphabetical order), those seen at least ``min_frequency`` times, until the
+        budget is spent. Words left out are split by WordPiece's greedy longest match into the known pieces.
+
+        Deterministic by construction: tokenizers' ``WordPieceTrainer`` breaks frequency ties in hash order
+        (measured here: two different vocabularies in five runs on the same shapes captions), which would give a
+        repeated or resumed run another vocabulary.
+
+        Raises:
+            ValueError: no captions, or a budget too small for the special tokens and the characters.
         """
-        from tokenizers import models, trainers
+        from collections import Counter
 
-        if vocab_size < len(SPECIAL_TOKENS) + 1:
-            raise ValueError(f"vocab_size must be > {len(SPECIAL_TOKENS)} (the special tokens), got {vocab_size}")
-        tok = _pipeline(models.WordPiece(unk_token="[UNK]"), lowercase)
-        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                            special_tokens=list(SPECIAL_TOKENS), show_progress=False)
+        from tokenizers import models
+
         captions = [str(c) for c in captions]
         if not captions:
             raise ValueError("CaptionTokenizer.train: no captions")
-        tok.train_from_iterator(captions, trainer=trainer)
-        return cls(tok)
+        probe = _pipeline(models.WordPiece({"[UNK]": 0}, unk_token="[UNK]"), lowercase)
+        words: Counter[str] = Counter()
+        for c in captions:
+            words.update(w for w, _ in probe.pre_tokenizer.pre_tokenize_str(probe.normalizer.normalize_str(c)))
+        chars = sorted({ch for w in words for ch in w})
+        vocab = list(SPECIAL_TOKENS) + chars + [f"##{ch}" for ch in chars]
+        if vocab_size < len(vocab):
+            raise ValueError(f"vocab_size={vocab_size} is too small: the special tokens and the {len(chars)} "
+                             f"characters of the captions need {len(vocab)} entries")
+        known = set(vocab)
+        ranked = sorted((w for w, n in words.items() if n >= min_frequency and w not in known),
+                        key=lambda w: (-words[w], w))
+        vocab += ranked[: vocab_size - len(vocab)]
+        model = models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]")
+        return cls(_pipeline(model, lowercase))
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, *, lowercase: bool = True) -> CaptionTokenizer:
