@@ -369,7 +369,7 @@ for _depth, _fid in ((16, "3.55"), (20, "2.95"), (24, "2.33"), (30, "1.97")):
 _MVAR = dict(
     hf_hub="OliverRen/M-VAR", license=None, origin="https://github.com/OliverRensu/MVAR", paper="2411.10433",
     input_size=(3, 256, 256), mean=PM1_MEAN, std=PM1_STD, interpolation="lanczos", crop_pct=1 / 1.125,
-    converter="ratelab.models.mvar.convert:checkpoint_filter_fn",
+    converter="ratelab.models.var.convert:checkpoint_filter_fn",
 )  # fmt: skip
 _MVAR_NOTE = (
     "Class-conditional; uses VAR's tokenizer (var_vae_ch160v4096z32) and VAR's data pipeline (the README: same "
