@@ -217,3 +217,24 @@ def test_scales_only_see_coarser_scales():
     torch.testing.assert_close(a[:, :lo], b[:, :lo])
     assert not torch.allclose(a[:, lo:], b[:, lo:])
     assert math.isfinite(float(a.abs().max()))
+
+
+def test_loading_through_the_registry(tmp_path, monkeypatch):
+    import ratelab
+
+    torch.manual_seed(4)
+    ref = RefMVAR(2, 32, 2, PN, 24, 1000, N=8, P=16, l2=False).eval()  # the release's 1000 classes
+    path = tmp_path / "OliverRen" / "M-VAR" / "d16.pth"
+    path.parent.mkdir(parents=True)
+    torch.save(ref.state_dict(), path)
+    monkeypatch.setenv("RATELAB_WEIGHTS", str(tmp_path))
+    # the release's attn_l2_norm=False (README, d16/d20) comes from the registry entry
+    m = ratelab.create_model("mvar_d16.in1k_256", pretrained=True, **{**TINY, "num_classes": None}).eval()
+    assert m.cfg.attn_l2_norm is False and m.num_classes == 1000
+    labels, x = torch.tensor([1]), torch.randn(1, m.L - 1, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(m(labels, x), ref(labels, x), rtol=1e-4, atol=1e-4)
+    m2 = ratelab.create_model("mvar_d16", checkpoint_path=path, **{**TINY, "num_classes": 1000},
+                              attn_l2_norm=False).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(m2(labels, x), ref(labels, x), rtol=1e-4, atol=1e-4)
