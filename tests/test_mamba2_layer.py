@@ -108,15 +108,16 @@ def test_chunked_matches_ref_outputs_and_grads(dtype, length, ngroups):
     u = torch.randn(2, length, 16, dtype=dtype)
     cot = torch.randn(2, length, 16, dtype=dtype)
     res = {}
-    for backend in ("chunked", "ref"):
+    for backend in ("chunked", "recompute", "auto", "ref"):
         m.backend = backend
         ui = u.clone().requires_grad_()
         y = m(ui)
         res[backend] = (y, torch.autograd.grad(y, [ui, *m.parameters()], cot))
-    torch.testing.assert_close(res["chunked"][0], res["ref"][0], **TOL[dtype])
     names = ["input", *(n for n, _ in m.named_parameters())]
-    for n, a, b in zip(names, res["chunked"][1], res["ref"][1], strict=True):
-        torch.testing.assert_close(a, b, **TOL[dtype], msg=lambda s, n=n: f"grad of {n}: {s}")
+    for fast in ("chunked", "recompute", "auto"):
+        torch.testing.assert_close(res[fast][0], res["ref"][0], **TOL[dtype])
+        for n, a, b in zip(names, res[fast][1], res["ref"][1], strict=True):
+            torch.testing.assert_close(a, b, **TOL[dtype], msg=lambda s, n=n, f=fast: f"{f}: grad of {n}: {s}")
 
 
 @pytest.mark.parametrize("ngroups", [1, 2])

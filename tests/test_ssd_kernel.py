@@ -1,7 +1,9 @@
-"""SSD (Mamba-2) kernel: the chunked path and the one-token step against the sequential reference."""
+"""SSD (Mamba-2) kernel: the chunked path, its recomputing-backward twin and the one-token step against the
+sequential reference."""
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 
@@ -9,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ratelab.kernels.ssd import BACKENDS, resolve_backend, ssd, ssd_chunked, ssd_ref, ssd_step
+from ratelab.kernels.ssd import BACKENDS, resolve_backend, ssd, ssd_chunked, ssd_recompute, ssd_ref, ssd_step
 
 # Tolerances, defined once. fp64 differences are pure rounding (~1e-14); fp32 ones grow with the length of the sums
 # (the chunked path sums in another order and factors the decays differently).
@@ -52,12 +54,23 @@ def _value_and_grads(fn, inputs, **kw):
     return y.detach(), final.detach(), dict(zip(leaves, grads))
 
 
+# the fast paths: op-by-op autograd, and the hand-written recomputing backward with one segment per chunk (every
+# chunk boundary is a segment boundary: the entering-state gradient is handed across all of them) and with one
+# segment for the whole sequence
+FAST = {
+    "chunked": ssd_chunked,
+    "recompute_seg1": functools.partial(ssd_recompute, segment_chunks=1),
+    "recompute": ssd_recompute,
+}
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("length,chunk,groups", CASES)
-def test_chunked_matches_reference_values_and_grads(length, chunk, groups, dtype):
+@pytest.mark.parametrize("fast", list(FAST))
+def test_chunked_matches_reference_values_and_grads(length, chunk, groups, dtype, fast):
     inputs = _inputs(length, groups, dtype, d_per_channel=(groups == 2))
     y_r, s_r, g_r = _value_and_grads(ssd_ref, inputs)
-    y_c, s_c, g_c = _value_and_grads(ssd_chunked, inputs, chunk_size=chunk)
+    y_c, s_c, g_c = _value_and_grads(FAST[fast], inputs, chunk_size=chunk)
     tol = TOL[dtype]
     assert y_c.dtype == dtype and y_c.shape == inputs["x"].shape
     torch.testing.assert_close(y_c, y_r, **tol)
@@ -81,12 +94,13 @@ def test_chunked_inference_path_matches_reference(length, chunk, groups, dtype):
     torch.testing.assert_close(s_c, s_r, **TOL[dtype])
 
 
-def test_chunked_fp32_with_underflowing_decays():
+@pytest.mark.parametrize("fast", list(FAST))
+def test_chunked_fp32_with_underflowing_decays(fast):
     # decays far below fp32's smallest normal inside and across chunks (the exponent floor is active)
     inputs = _inputs(40, 1, torch.float32)
     inputs["A"] = torch.tensor([-400.0, -60.0, -3.0, -1e-3])
     y_r, s_r, g_r = _value_and_grads(ssd_ref, inputs)
-    y_c, s_c, g_c = _value_and_grads(ssd_chunked, inputs, chunk_size=8)
+    y_c, s_c, g_c = _value_and_grads(FAST[fast], inputs, chunk_size=8)
     with torch.no_grad():
         y_n = ssd_chunked(**inputs, chunk_size=8, dt_softplus=True)
     for got in (y_c, y_n):
@@ -100,13 +114,43 @@ def test_chunked_fp32_with_underflowing_decays():
 def test_dispatch_backends_agree():
     inputs = _inputs(11, 2, torch.float64)
     ref = ssd(**inputs, backend="ref", dt_softplus=True)
-    for backend in ("auto", "chunked"):
+    for backend in ("auto", "chunked", "recompute"):
         torch.testing.assert_close(ssd(**inputs, backend=backend, dt_softplus=True, chunk_size=4), ref,
                                    **TOL[torch.float64])
-    assert resolve_backend("auto", inputs["x"]) == "chunked"
+    assert resolve_backend("auto", inputs["x"]) == "recompute"  # CPU; "chunked" while torch.compile traces
     with pytest.raises(ValueError, match="backend"):
         ssd(**inputs, backend="triton")
-    assert set(BACKENDS) == {"auto", "chunked", "ref", "cuda"}
+    leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    with pytest.raises(ValueError, match="segment_chunks"):
+        ssd_recompute(**leaves, segment_chunks=0)
+    assert set(BACKENDS) == {"auto", "chunked", "recompute", "compiled", "ref", "cuda"}
+
+
+def _saved_bytes(fn, inputs, **kw) -> int:
+    """Bytes of the distinct storages autograd keeps for the backward of one call."""
+    leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(**leaves, dt_softplus=True, **kw)
+    return sum(seen.values())
+
+
+def test_recompute_keeps_only_the_inputs_and_segment_states():
+    inputs = _inputs(256, 1, torch.float32)
+    inputs["x"] = inputs["x"].repeat(1, 1, 1, 8)  # headdim 24, d_state 5: chunk tensors outweigh the inputs
+    inputs["initial_state"] = inputs["initial_state"].repeat(1, 1, 8, 1)
+    in_bytes = sum(v.nbytes for v in inputs.values())
+    chunked = _saved_bytes(ssd_chunked, inputs, chunk_size=16)
+    rec = _saved_bytes(ssd_recompute, inputs, chunk_size=16, segment_chunks=4)
+    n_seg, state = 4, inputs["initial_state"].nbytes
+    # the clones of the inputs, the prepared dt (one more dt) and the states entering segments 2..4
+    assert rec <= in_bytes + inputs["dt"].nbytes + (n_seg - 1) * state
+    assert chunked > 3 * rec
 
 
 def test_chunked_is_exact_with_long_decays():
@@ -136,7 +180,7 @@ def test_step_over_sequence_equals_full_pass(groups):
     torch.testing.assert_close(state, s_full, **TOL[torch.float64])
 
 
-@pytest.mark.parametrize("backend,chunk", [("chunked", 4), ("chunked", 64), ("ref", 64)])
+@pytest.mark.parametrize("backend,chunk", [("chunked", 4), ("chunked", 64), ("recompute", 4), ("ref", 64)])
 def test_state_carry_across_halves_equals_one_pass(backend, chunk):
     inputs = _inputs(15, 2, torch.float64)
     kw = dict(dt_softplus=True, return_final_state=True, backend=backend, chunk_size=chunk)
@@ -228,13 +272,15 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("backend", ["chunked", "ref"])
+@pytest.mark.parametrize("backend", ["chunked", "recompute", "ref"])
 @pytest.mark.parametrize("arg,make,match", BAD)
 def test_bad_shapes_name_the_argument(arg, make, match, backend):
     inputs = _inputs(4, 1, torch.float32)
     inputs[arg] = make(inputs)
     if arg == "B":
         inputs["C"] = inputs["B"].clone()
+    if backend == "recompute":  # its autograd path checks the shapes itself (without grad it is ssd_chunked)
+        inputs = {k: v.clone().requires_grad_() for k, v in inputs.items()}
     with pytest.raises(ValueError, match=match):
         ssd(**inputs, backend=backend)
 

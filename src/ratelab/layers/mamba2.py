@@ -19,7 +19,7 @@ Forward on u (B, L, d_model):
     y          = SSD(x, softplus(dt + dt_bias), A = -exp(A_log), B, C) + D x
     out        = out_proj(RMSNorm(y * SiLU(z)) * w)         normalized over groups of d_in / g channels
 
-The scan itself is :func:`ratelab.kernels.ssd.ssd` (backend ``"auto"``/``"chunked"``/``"ref"``, fused
+The scan itself is :func:`ratelab.kernels.ssd.ssd` (backend ``"auto"``/``"recompute"``/``"chunked"``/``"ref"``, fused
 ``mamba_ssm`` kernels on CUDA when installed). Deviations from ``mamba_ssm``: no fused "memory-efficient" path
 (the same math is run op by op), no tensor-parallel or variable-length (``seq_idx``/``cu_seqlens``) support, the
 depthwise conv is ``F.conv1d`` on a left-padded input rather than the ``causal_conv1d`` CUDA extension, and the
@@ -150,7 +150,7 @@ class Mamba2(nn.Module):
         bias: bias on in_proj and out_proj.
         conv_bias: bias on the depthwise conv.
         chunk_size: SSD chunk length (a speed knob; the result does not depend on it).
-        backend: SSD backend, ``"auto"``, ``"chunked"`` or ``"ref"`` (see :func:`ratelab.kernels.ssd.ssd`).
+        backend: SSD backend, one of :data:`ratelab.kernels.ssd.BACKENDS` (see :func:`ratelab.kernels.ssd.ssd`).
     """
 
     def __init__(

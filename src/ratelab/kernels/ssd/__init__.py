@@ -9,37 +9,55 @@ Per head ``i`` of ``h``, with ``B``/``C`` shared by groups of ``h // g`` heads (
 Backends, one contract (that of mamba_ssm's ``mamba_chunk_scan_combined`` without ``z``):
 
 * ``"ref"``: :func:`ssd_ref`, a readable per-token loop (the twin every other path is tested against);
-* ``"chunked"``: :func:`ssd_chunked`, the chunked SSD algorithm in pure PyTorch (CPU and GPU);
+* ``"chunked"``: :func:`ssd_chunked`, the chunked SSD algorithm in pure PyTorch (CPU and GPU), differentiated op by
+  op by autograd (which keeps every chunk-level intermediate for the backward);
+* ``"recompute"``: :func:`ssd_recompute`, the same forward with a hand-written backward that keeps only the inputs
+  and recomputes the chunk tensors segment by segment (about 1/5 of ``"chunked"``'s saved memory; identical to it
+  without autograd);
+* ``"compiled"``: :func:`ssd_chunked` through ``torch.compile`` (inductor fuses the elementwise work of the forward
+  and the backward; compiled once per shape, slow first call);
 * ``"cuda"``: mamba_ssm's fused Triton kernel (optional dependency; raises if missing or not on CUDA);
-* ``"auto"``: ``"cuda"`` when the tensors are on CUDA and mamba_ssm imports, else ``"chunked"``. The choice is
-  logged once per backend at INFO level (``ratelab.kernels.ssd``) and can be queried with :func:`resolve_backend`.
+* ``"auto"``: ``"cuda"`` when the tensors are on CUDA and mamba_ssm imports; ``"chunked"`` while ``torch.compile``
+  traces the caller (inductor then fuses and plans the recomputation of the whole graph itself; a custom autograd
+  function would be opaque to it); else ``"recompute"``. The choice is logged once per backend at INFO level
+  (``ratelab.kernels.ssd``) and can be queried with :func:`resolve_backend`.
 
 :func:`ssd_step` advances the recurrence one token at a time (generation).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
 
 from ratelab.kernels.ssd.chunked import ssd_chunked
 from ratelab.kernels.ssd.cuda import cuda_kernel_available, mamba_ssm_installed, ssd_cuda
+from ratelab.kernels.ssd.recompute import ssd_recompute
 from ratelab.kernels.ssd.ref import DEFAULT_DT_LIMIT, ssd_ref, ssd_step
 
-BACKENDS = ("auto", "chunked", "ref", "cuda")
+BACKENDS = ("auto", "chunked", "recompute", "compiled", "ref", "cuda")
 _log = logging.getLogger(__name__)
 _logged: set[str] = set()
 
 
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
-    """The concrete backend (``"chunked"``, ``"ref"`` or ``"cuda"``) that :func:`ssd` runs for ``x``."""
+    """The concrete backend (any of :data:`BACKENDS` but ``"auto"``) that :func:`ssd` runs for ``x``."""
     if backend not in BACKENDS:
         raise ValueError(f"ssd backend must be one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
         return backend
+    if torch.compiler.is_compiling():
+        return "chunked"
     # mamba_ssm is only imported when a CUDA tensor arrives and the package is installed
-    return "cuda" if x.is_cuda and cuda_kernel_available() else "chunked"
+    return "cuda" if x.is_cuda and cuda_kernel_available() else "recompute"
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_chunked():
+    # built on first use: torch.compile imports dynamo/inductor (seconds), which a CPU user of "auto" never pays
+    return torch.compile(ssd_chunked, dynamic=False)
 
 
 def ssd(
@@ -75,7 +93,7 @@ def ssd(
             results do not depend on it beyond rounding.
         initial_state: optional ``(b, h, p, n)`` state before the first token (zeros otherwise).
         return_final_state: also return the state after the last token.
-        backend: ``"auto"``, ``"chunked"``, ``"ref"`` or ``"cuda"``.
+        backend: one of :data:`BACKENDS` (see the module docstring).
 
     Returns:
         ``y (b, l, h, p)`` in ``x``'s dtype, and with ``return_final_state`` the final state ``(b, h, p, n)`` in the
@@ -95,6 +113,10 @@ def ssd(
         return ssd_ref(x, dt, A, B, C, D, **kw)
     if name == "cuda":
         return ssd_cuda(x, dt, A, B, C, D, chunk_size=chunk_size, **kw)
+    if name == "recompute":
+        return ssd_recompute(x, dt, A, B, C, D, chunk_size=chunk_size, **kw)
+    if name == "compiled":
+        return _compiled_chunked()(x, dt, A, B, C, D, chunk_size=chunk_size, **kw)
     return ssd_chunked(x, dt, A, B, C, D, chunk_size=chunk_size, **kw)
 
 
@@ -107,6 +129,7 @@ __all__ = [
     "ssd",
     "ssd_chunked",
     "ssd_cuda",
+    "ssd_recompute",
     "ssd_ref",
     "ssd_step",
 ]

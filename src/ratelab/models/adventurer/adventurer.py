@@ -64,7 +64,7 @@ from ratelab.layers.mamba2 import Mamba2
 from ratelab.layers.patch import resample_pos_embed
 from ratelab.models.adventurer.config import ADVENTURER_VARIANTS, AdventurerConfig, flip_flags
 
-SSD_BACKENDS = ("auto", "chunked", "ref", "cuda")
+SSD_BACKENDS = ("auto", "chunked", "recompute", "compiled", "ref", "cuda")  # ratelab.kernels.ssd.BACKENDS
 # _timm_note: timm's layers are imported inside the constructors, not here. `import timm` pulls in torchvision, torch
 # dynamo and huggingface_hub (about 3 s on a 2-core CPU); importing ratelab.models registers every family, so a
 # module-level import would make every create_model call pay for it, CRATE included.
@@ -150,7 +150,7 @@ class Adventurer(nn.Module):
         in_chans: input channels.
         num_classes: head width; 0 gives an identity head (features only).
         drop_path_rate: stochastic depth (training only).
-        ssd_backend: ``"auto"``, ``"chunked"`` or ``"ref"`` for every mixer (see :meth:`set_ssd_backend`).
+        ssd_backend: the SSD backend of every mixer (see :meth:`set_ssd_backend`).
         ssd_chunk_size: SSD chunk length (speed only).
     """
 
@@ -222,7 +222,8 @@ class Adventurer(nn.Module):
 
     # ---- configuration switches ---------------------------------------------------------------------------
     def set_ssd_backend(self, backend: str) -> None:
-        """``"auto"`` (chunked on CPU, fused mamba_ssm on CUDA when installed), ``"chunked"``, ``"ref"``, ``"cuda"``."""
+        """One of :data:`ratelab.kernels.ssd.BACKENDS`: ``"auto"`` (the recomputing chunked kernel on CPU, fused
+        mamba_ssm on CUDA when installed), ``"chunked"``, ``"recompute"``, ``"compiled"``, ``"ref"``, ``"cuda"``."""
         if backend not in SSD_BACKENDS:
             raise ValueError(f"ssd backend must be one of {SSD_BACKENDS}, got {backend!r}")
         for blk in self.blocks:
