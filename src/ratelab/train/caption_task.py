@@ -9,8 +9,8 @@ averaged over its non-pad targets -- a (B,) vector with one entry per image-capt
 only (no batch statistics), which is what DP-SGD clips per sample. :meth:`training_step` is its mean over the
 micro-batch.
 
-Tokenizer (``task.tokenizer``): a local ``vocab.txt`` (bert-base-uncased's, say) or ``tokenizer.json``; when unset,
-a WordPiece vocabulary of at most ``task.vocab_size`` entries is trained on the training split's captions
+Tokenizer (``task.tokenizer_path``): a local ``vocab.txt`` (bert-base-uncased's, say) or ``tokenizer.json``; when
+unset, a WordPiece vocabulary of at most ``task.vocab_size`` entries is built from the training split's captions
 (deterministic, so a resumed run rebuilds the same one). It is saved as ``out_dir/tokenizer.json``.
 
 Evaluation: ``val_loss`` (mean per-caption loss over the validation set, all ranks) and, on the first
@@ -39,15 +39,15 @@ class CaptionTaskConfig(TaskConfig):
     """Options of the ``caption`` task (``--task caption --task.max_len 40 ...``).
 
     Attributes:
-        tokenizer: path of a local ``vocab.txt`` / ``tokenizer.json`` (or a folder holding one); None = train a
-            WordPiece vocabulary on the training captions.
-        vocab_size: size of the trained vocabulary (ignored with ``tokenizer``).
+        tokenizer_path: a local ``vocab.txt`` / ``tokenizer.json`` (or a folder holding one); None = build a
+            WordPiece vocabulary from the training captions.
+        vocab_size: size of the built vocabulary (ignored with ``tokenizer_path``).
         max_len: captions padded / truncated to this many tokens, BOS and EOS included (DP-Cap's command: 40).
         n_generate: validation images captioned greedily at each evaluation (0 = none).
     """
 
     name: str = "caption"
-    tokenizer: str | None = None
+    tokenizer_path: str | None = None
     vocab_size: int = 1000
     max_len: int = 40
     n_generate: int = 16
@@ -69,7 +69,8 @@ class CaptionTask(Task):
         config: a :class:`CaptionTaskConfig` (or its fields as keyword options).
         train_dataset, val_dataset: caption datasets (items ``(image, caption str)``) to use instead of building
             ``cfg.dataset``.
-        tokenizer: a :class:`ratelab.data.text_tokenizer.CaptionTokenizer` to use (overrides ``task.tokenizer``).
+        tokenizer: a :class:`ratelab.data.text_tokenizer.CaptionTokenizer` to use (overrides
+            ``task.tokenizer_path``).
     """
 
     def __init__(self, config: CaptionTaskConfig | None = None, *, train_dataset: Dataset | None = None,
@@ -89,7 +90,7 @@ class CaptionTask(Task):
 
         if self.tokenizer is None:
             c = self.config
-            self.tokenizer = (CaptionTokenizer.from_file(c.tokenizer) if c.tokenizer is not None
+            self.tokenizer = (CaptionTokenizer.from_file(c.tokenizer_path) if c.tokenizer_path is not None
                               else CaptionTokenizer.train(captions, c.vocab_size))
         return self.tokenizer
 
@@ -108,7 +109,7 @@ class CaptionTask(Task):
 
                 raise ConfigError(f"dataset: {cfg.dataset!r} has no captions; the caption task trains on "
                                   "shapes_captions, caption_folder or caption_wds")
-            self.build_tokenizer(self.raw_train.captions() if self.config.tokenizer is None else [])
+            self.build_tokenizer(self.raw_train.captions() if self.config.tokenizer_path is None else [])
         out = getattr(cfg, "out_dir", None)
         if out:
             self.tokenizer.save(Path(out) / "tokenizer.json")
