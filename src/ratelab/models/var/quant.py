@@ -224,6 +224,23 @@ class MultiScaleQuantizer(nn.Module):
             out.append(f_hat.clone() if to_fhat else idx.reshape(b, pn * pn))
         return out
 
+    @torch.no_grad()
+    def scale_inputs(self, f: torch.Tensor) -> list[torch.Tensor]:
+        """The vectors each scale quantizes (the area-downsampled residual), one (B * p_k^2, C) tensor per scale:
+        the pool a dead code is restarted from."""
+        f = f.float()
+        self._check_latent(f)
+        b, c, h, w = f.shape
+        rest = f.detach().clone()
+        out = []
+        for si, pn in enumerate(self.patch_nums):
+            z = self._down(rest, si, (pn, pn)).permute(0, 2, 3, 1).reshape(-1, c)
+            out.append(z)
+            idx = self.nearest(z)
+            code = self.embedding(idx.view(b, pn, pn)).permute(0, 3, 1, 2)
+            rest = rest - self.phi(si)(self._up(code, si, (h, w)).contiguous())
+        return out
+
     def idx_to_fhat(self, idx_list: Sequence[torch.Tensor], *, all_scales: bool = False) -> torch.Tensor | list:
         """Token maps of every scale -> ``f_hat`` (B, C, H, W) (or, with ``all_scales``, the list after each)."""
         self._check_scales(idx_list)
