@@ -20,6 +20,7 @@ from ratelab.train.mcr2_task import MCR2Task as MCR2Task  # registers the "mcr2"
 from ratelab.train.mcr2_task import MCR2TaskConfig
 from ratelab.train.optim import build_optimizer, weight_decay_groups
 from ratelab.train.plugins import PLUGINS, Plugin, register_plugin
+from ratelab.train.privacy_plugin import PrivacyPlugin as PrivacyPlugin  # registers the "privacy" plugin
 from ratelab.train.schedule import WarmupCosine, warmup_cosine_lr
 from ratelab.train.tasks import (
     TASKS,
@@ -33,6 +34,8 @@ from ratelab.train.tasks import (
     register_task,
 )
 from ratelab.train.trainer import Trainer
+from ratelab.train.vqvae_task import VQVAETask as VQVAETask  # registers the "vqvae" task
+from ratelab.train.vqvae_task import VQVAETaskConfig
 
 __all__ = [
     "CaptionTask",
@@ -51,11 +54,14 @@ __all__ = [
     "ModelEma",
     "OptimizerSpec",
     "Plugin",
+    "PrivacyPlugin",
     "Task",
     "TaskConfig",
     "TrainConfig",
     "Trainer",
     "TrainingDiverged",
+    "VQVAETask",
+    "VQVAETaskConfig",
     "WarmupCosine",
     "add_config_args",
     "build_optimizer",
