@@ -39,13 +39,16 @@ def test_per_sample_loss_is_a_vector_of_independent_terms_and_training_step_its_
     assert isinstance(task, CaptionTask) and task.config.max_len == 16
     batch = torch.utils.data.default_collate([TokenizedCaptions(train, tok, 16)[i] for i in range(6)])
     m = _model(tok).train()
-    per = task.per_sample_loss(m, batch)
+    per = task.per_sample_losses(m, batch)
     assert per.shape == (6,)
     torch.testing.assert_close(per, caption_loss(m(*batch), batch[1], tok.pad_id))
-    alone = task.per_sample_loss(m, [batch[0][2:3], batch[1][2:3]])
+    alone = task.per_sample_losses(m, [batch[0][2:3], batch[1][2:3]])
     torch.testing.assert_close(alone, per[2:3], atol=1e-6, rtol=1e-6)
     loss, metrics = task.training_step(m, batch, None)
     torch.testing.assert_close(loss, per.mean())
+    vec, _ = task.training_step(m, batch, None, per_sample=True)
+    assert task.per_sample_loss is True
+    torch.testing.assert_close(vec, per)
     assert metrics["tokens_per_caption"] > 2
 
 

@@ -4,10 +4,11 @@
 (B, L, V)`` next-token logits with teacher forcing, ``pad_id``/``bos_id``/``eos_id`` and ``generate`` -- such as
 ``dpcap_*``, on an image-caption dataset (``shapes_captions``, ``caption_folder``, ``caption_wds``).
 
-The per-example loss is :meth:`CaptionTask.per_sample_loss`: the cross-entropy of each caption's tokens after BOS,
-averaged over its non-pad targets -- a (B,) vector with one entry per image-caption pair, each depending on that pair
-only (no batch statistics), which is what DP-SGD clips per sample. :meth:`training_step` is its mean over the
-micro-batch.
+The per-example loss is :meth:`CaptionTask.per_sample_losses`: the cross-entropy of each caption's tokens after
+BOS, averaged over its non-pad targets -- a (B,) vector with one entry per image-caption pair, each depending on that
+pair only (no batch statistics), which is what DP-SGD clips per sample. :meth:`training_step` is its mean over the
+micro-batch, or the vector itself with ``per_sample=True`` (the ``privacy`` plugin's contract: the class declares
+``per_sample_loss = True``).
 
 Tokenizer (``task.tokenizer_path``): a local ``vocab.txt`` (bert-base-uncased's, say) or ``tokenizer.json``; when
 unset, a WordPiece vocabulary of at most ``task.vocab_size`` entries is built from the training split's captions
@@ -72,6 +73,8 @@ class CaptionTask(Task):
         tokenizer: a :class:`ratelab.data.text_tokenizer.CaptionTokenizer` to use (overrides
             ``task.tokenizer_path``).
     """
+
+    per_sample_loss = True
 
     def __init__(self, config: CaptionTaskConfig | None = None, *, train_dataset: Dataset | None = None,
                  val_dataset: Dataset | None = None, tokenizer: Any = None, **options: Any) -> None:
@@ -143,7 +146,7 @@ class CaptionTask(Task):
         return model
 
     # ---- training and evaluation ----------------------------------------------------------------------------
-    def per_sample_loss(self, model: nn.Module, batch: Any, cfg: Any = None) -> torch.Tensor:
+    def per_sample_losses(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """(B,) per-caption mean cross-entropy over non-pad targets; entry i depends on example i only."""
         from ratelab.models.dpcap.dpcap import caption_loss
 
@@ -151,11 +154,13 @@ class CaptionTask(Task):
         pad = self.tokenizer.pad_id if self.tokenizer is not None else 0
         return caption_loss(model(imgs, tokens), tokens, pad)
 
-    def training_step(self, model: nn.Module, batch: Any, cfg: Any) -> tuple[torch.Tensor, dict[str, Any]]:
-        """Images and (B, L) ids -> the mean of :meth:`per_sample_loss` over the micro-batch."""
-        losses = self.per_sample_loss(model, batch)
+    def training_step(self, model: nn.Module, batch: Any, cfg: Any,
+                      per_sample: bool = False) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Images and (B, L) ids -> the mean of :meth:`per_sample_losses` over the micro-batch (``per_sample``: the
+        (B,) vector itself)."""
+        losses = self.per_sample_losses(model, batch)
         ntok = (batch[1][:, 1:] != self.tokenizer.pad_id).sum(1).float().mean()
-        return losses.mean(), {"tokens_per_caption": ntok.detach()}
+        return (losses if per_sample else losses.mean()), {"tokens_per_caption": ntok.detach()}
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, ctx: EvalContext) -> dict[str, float]:
@@ -167,7 +172,7 @@ class CaptionTask(Task):
         sums = torch.zeros(2, dtype=torch.float64, device=ctx.device)
         first = None
         for batch in ctx.loader:
-            losses = self.per_sample_loss(model, batch)
+            losses = self.per_sample_losses(model, batch)
             sums += torch.stack([losses.double().sum(), torch.tensor(float(len(losses)), dtype=torch.float64,
                                                                      device=ctx.device)])
             if first is None:
