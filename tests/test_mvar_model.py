@@ -238,3 +238,17 @@ def test_loading_through_the_registry(tmp_path, monkeypatch):
                               attn_l2_norm=False).eval()
     with torch.no_grad():
         torch.testing.assert_close(m2(labels, x), ref(labels, x), rtol=1e-4, atol=1e-4)
+
+
+def test_attention_never_leaves_the_scale():
+    m = _randomized(_tiny())
+    labels, x = torch.tensor([0, 1]), torch.randn(2, m.L - 1, 32)
+    with torch.no_grad():
+        final, inter, attn = m.forward_intermediates(labels, x, return_attn=True)
+        torch.testing.assert_close(final, m.forward_features(labels, x))
+    ids = m.scale_ids
+    across = ids[:, None] != ids[None, :]
+    for a in attn:  # (B, H, L, L): zero weight on every pair of different scales, rows sum to one
+        assert a.shape == (2, 2, m.L, m.L)
+        assert float(a[..., across].abs().max()) == 0.0
+        torch.testing.assert_close(a.sum(-1), torch.ones(2, 2, m.L))

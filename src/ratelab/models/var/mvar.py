@@ -48,7 +48,16 @@ import torch.nn.functional as F
 from ratelab.core.registry import register_model
 from ratelab.layers.mamba2 import Mamba2, causal_conv1d
 from ratelab.models.var.config import MVAR_VARIANTS, MVARConfig
-from ratelab.models.var.var import ScaleAR, ScaleAttention, _drop_path, _mlp, _split_kwargs, build_config, modulate
+from ratelab.models.var.var import (
+    ScaleAR,
+    ScaleAttention,
+    _drop_path,
+    _mlp,
+    _split_kwargs,
+    _with_model_args,
+    build_config,
+    modulate,
+)
 
 __all__ = ["MVAR", "MVARBlock", "mamba2_chunk"]
 
@@ -111,12 +120,16 @@ class MVARBlock(nn.Module):
     def chunks(self, cond: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.ada_lin(F.silu(cond)).view(-1, 1, self.n_chunks, self.C).unbind(2)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor, *, block_ids: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, *, block_ids: torch.Tensor | None,
+                return_attn: bool = False) -> Any:
         """Teacher forcing over the whole sequence; ``block_ids`` = scale of each token (None: one scale)."""
         g1, g2, g3, s1, s2, s3, b1, b2, b3 = self.chunks(cond)
-        x = x + self.drop_path(self.attn(modulate(x, self.ln, s1, b1), block_ids=block_ids) * g1)
+        a = self.attn(modulate(x, self.ln, s1, b1), block_ids=block_ids, return_attn=return_attn)
+        a, w = a if return_attn else (a, None)
+        x = x + self.drop_path(a * g1)
         x = x + self.drop_path(self.mixer(modulate(x, self.ln, s2, b2)) * g2)
-        return x + self.drop_path(self.mlp(modulate(x, self.ln, s3, b3)) * g3)
+        x = x + self.drop_path(self.mlp(modulate(x, self.ln, s3, b3)) * g3)
+        return (x, w) if return_attn else x
 
     def forward_scale(self, x: torch.Tensor, cond: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
         """The tokens of ONE scale (B, p^2, C), continuing the sequence recorded in ``state`` (updated in place).
@@ -151,11 +164,6 @@ class MVAR(ScaleAR):
 
         return convert_mvar_checkpoint(state_dict, model)
 
-    def run_blocks(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        for blk in self.blocks:
-            x = blk(x, cond, block_ids=self.scale_ids)
-        return x
-
     def gen_begin(self, batch: int, *, state_carry: bool = True) -> list[dict[str, Any]]:
         states: list[dict[str, Any]] = []
         for blk in self.blocks:
@@ -180,7 +188,7 @@ def _create_mvar(variant: str, **kwargs: Any) -> MVAR:
     arch, runtime = _split_kwargs(kwargs)
     if "ssd_backend" in arch:
         runtime["ssd_backend"] = arch.pop("ssd_backend")
-    return MVAR(build_config(MVAR_VARIANTS[variant], **arch), **runtime)
+    return _with_model_args(MVAR(build_config(MVAR_VARIANTS[variant], **arch), **runtime), arch)
 
 
 @register_model

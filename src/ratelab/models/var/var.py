@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from ratelab.core.registry import register_model
 from ratelab.kernels.attention import attention
+from ratelab.layers.intermediates import check_output_fmt, pack_intermediates, resolve_indices
 from ratelab.models.var.config import VAR_VARIANTS, VARConfig
 
 __all__ = ["VAR", "AdaLNHead", "ScaleAttention", "VARBlock", "ScaleAR", "modulate"]
@@ -97,7 +98,8 @@ class ScaleAttention(nn.Module):
         block_ids: torch.Tensor | None = None,
         block_causal: bool = False,
         kv_cache: dict[str, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
+        return_attn: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         q, k, v = self.qkv_heads(x)
         if kv_cache is not None:
             if "k" in kv_cache:
@@ -105,7 +107,11 @@ class ScaleAttention(nn.Module):
                 v = torch.cat([kv_cache["v"], v], dim=2)
             kv_cache["k"], kv_cache["v"] = k, v
         causal = block_causal and block_ids is not None  # cached keys are all of earlier scales: no mask then
-        out = attention(q, k, v, scale=self.scale, block_ids=block_ids, block_causal=causal, backend=self.backend)
+        out = attention(q, k, v, scale=self.scale, block_ids=block_ids, block_causal=causal, backend=self.backend,
+                        return_attn=return_attn)
+        if return_attn:
+            out, w = out
+            return self.proj(out.transpose(1, 2).flatten(2)), w
         return self.proj(out.transpose(1, 2).flatten(2))
 
 
@@ -140,11 +146,14 @@ class VARBlock(nn.Module):
         return self.ada_lin(F.silu(cond)).view(-1, 1, self.n_chunks, self.C).unbind(2)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor, *, block_ids: torch.Tensor | None = None,
-                kv_cache: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+                kv_cache: dict[str, torch.Tensor] | None = None, return_attn: bool = False) -> Any:
         g1, g2, s1, s2, b1, b2 = self.chunks(cond)
-        a = self.attn(modulate(x, self.ln, s1, b1), block_ids=block_ids, block_causal=True, kv_cache=kv_cache)
+        a = self.attn(modulate(x, self.ln, s1, b1), block_ids=block_ids, block_causal=True, kv_cache=kv_cache,
+                      return_attn=return_attn)
+        a, w = a if return_attn else (a, None)
         x = x + self.drop_path(a * g1)
-        return x + self.drop_path(self.mlp(modulate(x, self.ln, s2, b2)) * g2)
+        x = x + self.drop_path(self.mlp(modulate(x, self.ln, s2, b2)) * g2)
+        return (x, w) if return_attn else x
 
 
 class AdaLNHead(nn.Module):
@@ -164,8 +173,8 @@ class AdaLNHead(nn.Module):
 class ScaleAR(nn.Module):
     """What VAR and M-VAR share: the scale schedule, embeddings, head, init, loss inputs and the sampling loop.
 
-    Subclasses build ``self.blocks`` and implement :meth:`run_blocks` (teacher forcing) and the three generation
-    hooks :meth:`gen_begin`, :meth:`gen_blocks`, :meth:`gen_end`.
+    Subclasses set ``block_type`` (called as ``blk(x, cond, block_ids=..., return_attn=...)`` on the whole
+    sequence) and implement the three generation hooks :meth:`gen_begin`, :meth:`gen_blocks`, :meth:`gen_end`.
     """
 
     cfg: VARConfig
@@ -268,10 +277,48 @@ class ScaleAR(nn.Module):
         return labels
 
     def forward_features(self, labels: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor) -> torch.Tensor:
-        """Hidden states (B, L, C) after the last block (before the head's AdaLN)."""
-        labels = self.drop_labels(self._check_labels(labels))
-        x, cond = self.embed(labels, x_BLCv_wo_first_l)
-        return self.run_blocks(x, cond), cond
+        """Hidden states (B, L, C) after the last block, for these labels (no label dropout here)."""
+        x, cond = self.embed(self._check_labels(labels), x_BLCv_wo_first_l)
+        for blk in self.blocks:
+            x = blk(x, cond, block_ids=self.scale_ids)
+        return x
+
+    def forward_head(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Logits (B, L, V) from :meth:`forward_features`' hidden states and the same labels."""
+        return self.logits(h, self.class_emb(self._check_labels(labels)))
+
+    def forward_intermediates(
+        self,
+        labels: torch.Tensor,
+        x_BLCv_wo_first_l: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        output_fmt: str = "NLC",
+        intermediates_only: bool = False,
+        return_attn: bool = False,
+    ) -> Any:
+        """Block outputs (timm's convention) for the teacher-forcing input of :meth:`forward`.
+
+        ``indices``: blocks to keep (``None`` all, n the last n, a list those); ``norm``: apply the head's
+        class-conditioned LayerNorm; ``output_fmt``: ``"NLC"`` only, (B, L, C) in sequence order (coarse to fine);
+        ``return_attn``: each kept block's (B, H, L, L) attention (explicit softmax path; block-causal for VAR,
+        block-diagonal for M-VAR). Returns ``(final, intermediates[, attn])`` or the list alone with
+        ``intermediates_only``; ``final`` is :meth:`forward_features`' output.
+        """
+        check_output_fmt(output_fmt, ("NLC",), type(self).__name__)
+        take = resolve_indices(len(self.blocks), indices, what="block")
+        x, cond = self.embed(self._check_labels(labels), x_BLCv_wo_first_l)
+        inter: list[torch.Tensor] = []
+        attn: list[torch.Tensor] | None = [] if return_attn else None
+        for i, blk in enumerate(self.blocks):
+            if attn is not None and i in take:
+                x, a = blk(x, cond, block_ids=self.scale_ids, return_attn=True)
+                attn.append(a)
+            else:
+                x = blk(x, cond, block_ids=self.scale_ids)
+            if i in take:
+                inter.append(self.head_adaln(x, cond) if norm else x)
+        return pack_intermediates(x, inter, attn, intermediates_only=intermediates_only)
 
     def forward(self, labels: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits (B, L, V): position t predicts the token of its own scale.
@@ -281,11 +328,8 @@ class ScaleAR(nn.Module):
                 ``cond_drop_rate`` in train mode.
             x_BLCv_wo_first_l: (B, L - p_1^2, C_vae) the tokenizer's ``idx_to_var_input``.
         """
-        h, cond = self.forward_features(labels, x_BLCv_wo_first_l)
-        return self.logits(h, cond)
-
-    def run_blocks(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        labels = self.drop_labels(self._check_labels(labels))
+        return self.forward_head(self.forward_features(labels, x_BLCv_wo_first_l), labels)
 
     # ---- generation hooks (see ratelab.models.var.sampling.generate) ------------------------------------------
     def gen_begin(self, batch: int, **kw: Any) -> Any:
@@ -319,11 +363,6 @@ class VAR(ScaleAR):
         from ratelab.models.var.convert import convert_var_checkpoint
 
         return convert_var_checkpoint(state_dict, model)
-
-    def run_blocks(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        for blk in self.blocks:
-            x = blk(x, cond, block_ids=self.scale_ids)
-        return x
 
     def gen_begin(self, batch: int, **kw: Any) -> list[dict[str, torch.Tensor]]:
         if kw:
@@ -369,9 +408,16 @@ def _split_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any
     return kwargs, runtime
 
 
+def _with_model_args(model: ScaleAR, arch: dict[str, Any]) -> ScaleAR:
+    # What rebuilds the architecture through the entry point (JSON-able; num_classes included, as save_model adds it).
+    model.model_args = {**{k: list(v) if isinstance(v, tuple) else v for k, v in arch.items()},
+                        "num_classes": model.num_classes}
+    return model
+
+
 def _create_var(variant: str, **kwargs: Any) -> VAR:
     arch, runtime = _split_kwargs(kwargs)
-    return VAR(build_config(VAR_VARIANTS[variant], **arch), **runtime)
+    return _with_model_args(VAR(build_config(VAR_VARIANTS[variant], **arch), **runtime), arch)
 
 
 @register_model
