@@ -30,7 +30,7 @@ B = 2
 # Formats each family supports, the default first (docs/models.md, "Model API").
 FORMATS = {"crate": ("NLC", "NCHW"), "crate_alpha": ("NLC", "NCHW"), "adventurer": ("NLC", "NCHW"),
            "icl_gpt": ("NLC",), "mcr2_nets": None,
-           "crate_mae": ("NLC", "NCHW"), "mae_vit": ("NLC", "NCHW")}
+           "crate_mae": ("NLC", "NCHW"), "mae_vit": ("NLC", "NCHW"), "var": ("NLC",)}
 # Masked autoencoders: ``model(x, mask_ratio, noise) -> (loss, pred, mask)``, no classifier head.
 MAE_FAMILIES = ("crate_mae", "mae_vit")
 
@@ -39,8 +39,17 @@ def _family(name: str) -> str:
     return registered_family(name)
 
 
+def _is_scale_ar(model) -> bool:
+    from ratelab.models.var.var import ScaleAR
+
+    return isinstance(model, ScaleAR)
+
+
 def _tiny_overrides(name: str) -> dict:
     """Small depth/width/image for the ImageNet-sized entries (same code path, a fraction of the cost)."""
+    if name.startswith(("var_d", "mvar_d")):  # VAR / M-VAR generators (up to 3.66B at full size)
+        tiny = {"depth": 2, "embed_dim": 32, "num_heads": 2, "patch_nums": [1, 2, 3], "vocab_size": 16}
+        return {**tiny, **({"d_state": 8, "headdim": 16} if name.startswith("mvar_") else {})}
     if not name.endswith("_224"):
         return {}
     with torch.device("meta"):
@@ -54,6 +63,9 @@ def _tiny_overrides(name: str) -> dict:
 
 def _inputs(model) -> tuple:
     g = torch.Generator().manual_seed(0)
+    if _is_scale_ar(model):  # VAR / M-VAR: (labels, teacher-forcing input)
+        return (torch.randint(0, model.num_classes, (B,), generator=g),
+                torch.randn(B, model.L - model.first_l, model.c_vae, generator=g))
     if hasattr(model, "vocab_size"):  # icl_gpt: (x, y) few-shot sequences
         n = 5
         return (torch.randn(B, n, model.cfg.input_dim, generator=g),
@@ -101,7 +113,9 @@ def test_forward_save_load_round_trip(name, tmp_path):
         else:
             out = model(*inputs)
             assert torch.isfinite(out).all()
-            torch.testing.assert_close(model.forward_head(model.forward_features(*inputs)), out, atol=0, rtol=0)
+            head_args = inputs[:1] if _is_scale_ar(model) else ()  # VAR's head is conditioned on the labels
+            torch.testing.assert_close(model.forward_head(model.forward_features(*inputs), *head_args), out,
+                                       atol=0, rtol=0)
     save_model(model, tmp_path)
     again = load_model(tmp_path).eval()
     assert type(again) is type(model) and again.model_args == model.model_args
@@ -116,7 +130,7 @@ def _check_token_family(model, inputs, fam):
     final, inter = model.forward_intermediates(*inputs)
     torch.testing.assert_close(final, feats, atol=0, rtol=0)
     assert len(inter) == depth
-    if fam == "icl_gpt":
+    if fam == "icl_gpt" or _is_scale_ar(model):
         assert all(t.shape == feats.shape for t in inter)  # (B, 2n, D): every token, no prefix
         torch.testing.assert_close(inter[-1], final, atol=0, rtol=0)
         n_tokens = feats.shape[1]
