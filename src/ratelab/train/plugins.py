@@ -16,11 +16,19 @@ order:
 5. ``on_step_end(trainer) -> metrics`` after every optimizer step; ``epoch_metrics(trainer) -> metrics`` at every
    evaluation (logged as ``kind: "eval"`` rows and returned by ``fit``; e.g. the privacy budget spent).
 6. ``state_dict()`` / ``load_state_dict(state)``: saved in every checkpoint under ``plugins/<name>``.
+7. ``backward(losses, *, scaler)`` instead of the trainer's own backward, for a plugin with ``per_sample_loss``:
+   the trainer then calls ``training_step(..., per_sample=True)`` (the task must declare
+   ``Task.per_sample_loss``), checks that it returned a ``(n,)`` vector of per-example losses for the micro-batch
+   and hands it over; the plugin accumulates whatever it wants into ``p.grad`` (DP-SGD: the clipped per-example
+   gradients, summed -- not weighted by the micro-batch's share). ``scaler`` is the fp16 ``GradScaler`` or None.
+   The trainer logs ``losses.mean()`` as the loss.
 
 Class attributes: ``allows_grad_stats`` (False: the trainer never computes or logs the norm of raw gradients, and
 ``grad_clip`` must be 0 because the plugin clips), ``step_on_empty_batch`` (True: an empty global batch still takes
 an optimizer step with zero gradients -- DP-SGD adds its noise there; False: the step is skipped and neither the
-schedule nor EMA advance).
+schedule nor EMA advance), ``per_sample_loss`` (True: hook 7 replaces the trainer's backward; one plugin at most).
+Instance attribute ``max_micro_batch`` (int or None): the largest micro-batch per rank; a local batch is split into
+``max(accum_steps, ceil(n / max_micro_batch))`` micro-batches (physical batches of a huge logical one).
 
 Register with ``@register_plugin("name", config=ConfigDataclass)``; enable with
 ``TrainConfig(plugins={"name": {...}})``, ``--plugin name`` or ``--set plugins.name.option=value``.
@@ -96,6 +104,8 @@ class Plugin:
     plugin_name: ClassVar[str] = ""
     allows_grad_stats: ClassVar[bool] = True
     step_on_empty_batch: ClassVar[bool] = False
+    per_sample_loss: ClassVar[bool] = False
+    max_micro_batch: int | None = None
 
     def __init__(self, config: Any = None) -> None:
         self.config = config if config is not None else self.Config()
@@ -112,6 +122,9 @@ class Plugin:
     def batch_sampler(self, n: int, *, global_batch: int, rank: int, world_size: int, seed: int, epoch: int,
                       start_step: int) -> Any:
         return None
+
+    def backward(self, losses: Any, *, scaler: Any = None) -> None:
+        raise NotImplementedError(f"plugin {self.plugin_name!r} sets per_sample_loss but has no backward()")
 
     def on_step_end(self, trainer: Any) -> dict[str, float]:
         return {}

@@ -179,10 +179,11 @@ def _clean_stale_temporaries(out_dir: Path) -> list[Path]:
 
 
 def _call_training_step(task: Any, wants_optimizer: bool, model: nn.Module, batch: Any, cfg: TrainConfig,
-                        name: str) -> tuple[torch.Tensor, dict[str, Any]]:
+                        name: str, per_sample: bool = False) -> tuple[torch.Tensor, dict[str, Any]]:
+    kwargs: dict[str, Any] = {"per_sample": True} if per_sample else {}
     if wants_optimizer:
-        return task.training_step(model, batch, cfg, optimizer=name)
-    return task.training_step(model, batch, cfg)
+        kwargs["optimizer"] = name
+    return task.training_step(model, batch, cfg, **kwargs)
 
 
 # ---- trainer -----------------------------------------------------------------------------------------------------
@@ -259,6 +260,9 @@ class Trainer:
         if not self._grad_stats and cfg.grad_clip > 0:
             names = [p.plugin_name for p in self.plugins if not p.allows_grad_stats]
             raise ConfigError(f"grad_clip: plugin(s) {names} clip gradients themselves; set grad_clip=0")
+        self._loss_plugin = self._per_sample_plugin(task)
+        limits = [p.max_micro_batch for p in self.plugins if p.max_micro_batch]
+        self._max_micro = min(limits) if limits else None
         self.amp_dtype, self.scaler = self._resolve_amp(cfg.amp)
         if self.scaler is not None and self.strategy.name == "fsdp":
             raise ConfigError("amp: fp16 loss scaling is not supported with strategy 'fsdp'; use amp=bf16 (FSDP's "
@@ -367,6 +371,23 @@ class Trainer:
             diff = ", ".join(f"task.{k}: cfg {a!r} vs task object {b!r}" for k, a, b in config_diff(cfg.task, own))
             raise ConfigError(f"task: the config's task section differs from the task object ({diff}); set one")
         return cfg.replace(task=own)
+
+    def _per_sample_plugin(self, task: Any) -> Plugin | None:
+        owners = [p for p in self.plugins if p.per_sample_loss]
+        if not owners:
+            return None
+        if len(owners) > 1:
+            raise ConfigError(f"plugins: {[p.plugin_name for p in owners]} all take over the backward pass "
+                              "(per_sample_loss); enable one of them")
+        if not getattr(task, "per_sample_loss", False):
+            raise ConfigError(
+                f"plugins.{owners[0].plugin_name}: needs per-example losses, and task {type(task).__name__} does "
+                "not provide them: its loss is not declared a sum of per-example terms (Task.per_sample_loss = "
+                "True with training_step(..., per_sample=True) returning a (n,) vector; see docs/privacy.md). "
+                "Losses that couple the examples of a batch (contrastive, batch statistics) cannot be clipped per "
+                "example.")
+        self._per_sample_kw = "per_sample" in inspect.signature(task.training_step).parameters
+        return owners[0]
 
     def _resolve_amp(self, amp: str) -> tuple[torch.dtype | None, Any]:
         dev = self.device.type
@@ -565,7 +586,10 @@ class Trainer:
     def _micro_batches(self, batch: Any, n_local: int) -> list[tuple[Any, int]]:
         if n_local == 0:
             return []
-        k = min(self.cfg.accum_steps, n_local)
+        k = self.cfg.accum_steps
+        if self._max_micro:
+            k = max(k, -(-n_local // self._max_micro))
+        k = min(k, n_local)
         q, r = divmod(n_local, k)
         sizes = [q + (i < r) for i in range(k)]
         parts = split_batch(batch, sizes) if k > 1 else [batch]
@@ -598,17 +622,25 @@ class Trainer:
                 with sync:
                     with self._autocast():
                         loss, metrics = _call_training_step(self.task, self._wants_optimizer, self.wrapped, mb, cfg,
-                                                            spec.name)
-                    if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
-                        raise TypeError(
-                            f"{type(self.task).__name__}.training_step must return a scalar loss tensor, got "
-                            f"{type(loss).__name__}{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}")
-                    # Weight = this micro-batch's share of the global batch; DDP/FSDP average over the ranks, so
-                    # the sum over ranks and micro-batches is the global mean. Integer arithmetic first: the common
-                    # case (one micro-batch of B / world) gets exactly 1.0.
-                    weight = (n_mb * (1 if manual_sync else world)) / n_global
-                    scaled = loss * weight if weight != 1.0 else loss
-                    (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+                                                            spec.name, self._loss_plugin is not None and
+                                                            self._per_sample_kw)
+                    if self._loss_plugin is not None:
+                        loss = self._per_sample_backward(loss, n_mb)
+                    else:
+                        if (isinstance(loss, torch.Tensor) and loss.ndim == 1
+                                and getattr(self.task, "per_sample_loss", False)):
+                            loss = loss.mean()  # a task that returns its per-example losses
+                        if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
+                            raise TypeError(
+                                f"{type(self.task).__name__}.training_step must return a scalar loss tensor, got "
+                                f"{type(loss).__name__}"
+                                f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}")
+                        # Weight = this micro-batch's share of the global batch; DDP/FSDP average over the ranks,
+                        # so the sum over ranks and micro-batches is the global mean. Integer arithmetic first: the
+                        # common case (one micro-batch of B / world) gets exactly 1.0.
+                        weight = (n_mb * (1 if manual_sync else world)) / n_global
+                        scaled = loss * weight if weight != 1.0 else loss
+                        (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
                 share = n_mb / n_local
                 spec_loss = spec_loss + loss.detach().float() * share if share != 1.0 else loss.detach().float()
                 prefix = "" if len(self.specs) == 1 else f"{spec.name}_"
@@ -627,6 +659,15 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.model)
         self._end_step({"loss": loss_total, **values})
+
+    def _per_sample_backward(self, losses: Any, n_mb: int) -> torch.Tensor:
+        # The plugin's backward replaces the weighted mean: it sees every example's own loss (DP-SGD clips each).
+        if not isinstance(losses, torch.Tensor) or tuple(losses.shape) != (n_mb,):
+            got = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+            raise TypeError(f"{type(self.task).__name__}.training_step(..., per_sample=True) must return a ({n_mb},) "
+                            f"vector of per-example losses for this micro-batch of {n_mb}, got {got}")
+        self._loss_plugin.backward(losses, scaler=self.scaler)
+        return losses.detach().float().mean()
 
     def _end_step(self, values: dict[str, Any]) -> None:
         # One logical batch consumed (with or without an update): advance the data position, add plugin metrics.
