@@ -250,13 +250,17 @@ class Task:
        counters); saved in every checkpoint.
 
     Class attributes: ``supports_accumulation`` (False for losses over the whole batch, e.g. MCR², where micro-batches
-    would change the objective: ``accum_steps > 1`` is then an error), ``ddp_find_unused_parameters``.
+    would change the objective: ``accum_steps > 1`` is then an error), ``ddp_find_unused_parameters``,
+    ``per_sample_loss`` (True: the loss is a mean of per-example terms, each a function of its own example only, and
+    ``training_step(model, batch, cfg, per_sample=True)`` returns the ``(n,)`` vector of those terms instead of their
+    mean; what DP-SGD clips, see :mod:`ratelab.train.privacy_plugin` and docs/privacy.md).
     """
 
     Config: ClassVar[type] = TaskConfig
     task_name: ClassVar[str] = ""
     supports_accumulation: ClassVar[bool] = True
     ddp_find_unused_parameters: ClassVar[bool] = False
+    per_sample_loss: ClassVar[bool] = False
 
     def __init__(self, config: TaskConfig | None = None, **options: Any) -> None:
         if config is not None and options:
@@ -335,6 +339,8 @@ class ClassificationTask(Task):
         val_dataset: optional validation dataset (used only together with ``train_dataset``; None = no eval).
     """
 
+    per_sample_loss = True
+
     def __init__(self, config: ClassificationConfig | None = None, *, train_dataset: Dataset | None = None,
                  val_dataset: Dataset | None = None) -> None:
         super().__init__(config)
@@ -371,11 +377,14 @@ class ClassificationTask(Task):
         return create_model(cfg.model, **self.model_kwargs(cfg))
 
     # ---- training and evaluation --------------------------------------------------------------------------
-    def training_step(self, model: nn.Module, batch: Any, cfg: Any) -> tuple[torch.Tensor, dict[str, Any]]:
-        """(B, C, H, W) images and (B,) labels -> mean cross-entropy over the micro-batch, and accuracy."""
+    def training_step(self, model: nn.Module, batch: Any, cfg: Any,
+                      per_sample: bool = False) -> tuple[torch.Tensor, dict[str, Any]]:
+        """(B, C, H, W) images and (B,) labels -> mean cross-entropy over the micro-batch (``per_sample``: the (B,)
+        per-example cross-entropies), and accuracy."""
         x, y = batch[0], batch[1]
         logits = model(x)  # (B, num_classes)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing,
+                               reduction="none" if per_sample else "mean")
         acc = (logits.detach().argmax(dim=-1) == y).float().mean()
         return loss, {"acc": acc}
 
