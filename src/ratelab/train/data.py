@@ -116,7 +116,7 @@ class PoissonBatchSampler(Sampler[list[int]]):
 
     Batches vary in size and can be empty. A batch is a pure function of ``(seed, epoch, step)``, so resumption
     needs no saved RNG state and N ranks draw the same global batch (each keeps its contiguous share of it).
-    An "epoch" is ``round(1 / q)`` steps (every example is expected once).
+    An "epoch" is ``round(1 / q)`` steps (every example is expected once) unless ``steps`` says otherwise.
 
     Args:
         n: dataset length.
@@ -124,17 +124,21 @@ class PoissonBatchSampler(Sampler[list[int]]):
         rank, world_size: this process's share.
         seed, epoch: select the draws.
         start_step: skip the first ``start_step`` batches (resuming mid-epoch), without drawing them.
+        steps: batches per epoch (default ``round(1 / q)``; TAN simulation keeps the full-batch run's epoch length
+            while sampling at a smaller rate).
     """
 
     fixed_size = False
 
     def __init__(self, n: int, *, sample_rate: float, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 epoch: int = 0, start_step: int = 0) -> None:
+                 epoch: int = 0, start_step: int = 0, steps: int | None = None) -> None:
         if not 0.0 < sample_rate <= 1.0:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+        if steps is not None and steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
         self.n, self.q, self.rank, self.world_size = n, float(sample_rate), rank, world_size
         self.seed, self.epoch, self.start_step = seed, epoch, start_step
-        self.steps = max(1, round(1.0 / self.q))
+        self.steps = max(1, round(1.0 / self.q)) if steps is None else int(steps)
         if not 0 <= start_step <= self.steps:
             raise ValueError(f"start_step {start_step} outside [0, {self.steps}]")
 
