@@ -34,6 +34,8 @@ from ratelab.train.tasks import (
     register_task,
 )
 from ratelab.train.trainer import Trainer
+from ratelab.train.var_task import VARTask as VARTask  # registers the "var" task
+from ratelab.train.var_task import VARTaskConfig
 from ratelab.train.vqvae_task import VQVAETask as VQVAETask  # registers the "vqvae" task
 from ratelab.train.vqvae_task import VQVAETaskConfig
 
@@ -62,6 +64,8 @@ __all__ = [
     "TrainingDiverged",
     "VQVAETask",
     "VQVAETaskConfig",
+    "VARTask",
+    "VARTaskConfig",
     "WarmupCosine",
     "add_config_args",
     "build_optimizer",

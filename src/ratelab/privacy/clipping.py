@@ -1,0 +1,251 @@
+"""Per-sample gradient clipping on opacus' machinery: the backward of one micro-batch's per-example losses.
+
+:func:`clipped_backward` adds ``sum_i min(1, C / (||g_i|| + 1e-6)) g_i`` to ``p.grad`` for every trainable parameter,
+where ``g_i`` is the gradient of example i's loss over ALL parameters together (flat clipping), and leaves nothing
+else behind: no raw gradient, no per-sample tensor. Calling it once per micro-batch accumulates the clipped sum of
+the whole logical batch; the noise and the division by the expected batch size come after (one draw per logical
+step, in :class:`opacus.optimizers.DPOptimizerFastGradientClipping`).
+
+Three ways to get the per-sample norms, as opacus' ``grad_sample_mode``:
+
+* ``ghost`` (default; Li et al. 2022, opacus' ``GradSampleModuleFastGradientClipping``): the norms of Linear and
+  Embedding per-sample gradients from two Gram matrices without forming them, other layers (LayerNorm, Conv) per
+  layer and discarded at once; a second backward of ``sum_i c_i loss_i`` then gives the clipped sum directly.
+* ``hooks`` (opacus' ``GradSampleModule``): per-layer closed-form per-sample gradients ``p.grad_sample`` (B x P
+  memory), clipped and summed here; one backward.
+* ``functorch``: the same with opacus' per-layer ``vmap(grad)`` for every layer.
+
+The readable twin is :func:`ratelab.privacy.reference.clipped_gradient_sum_ref` (``torch.func`` over the whole
+model); ``tests/test_privacy.py`` compares the three modes with it layer type by layer type.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ratelab.core.errors import ConfigError, TrainingDiverged
+from ratelab.privacy.config import CLIPPING_MODES
+
+__all__ = ["CLIP_EPS", "check_private_module", "clipped_backward", "make_per_sample_module", "non_leaf_parameters"]
+
+# opacus' stability constant in min(1, C / (||g|| + eps)); DP-Cap's patched engine uses 1e-4.
+CLIP_EPS = 1e-6
+
+
+def check_private_module(model: nn.Module, clipping: str = "ghost") -> None:
+    """Refuse what breaks per-example sensitivity, naming every offending module.
+
+    * layers that mix examples (BatchNorm and the others opacus' ``ModuleValidator`` rejects, e.g. LSTM without its
+      DP twin, ``nn.MultiheadAttention``, InstanceNorm with running statistics);
+    * under ``ghost`` clipping, a parameter owned by two modules or a module registered twice (parameter tying):
+      ghost norms need each parameter's activations from exactly one call.
+
+    Raises:
+        ConfigError: the message lists each problem as ``module name (Type): why``.
+    """
+    if clipping not in CLIPPING_MODES:
+        raise ConfigError(f"privacy.clipping: must be one of {list(CLIPPING_MODES)}, got {clipping!r}")
+    from opacus.validators import ModuleValidator
+
+    problems = []
+    for name, m in model.named_modules():
+        validator = ModuleValidator.VALIDATORS.get(type(m))
+        if validator is None:
+            continue
+        for err in validator(m):
+            why = str(err).split(". ")[0].rstrip(".")
+            problems.append(f"{name or '<model>'} ({type(m).__name__}): {why}")
+    if problems:
+        raise ConfigError("privacy: the model has layers that mix examples or that per-sample clipping cannot "
+                          "handle: " + "; ".join(problems) + ". Replace them (e.g. BatchNorm -> GroupNorm/LayerNorm; "
+                          "opacus.validators.ModuleValidator.fix does it) before training with DP.")
+    if clipping == "ghost":
+        owners: dict[int, list[str]] = {}
+        for name, m in model.named_modules(remove_duplicate=False):
+            for pn, p in m.named_parameters(recurse=False):
+                if p.requires_grad:
+                    owners.setdefault(id(p), []).append(f"{name}.{pn}" if name else pn)
+        tied = [names for names in owners.values() if len(names) > 1]
+        if tied:
+            listed = "; ".join(" = ".join(names) for names in tied)
+            raise ConfigError(f"privacy.clipping: ghost clipping does not support parameter tying, and these "
+                              f"parameters are shared: {listed}. Untie them or use clipping='hooks'.")
+
+
+def non_leaf_parameters(model: nn.Module) -> list[str]:
+    """Trainable parameters held directly by a module that has submodules (a ViT's ``cls_token``, ``pos_embed``).
+
+    opacus computes their per-sample gradients with ``vmap`` over that module's WHOLE forward (exact, but about one
+    more forward and backward per step); DP-Cap freezes its [CLS] token and uses fixed positions, which avoids it.
+    """
+    out = []
+    for name, m in model.named_modules():
+        if next(m.children(), None) is None:
+            continue
+        out += [f"{name}.{pn}" if name else pn for pn, p in m.named_parameters(recurse=False) if p.requires_grad]
+    return out
+
+
+def make_per_sample_module(model: nn.Module, clipping: str = "ghost") -> nn.Module:
+    """Wrap ``model`` in the opacus module that computes per-sample norms (``ghost``) or gradients (the others).
+
+    The wrapper's ``state_dict`` keys carry a ``_module.`` prefix; :func:`ratelab.core.checkpoint.unwrap_model` peels
+    it, so checkpoints keep the model's own names. Losses are summed (``loss_reduction="sum"``): the per-sample
+    gradients are those of each example's own loss.
+    """
+    check_private_module(model, clipping)
+    from opacus.grad_sample import GradSampleModule
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module="opacus")
+        if clipping == "ghost":
+            return _GhostClippingModule(model, batch_first=True, loss_reduction="sum", strict=False,
+                                        use_ghost_clipping=True)
+        return GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=False,
+                                force_functorch=clipping == "functorch")
+
+
+def _ghost_class() -> type:
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+
+    class GhostClippingModule(GradSampleModuleFastGradientClipping):
+        """opacus' ghost-clipping module whose reuse error names the module and the way out."""
+
+        def __init__(self, m: nn.Module, **kwargs: Any) -> None:
+            super().__init__(m, **kwargs)
+            self._names = {id(mod): name for name, mod in m.named_modules()}
+
+        def capture_activations_hook(self, module: nn.Module, forward_input: Any, _forward_output: Any) -> None:
+            try:
+                super().capture_activations_hook(module, forward_input, _forward_output)
+            except NotImplementedError:
+                raise ConfigError(
+                    f"privacy.clipping: module {self._names.get(id(module), type(module).__name__)!r} "
+                    f"({type(module).__name__}) ran twice in one forward pass (parameter tying); ghost clipping "
+                    "needs one call per module. Use clipping='hooks'.") from None
+
+    return GhostClippingModule
+
+
+class _LazyGhost:
+    # The subclass is built on first use: importing ratelab.privacy must not import opacus.
+    cls: type | None = None
+
+    def __call__(self, m: nn.Module, **kwargs: Any) -> nn.Module:
+        if _LazyGhost.cls is None:
+            _LazyGhost.cls = _ghost_class()
+        return _LazyGhost.cls(m, **kwargs)
+
+
+_GhostClippingModule = _LazyGhost()
+
+
+def _is_ghost(module: nn.Module) -> bool:
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+
+    return isinstance(module, GradSampleModuleFastGradientClipping)
+
+
+def _clip_coefficients(norms: torch.Tensor, max_grad_norm: float, scale: float) -> torch.Tensor:
+    # Norms of gradients of the scaled loss (AMP): the threshold scales with them.
+    return (max_grad_norm / (norms / scale + CLIP_EPS)).clamp(max=1.0)
+
+
+def clipped_backward(module: nn.Module, losses: torch.Tensor, *, max_grad_norm: float, scaler: Any = None) -> None:
+    """Add the clipped sum of the per-example gradients of ``losses`` to ``p.grad`` (of ``module``'s parameters).
+
+    Args:
+        module: the wrapper :func:`make_per_sample_module` returned (the forward that produced ``losses`` ran
+            through it, possibly inside DDP).
+        losses: ``(n,)`` per-example losses, each a function of its own example only.
+        max_grad_norm: C.
+        scaler: a ``torch.amp.GradScaler`` (fp16) or None. The backward runs on the scaled losses, the threshold is
+            scaled alike, and ``p.grad`` holds the scaled clipped sum for the scaler to unscale. A non-finite
+            per-sample norm makes the sum non-finite so that the scaler skips the step and lowers its scale.
+
+    Raises:
+        TrainingDiverged: a per-sample gradient norm is non-finite without a loss scaler.
+    """
+    if losses.ndim != 1:
+        raise ValueError(f"losses: expected a (n,) vector of per-example losses, got shape {tuple(losses.shape)}")
+    scale = float(scaler.get_scale()) if scaler is not None else 1.0
+    params = [p for p in module.parameters() if p.requires_grad]
+    prev = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    with warnings.catch_warnings():
+        # opacus reads the gradient at each layer's output through full backward hooks; torch warns when no input of
+        # a layer requires grad (the first layer), which is exactly the case it handles.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        # opacus' functorch path vmaps layers whose ops (SDPA on CPU) have no batching rule yet: slower, still exact.
+        warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented")
+        # opacus' functorch path re-enters autocast with the lowest dtype it saw, which torch flags on CPU for fp32.
+        warnings.filterwarnings("ignore", message=r"In \w+ autocast, but the target dtype is not supported")
+        if _is_ghost(module):
+            _ghost_backward(module, params, losses, max_grad_norm, scale)
+        else:
+            _grad_sample_backward(params, losses, max_grad_norm, scale)
+    for p, g in zip(params, prev):
+        if p.grad is None:
+            p.grad = g if g is not None else torch.zeros_like(p)
+        elif g is not None:
+            p.grad.add_(g)
+
+
+def _total_norms(per_param: list[torch.Tensor], n: int, device: torch.device) -> torch.Tensor:
+    if not per_param:
+        return torch.zeros(n, device=device)
+    return torch.stack([t.to(device=device, dtype=torch.float32) for t in per_param]).norm(2, dim=0)
+
+
+def _finite_or_poison(coef: torch.Tensor, norms: torch.Tensor, scale: float) -> torch.Tensor:
+    bad = ~torch.isfinite(norms)
+    if not bool(bad.any()):
+        return coef
+    if scale == 1.0:
+        raise TrainingDiverged(f"privacy: {int(bad.sum())} per-sample gradient norm(s) are not finite", step=-1,
+                               loss=float("nan"))
+    return coef * torch.where(bad, float("nan"), 1.0)
+
+
+def _ghost_backward(module: nn.Module, params: list[torch.Tensor], losses: torch.Tensor, max_grad_norm: float,
+                    scale: float) -> None:
+    for p in params:
+        if hasattr(p, "_norm_sample"):
+            del p._norm_sample  # a parameter this forward did not reach must not bring an old micro-batch's norms
+    (losses.sum() * scale).backward(retain_graph=True)
+    norms = _total_norms([p._norm_sample for p in params if getattr(p, "_norm_sample", None) is not None],
+                         losses.shape[0], losses.device)
+    coef = _finite_or_poison(_clip_coefficients(norms, max_grad_norm, scale), norms, scale)
+    for p in params:
+        p.grad = None
+        if hasattr(p, "_norm_sample"):
+            del p._norm_sample
+    module.disable_hooks()
+    try:
+        ((coef.detach().to(losses.dtype) * losses).sum() * scale).backward()
+    finally:
+        module.enable_hooks()
+
+
+def _grad_sample_backward(params: list[torch.Tensor], losses: torch.Tensor, max_grad_norm: float,
+                          scale: float) -> None:
+    (losses.sum() * scale).backward()
+    n = losses.shape[0]
+    samples = [(p, p.grad_sample) for p in params if getattr(p, "grad_sample", None) is not None]
+    for _, gs in samples:
+        if isinstance(gs, list):  # opacus stacks the per-sample gradients of repeated calls (tied parameters)
+            raise ConfigError("privacy: a module ran twice in one forward pass; its per-sample gradients were "
+                              "stacked, not summed")
+    norms = _total_norms([gs.reshape(n, -1).norm(2, dim=1) for _, gs in samples], n, losses.device)
+    coef = _finite_or_poison(_clip_coefficients(norms, max_grad_norm, scale), norms, scale)
+    for p in params:
+        p.grad = None
+    for p, gs in samples:
+        # Under autocast the per-sample gradients come in the activations' dtype; the sum is the parameter's.
+        p.grad = torch.einsum("i,i...->...", coef.to(gs.dtype), gs).to(p.dtype)
+        p.grad_sample = None
