@@ -150,14 +150,19 @@ def test_ssd_backends_and_grad_checkpointing_agree(dtype):
     cot = torch.randn(2, 10, dtype=dtype)
     tol = dict(atol=1e-10, rtol=1e-8) if dtype == torch.float64 else dict(atol=2e-5, rtol=2e-5)
     res = {}
-    for name, backend, ckpt in (("chunked", "chunked", False), ("ref", "ref", False), ("ckpt", "auto", True)):
+    # memory_efficient (the default): mixers recomputed from their input, SwiGLU keeping its fc1 outputs only
+    cases = (("chunked", "chunked", False, False), ("ref", "ref", False, False), ("lean", "auto", False, True),
+             ("lean_chunked", "chunked", False, True), ("ckpt", "auto", True, True))
+    assert all(blk.memory_efficient and blk.mixer.recompute for blk in model.blocks)
+    for name, backend, ckpt, lean in cases:
         model.set_ssd_backend(backend)
         model.set_grad_checkpointing(ckpt)
+        model.set_memory_efficient(lean)
         xi = x.clone().requires_grad_()
         out = model(xi)
         res[name] = (out, torch.autograd.grad(out, [xi, *model.parameters()], cot))
     names = ["input", *(n for n, _ in model.named_parameters())]
-    for other in ("ref", "ckpt"):
+    for other in ("ref", "lean", "lean_chunked", "ckpt"):
         torch.testing.assert_close(res["chunked"][0], res[other][0], **tol)
         for n, a, b in zip(names, res["chunked"][1], res[other][1], strict=True):
             torch.testing.assert_close(a, b, **tol, msg=lambda s, n=n, o=other: f"{o}: grad of {n}: {s}")

@@ -169,3 +169,19 @@ def test_plain_gate_without_rmsnorm():
     s = m.ssm_inputs(u)
     y = ssd_ref(s["x"], s["dt"], m._A(), s["B"], s["C"], m.D, dt_bias=m.dt_bias, dt_softplus=True).flatten(-2)
     torch.testing.assert_close(m(u), m.out_proj(y * F.silu(s["z"])))
+
+
+def test_recompute_mixer_equals_kept_activations():
+    m = small_mixer(torch.float64, ngroups=2)
+    u = torch.randn(2, 11, 16, dtype=torch.float64)
+    cot = torch.randn(2, 11, 16, dtype=torch.float64)
+    res = {}
+    for recompute in (False, True):
+        m.recompute = recompute
+        ui = u.clone().requires_grad_()
+        y = m(ui)
+        res[recompute] = (y, torch.autograd.grad(y, [ui, *m.parameters()], cot))
+    torch.testing.assert_close(res[True][0], res[False][0], atol=0, rtol=0)
+    for a, b in zip(res[True][1], res[False][1], strict=True):
+        torch.testing.assert_close(a, b, **TOL[torch.float64])
+    assert "recompute=True" in repr(m)

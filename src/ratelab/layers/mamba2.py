@@ -33,6 +33,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 __all__ = ["Mamba2", "RMSNormGated", "causal_conv1d", "causal_conv1d_step"]
 
@@ -151,6 +152,10 @@ class Mamba2(nn.Module):
         conv_bias: bias on the depthwise conv.
         chunk_size: SSD chunk length (a speed knob; the result does not depend on it).
         backend: SSD backend, one of :data:`ratelab.kernels.ssd.BACKENDS` (see :func:`ratelab.kernels.ssd.ssd`).
+        recompute: under autograd keep only the mixer's input and recompute the whole mixer (in_proj, conv, scan,
+            gate, norm, out_proj) in the backward (``torch.utils.checkpoint``): per token ``d_model`` floats are
+            kept instead of about ``2 d_in + conv_dim + 2 (2 d_in + 2 g N + H)``, for one more forward of the
+            mixer. Same values and gradients (the same ops are replayed).
     """
 
     def __init__(
@@ -174,6 +179,7 @@ class Mamba2(nn.Module):
         conv_bias: bool = True,
         chunk_size: int = 256,
         backend: str = "auto",
+        recompute: bool = False,
     ) -> None:
         super().__init__()
         self.d_model = d_model
@@ -192,6 +198,7 @@ class Mamba2(nn.Module):
         self.dt_limit = tuple(dt_limit)
         self.chunk_size = chunk_size
         self.backend = backend
+        self.recompute = recompute
         self.conv_dim = conv_dim = d_inner + 2 * ngroups * d_state
 
         self.in_proj = nn.Linear(d_model, 2 * d_inner + 2 * ngroups * d_state + nheads, bias=bias)
@@ -250,10 +257,16 @@ class Mamba2(nn.Module):
     # ---- forward ----------------------------------------------------------------------------------------------
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         """(B, L, d_model) -> (B, L, d_model)."""
-        from ratelab.kernels.ssd import ssd
-
         if u.ndim != 3 or u.shape[-1] != self.d_model:
             raise ValueError(f"Mamba2: expected input (B, L, {self.d_model}), got {tuple(u.shape)}")
+        if self.recompute and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            # no RNG inside the mixer: nothing to replay; under torch.compile inductor plans recomputation itself
+            return checkpoint(self._forward, u, use_reentrant=False, preserve_rng_state=False)
+        return self._forward(u)
+
+    def _forward(self, u: torch.Tensor) -> torch.Tensor:
+        from ratelab.kernels.ssd import ssd
+
         s = self.ssm_inputs(u)
         y = ssd(
             s["x"], s["dt"], self._A(), s["B"], s["C"], self._D(),
@@ -329,4 +342,5 @@ class Mamba2(nn.Module):
         return (
             f"d_model={self.d_model}, d_inner={self.d_inner}, heads={self.nheads}x{self.headdim}, "
             f"d_state={self.d_state}, ngroups={self.ngroups}, d_conv={self.d_conv}, backend={self.backend!r}"
+            + (", recompute=True" if self.recompute else "")
         )
