@@ -201,3 +201,21 @@ def test_convert_official_writes_ratelab_format(tmp_path):
     back = load_model(out.parent).eval()
     x = imgs(side=64, seed=5)
     assert all(torch.equal(a, b) for a, b in zip(back.img_to_idx(x), ours.img_to_idx(x), strict=True))
+
+
+def test_forward_features_and_intermediates():
+    m = small()
+    x = imgs()
+    with torch.no_grad():
+        f = m.forward_features(x)
+        assert f.shape == (2, 32, 4, 4) and torch.equal(f, m.img_to_f(x))
+        final, inter = m.forward_intermediates(x)
+        torch.testing.assert_close(final, f, atol=0, rtol=0)
+        assert [tuple(t.shape) for t in inter] == [(2, 16, 64, 64), (2, 16, 32, 32), (2, 32, 16, 16), (2, 32, 8, 8),
+                                                  (2, 64, 4, 4)]
+        last = m.forward_intermediates(x, indices=1, output_fmt="NLC", intermediates_only=True)
+        assert len(last) == 1 and torch.equal(last[0], inter[-1].flatten(2).transpose(1, 2))
+    with pytest.raises(ValueError, match="no norm"):
+        m.forward_intermediates(x, norm=True)
+    with pytest.raises(ValueError, match="out of range"):
+        m.forward_intermediates(x, indices=[5])

@@ -259,6 +259,43 @@ class VQVAE(nn.Module):
         self._check_img(img)
         return self.quant_conv(self.encoder(img))
 
+    def forward_features(self, img: torch.Tensor) -> torch.Tensor:
+        """timm-style features: the pre-quantization latent (B, C_vae, h, w) (= :meth:`img_to_f`)."""
+        return self.img_to_f(img)
+
+    def forward_intermediates(self, img: torch.Tensor, indices: int | Sequence[int] | None = None, *,
+                              norm: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False,
+                              return_attn: bool = False) -> Any:
+        """The encoder's resolution levels as stages (timm's convention, ``docs/models.md``).
+
+        Stage i is the output of encoder level i's blocks (before its downsampling): (B, ch * ch_mult[i], H / 2^i,
+        W / 2^i) in ``"NCHW"``, or (B, H_i * W_i, C_i) in ``"NLC"``. ``final`` is :meth:`forward_features`.
+        ``norm`` and ``return_attn`` do not apply (no final norm of a stage, no attention in most levels).
+        """
+        from ratelab.layers.intermediates import check_output_fmt, resolve_indices
+
+        check_output_fmt(output_fmt, ("NCHW", "NLC"), type(self).__name__)
+        if norm or return_attn:
+            raise ValueError(f"{type(self).__name__}.forward_intermediates has no {'norm' if norm else 'attention'} "
+                             "option: its stages are convolutional feature maps")
+        keep = set(resolve_indices(len(self.encoder.down), indices, what="stage"))
+        self._check_img(img)
+        enc, inter = self.encoder, []
+        h = enc.conv_in(img)
+        for i, level in enumerate(enc.down):
+            for j, block in enumerate(level.block):
+                h = block(h)
+                if len(level.attn):
+                    h = level.attn[j](h)
+            if i in keep:
+                inter.append(h if output_fmt == "NCHW" else h.flatten(2).transpose(1, 2))
+            if hasattr(level, "downsample"):
+                h = level.downsample(h)
+        if intermediates_only:
+            return inter
+        h = enc.mid.block_2(enc.mid.attn_1(enc.mid.block_1(h)))
+        return self.quant_conv(enc.conv_out(F.silu(enc.norm_out(h)))), inter
+
     @torch.no_grad()
     def img_to_idx(self, img: torch.Tensor) -> list[torch.Tensor]:
         """Images (B, 3, H, W) in [-1, 1] -> token maps, one (B, p_k^2) LongTensor per scale, coarse to fine."""
