@@ -95,8 +95,11 @@ def test_quantizer_algebra():
     _, loss, _ = q(f.detach())
     loss.backward()
     assert q.embedding.weight.grad.abs().sum() > 0 and q.quant_resi.qresi_ls[0].weight.grad is not None
-    # every index is the nearest code of the (downsampled) residual
+    # every index is the nearest code of the (downsampled) residual, also under bf16 autocast (fp32 inside)
     idx = q.f_to_idx(f.detach())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert all(torch.equal(a, b) for a, b in zip(q.f_to_idx(f.detach()), idx, strict=True))
+        assert q(f.detach())[0].dtype == torch.float32
     rest = f.detach() - 0
     for si, pn in enumerate(q.patch_nums):
         z = F.interpolate(rest, size=(pn, pn), mode="area") if si < 2 else rest

@@ -183,7 +183,12 @@ class MultiScaleQuantizer(nn.Module):
             ``beta |sg(f_hat_k) - f|^2 + |f_hat_k - sg(f)|^2`` (commitment; codebook and phi), and the (K, V) hit
             counts of this batch (float).
         """
-        f = f.float()
+        # Nearest-code search and residual sums in fp32 even under autocast (the official code disables it too):
+        # bf16 distances would pick other codes.
+        with torch.autocast(device_type=f.device.type, enabled=False):
+            return self._forward(f.float())
+
+    def _forward(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         self._check_latent(f)
         b, c, h, w = f.shape
         f_ng = f.detach()
@@ -208,7 +213,10 @@ class MultiScaleQuantizer(nn.Module):
     def f_to_idx(self, f: torch.Tensor, *, to_fhat: bool = False) -> list[torch.Tensor]:
         """Latent (B, C, H, W) -> per scale the (B, p_k^2) token indices, or with ``to_fhat`` the cumulative
         (B, C, H, W) reconstruction after each scale."""
-        f = f.float()
+        with torch.autocast(device_type=f.device.type, enabled=False):
+            return self._f_to_idx(f.float(), to_fhat)
+
+    def _f_to_idx(self, f: torch.Tensor, to_fhat: bool) -> list[torch.Tensor]:
         self._check_latent(f)
         b, c, h, w = f.shape
         rest = f.detach().clone()
