@@ -249,3 +249,18 @@ def test_label_dropout_only_in_training():
     m.train()
     dropped = m.drop_labels(labels)
     assert 10 < int((dropped == m.num_classes).sum()) < 54
+
+
+def test_official_file_through_the_registry(tmp_path, monkeypatch):
+    import ratelab
+
+    torch.manual_seed(5)
+    ref = RefVAR(2, 32, 2, PN, 24, 1000).eval()
+    path = tmp_path / "FoundationVision" / "var" / "var_d16.pth"
+    path.parent.mkdir(parents=True)
+    torch.save(ref.state_dict(), path)
+    monkeypatch.setenv("RATELAB_WEIGHTS", str(tmp_path))
+    m = ratelab.create_model("var_d16.in1k_256", pretrained=True, **{**TINY, "num_classes": None}).eval()
+    labels, x = torch.tensor([999, 1000]), torch.randn(2, m.L - 1, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(m(labels, x), ref(labels, x), rtol=1e-4, atol=1e-4)
