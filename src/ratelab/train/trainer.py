@@ -303,6 +303,8 @@ class Trainer:
             raise ConfigError("ema_decay: EMA is not supported with strategy 'fsdp' (the average would need the "
                               "full weights on every rank); use ddp or turn EMA off")
         self.ema = ModelEma(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        if cfg.compile:
+            self._compile_model()
         wrapped: nn.Module = self.model
         for p in self.plugins:
             wrapped = p.wrap_model(wrapped)
@@ -404,6 +406,18 @@ class Trainer:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def _compile_model(self) -> None:
+        """``cfg.compile``: compile the raw model in place (``nn.Module.compile``: no ``_orig_mod.`` key prefix)."""
+        if self.strategy.name == "fsdp":
+            raise ConfigError("compile: not supported with strategy 'fsdp' (FSDP2 must shard the module before it is "
+                              "compiled); use ddp or drop --compile")
+        owners = [p.plugin_name or type(p).__name__ for p in self.plugins
+                  if type(p).wrap_model is not Plugin.wrap_model or p.per_sample_loss]
+        if owners:
+            raise ConfigError(f"compile: plugin(s) {owners} wrap the model or take over its backward (per-example "
+                              "gradients), which torch.compile cannot trace through; drop --compile")
+        self.model.compile()
 
     def _build_optimizers(self) -> list[OptimizerSpec]:
         cfg = self.cfg
@@ -728,6 +742,7 @@ class Trainer:
         if any(p.step_on_empty_batch for p in self.plugins):
             self._mid_update = True
             for spec in self.specs:
+                spec.optimizer.zero_grad(set_to_none=True)  # as every step: wrappers (opacus) reset their state
                 for p in self._params[spec.name]:
                     p.grad = torch.zeros_like(p)
                 spec.optimizer.step()
