@@ -86,9 +86,9 @@ class Scale:
 SCALES = {
     "smoke": Scale("test_dpcap", img=8, n_train=96, n_val=32, steps=2, batch=32, tan_batch=8, epsilons=(8.0,),
                    n_fit=64, n_zero_shot=8, n_samples=2),
-    "quick": Scale("dpcap_pico_patch4_32", img=16, n_train=4000, n_val=300, steps=40, batch=400, tan_batch=32,
-                   epsilons=(1.0, 8.0), n_zero_shot=150),
-    "full": Scale("dpcap_pico_patch4_32", img=32, n_train=20000, n_val=1000, steps=400, batch=2000, tan_batch=64,
+    "quick": Scale("dpcap_pico_patch4_32", img=16, n_train=30000, n_val=300, steps=120, batch=480, tan_batch=16,
+                   epsilons=(1.0, 8.0), n_zero_shot=100),
+    "full": Scale("dpcap_pico_patch4_32", img=32, n_train=20000, n_val=1000, steps=1000, batch=400, tan_batch=64,
                   epsilons=(1.0, 3.0, 8.0), n_zero_shot=500),
 }
 
@@ -158,7 +158,13 @@ def _zero_shot(model: nn.Module, tok: Any, val: Any, labels: dict[str, tuple[tor
 
 
 def _privacy(eps: float, row: Scale, n: int) -> dict[str, Any]:
-    out: dict[str, Any] = {"target_epsilon": eps, "delta": 1.0 / n, "max_grad_norm": 1.0}
+    """The privacy section of an arm at ``eps``: sigma solved once here (RDP, the plugin's default accountant) for
+    q = B/N and T steps and handed to the captioner and the classifier alike (the search costs seconds)."""
+    from ratelab.privacy import find_noise_multiplier
+
+    delta = 1.0 / n
+    sigma = find_noise_multiplier(eps, delta, row.batch / n, row.steps, "rdp")
+    out: dict[str, Any] = {"noise_multiplier": sigma, "delta": delta, "max_grad_norm": 1.0}
     if row.tan_batch is not None:
         out["tan_batch_size"] = row.tan_batch
     return out
@@ -184,10 +190,9 @@ def run(out_dir: Path, *, scale: str, seed: int, device: str, progress: bool) ->
     dev = resolve_device(device)
     common = dict(img_size=row.img, seed=0)
     train = build_dataset("shapes_captions", "train", size=row.n_train, **common)
-    fit = build_dataset("shapes_captions", "train", size=row.n_train, augment=False, **common)
+    fit = build_dataset("shapes_captions", "train", size=min(row.n_fit, row.n_train), augment=False, **common)
     val = build_dataset("shapes_captions", "val", size=row.n_val, **common)
-    cls_train = build_dataset("shapes", "train", size=row.n_train, **common)
-    cls_val = build_dataset("shapes", "val", size=row.n_val, **common)
+    cls_train, cls_val = train.shapes, val.shapes  # the same scenes as (image, shape label), rendered once
     labels = {a: (fit.attribute_labels(a), val.attribute_labels(a)) for a in ATTRS}
     tok = CaptionTokenizer.train(train.captions(), 1000)
     mk = dict(vocab_size=tok.vocab_size, pad_id=tok.pad_id, bos_id=tok.bos_id, eos_id=tok.eos_id, img_size=row.img,
@@ -214,6 +219,9 @@ def run(out_dir: Path, *, scale: str, seed: int, device: str, progress: bool) ->
         dp = math.isfinite(eps)
         cfg = dict(base, batch_size=row.batch if dp else (row.tan_batch or row.batch),
                    plugins={"privacy": _privacy(eps, row, n)} if dp else {})
+        if dp:
+            log(f"eps={eps:g}: sigma={cfg['plugins']['privacy']['noise_multiplier']:.4f} for q={row.batch / n:.4g}, "
+                f"T={row.steps}")
         r = train_arm(name, captioner, train_dataset=train, val_dataset=val, out_dir=out_dir, seed=seed,
                       device=device, progress=False, task_cls=CaptionTask, task_kwargs={"tokenizer": tok},
                       task=task, **cfg)

@@ -1,0 +1,49 @@
+"""Recipe dpcap at smoke scale: every arm runs (DP captioner, DP classifier, non-private captioner, random init),
+epsilon is reported under both accountants and the TAN simulation is flagged as carrying no guarantee."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+
+import ratelab
+from ratelab.recipes import run_recipe
+from ratelab.recipes.dpcap import recipe
+from ratelab.recipes.dpcap.recipe import SCALES, EncoderClassifier
+
+
+def test_encoder_classifier_features_are_the_captioners_mean_encoder_token():
+    torch.manual_seed(0)
+    cap = ratelab.create_model("test_dpcap").eval()
+    clf = EncoderClassifier(cap, 6).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(clf.features(x), cap.forward_encoder(x).mean(1))
+        assert clf(x).shape == (2, 6)
+    assert not any("decoder" in n or "text" in n for n, _ in clf.named_parameters())
+
+
+def test_smoke_run(tmp_path):
+    assert recipe.run is not None and set(SCALES) == {"smoke", "quick", "full"}
+    res = run_recipe("dpcap", tmp_path, scale="smoke", progress=False)
+    r = res.results
+    row = SCALES["smoke"]
+    names = {"random init", *(f"captioner eps={e:g}" for e in (*row.epsilons, math.inf)),
+             *(f"DP classifier eps={e:g}" for e in row.epsilons)}
+    assert set(r["arms"]) == names
+    for e in row.epsilons:
+        for kind in ("captioner", "DP classifier"):
+            a = r["arms"][f"{kind} eps={e:g}"]
+            assert a["dp_epsilon_rdp"] <= e * 1.01 and 0 < a["dp_epsilon_prv"] <= a["dp_epsilon_rdp"]
+            assert a["dp_guarantee"] == 0  # TAN simulation: flagged
+    assert "dp_epsilon_rdp" not in r["arms"]["captioner eps=inf"]
+    for a in r["arms"].values():
+        assert set(a["probe"]) == {"shape", "color", "position"} and all(0 <= v <= 1 for v in a["probe"].values())
+    assert set(r["arms"]["captioner eps=inf"]["zero_shot"]) == {"shape", "color"}
+    assert len(r["checks"]) == 5 and r["summary"]["guarantee"].startswith("none")
+    assert all(isinstance(c, str) for c in r["samples"]["captioner eps=8"])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["summary"]["guarantee"] == r["summary"]["guarantee"]
+    assert "NO privacy guarantee" in (tmp_path / "report.html").read_text()
