@@ -30,7 +30,8 @@ B = 2
 # Formats each family supports, the default first (docs/models.md, "Model API").
 FORMATS = {"crate": ("NLC", "NCHW"), "crate_alpha": ("NLC", "NCHW"), "adventurer": ("NLC", "NCHW"),
            "icl_gpt": ("NLC",), "mcr2_nets": None,
-           "crate_mae": ("NLC", "NCHW"), "mae_vit": ("NLC", "NCHW"), "var": ("NLC",)}
+           "crate_mae": ("NLC", "NCHW"), "mae_vit": ("NLC", "NCHW"), "var": ("NLC",),
+           "dpcap": ("NLC", "NCHW")}
 # Masked autoencoders: ``model(x, mask_ratio, noise) -> (loss, pred, mask)``, no classifier head.
 MAE_FAMILIES = ("crate_mae", "mae_vit")
 
@@ -56,13 +57,22 @@ def _tiny_overrides(name: str) -> dict:
         cfg = ratelab.create_model(name).cfg
     fam = _family(name)
     mae = {"crate_mae": {"num_heads": 2, "decoder_depth": 2},
-           "mae_vit": {"num_heads": 2, "decoder_depth": 2, "decoder_embed_dim": 32, "decoder_num_heads": 2}}
+           "mae_vit": {"num_heads": 2, "decoder_depth": 2, "decoder_embed_dim": 32, "decoder_num_heads": 2},
+           "dpcap": {"num_heads": 2, "decoder_depth": 1, "vocab_size": 64, "bos_id": 2, "eos_id": 3}}
     return {"depth": 2, "embed_dim": 64, "img_size": 2 * cfg.patch_size,
             **({"num_heads": 2} if fam in ("crate", "crate_alpha") else {}), **mae.get(fam, {})}
 
 
+def _is_captioner(model) -> bool:
+    return hasattr(model, "generate") and hasattr(model, "bos_id")
+
+
 def _inputs(model) -> tuple:
     g = torch.Generator().manual_seed(0)
+    if _is_captioner(model):  # DP-Cap: (images, caption tokens starting with BOS)
+        tokens = torch.randint(4, model.cfg.vocab_size, (B, 5), generator=g)
+        tokens[:, 0] = model.bos_id
+        return (torch.randn(B, model.in_chans, model.img_size, model.img_size, generator=g), tokens)
     if _is_scale_ar(model):  # VAR / M-VAR: (labels, teacher-forcing input)
         return (torch.randint(0, model.num_classes, (B,), generator=g),
                 torch.randn(B, model.L - model.first_l, model.c_vae, generator=g))
@@ -114,8 +124,12 @@ def test_forward_save_load_round_trip(name, tmp_path):
             out = model(*inputs)
             assert torch.isfinite(out).all()
             head_args = inputs[:1] if _is_scale_ar(model) else ()  # VAR's head is conditioned on the labels
-            torch.testing.assert_close(model.forward_head(model.forward_features(*inputs), *head_args), out,
-                                       atol=0, rtol=0)
+            if _is_captioner(model):  # the head reads the decoder's states of the features and the tokens
+                states = model.forward_decoder(model.forward_features(inputs[0]), inputs[1])
+                torch.testing.assert_close(model.forward_head(states), out, atol=0, rtol=0)
+            else:
+                torch.testing.assert_close(model.forward_head(model.forward_features(*inputs), *head_args), out,
+                                           atol=0, rtol=0)
     save_model(model, tmp_path)
     again = load_model(tmp_path).eval()
     assert type(again) is type(model) and again.model_args == model.model_args
@@ -175,7 +189,7 @@ def _check_mcr2(model, inputs):
 def test_forward_intermediates_contract(name):
     torch.manual_seed(0)
     model = ratelab.create_model(name, **_tiny_overrides(name)).eval()
-    inputs = _inputs(model)
+    inputs = _inputs(model)[:1] if _is_captioner(model) else _inputs(model)  # the encoder sees images only
     fam = _family(name)
     assert fam in FORMATS, f"{name}: family {fam!r} has no entry here; add its formats to FORMATS"
     with torch.no_grad():
