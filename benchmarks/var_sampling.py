@@ -66,6 +66,20 @@ def attention_accounting(patch_nums) -> dict:
             "rescan_mamba_token_steps": prefix}
 
 
+def block_macs_per_token(width: int, patch_nums, d_state: int = 64) -> dict:
+    """Multiply-adds per token per block during sampling, averaged over the L tokens (projections and attention
+    scores/values; AdaLN is per image, not per token): VAR = qkv + proj + FFN (12 C^2) + attention over the KV
+    cache (2 C x keys seen); M-VAR = the same projections + Mamba-2's in_proj (C x (4C + 2N + H)) and out_proj
+    (2C x C) + the SSD state update and read (about 3 d_in N) + intra-scale attention."""
+    a = attention_accounting(patch_nums)
+    C, L = width, a["L"]
+    heads = 2 * C // 64
+    var = 12 * C * C + 2 * C * a["block_causal_pairs"] / L
+    mamba = C * (4 * C + 2 * d_state + heads) + 2 * C * C + 3 * 2 * C * d_state
+    mvar = 12 * C * C + 2 * C * a["intra_scale_pairs"] / L + mamba
+    return {"var": var, "mvar": mvar, "mvar_over_var": mvar / var}
+
+
 def build(width: int, depth: int, seed: int, patch_nums) -> dict[str, torch.nn.Module]:
     heads = max(width // 64, 1)
     common = dict(depth=depth, embed_dim=width, num_heads=heads, patch_nums=patch_nums)
@@ -141,7 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     for width in args.widths:
         models = build(width, args.depth, args.seed, pn)
         params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
-        log(f"width {width}: M-VAR {params['mvar'] / 1e6:.1f}M, VAR {params['var'] / 1e6:.1f}M parameters")
+        macs = block_macs_per_token(width, pn)
+        log(f"width {width}: M-VAR {params['mvar'] / 1e6:.1f}M, VAR {params['var'] / 1e6:.1f}M parameters; "
+            f"multiply-adds per token per block while sampling: M-VAR {macs['mvar'] / 1e6:.2f}M, VAR (KV cache) "
+            f"{macs['var'] / 1e6:.2f}M, ratio {macs['mvar_over_var']:.2f}")
+        results[f"{width}/macs_per_token_block"] = macs
         set_threads(args.threads[0])
         eq = equivalence(models["mvar"], codec, labels, args.seed)
         log(f"  state carry vs re-scan: same tokens {eq['same_tokens']}, logits max abs diff "
