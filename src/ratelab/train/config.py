@@ -62,6 +62,7 @@ RESUMABLE_CHANGES = (
     "data_root",
     "deterministic",
     "validate_data",
+    "compile",
 )
 
 
@@ -149,6 +150,13 @@ class TrainConfig:
         choices=("ddp", "fsdp"),
     )
     activation_checkpointing: bool = _f(False, "Recompute each block's activations in the backward pass (less memory).")
+    compile: bool = _f(
+        False,
+        "torch.compile the model (in place, so checkpoint keys are unchanged) before the data-parallel wrapper; "
+        "inductor generates C++/OpenMP on CPU (needs a C++ compiler) and Triton on CUDA. The first steps pay the "
+        "compilation (tens of seconds to minutes). Not with strategy fsdp or a plugin that wraps the model or owns "
+        "the backward (differential privacy).",
+    )
     # ---- run management ----------------------------------------------------------------------------------------
     seed: int = _f(0, "Seed for model init, data order and augmentation.")
     out_dir: str = _f("runs/train", "Run directory: config.json, metrics.jsonl, checkpoints/, model.safetensors.")
