@@ -44,6 +44,12 @@ def test_trains_tracks_usage_and_restarts_dead_codes(tmp_path):
     assert not torch.equal(net.quantize.embedding.weight, emb0)
     assert res["val_psnr"] > 0 and 0 < res["val_usage"] <= 1 and res["val_rec_l1"] > 0
     assert (tmp_path / "run" / "reconstructions" / f"step{res['steps']}.png").is_file()
+    # the trained tokenizer reloads by name from the run directory
+    from ratelab.models._factory import load_model
+
+    back = load_model(tmp_path / "run").eval()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert all(torch.equal(a, b) for a, b in zip(back.img_to_idx(x), net.eval().img_to_idx(x), strict=True))
 
 
 def test_usage_ema_momentum():
@@ -85,7 +91,9 @@ def test_gan_two_optimizers_and_bitwise_resume(tmp_path):
     t_full = build_task(full)
     Trainer(full, t_full).fit()
     rows = _train_rows(tmp_path / "full")
-    assert any("disc_d_real" in r for r in rows) and any("vae_g_loss" in r for r in rows)
+    steps = [r for r in rows if "vae_rec_loss" in r]
+    assert len(steps) == 7  # one row per step (log_every=1), the GAN terms from the third step (gan_start=2) on
+    assert [("vae_g_loss" in r, "disc_d_real" in r) for r in steps] == [(False, False)] * 2 + [(True, True)] * 5
     part = _cfg(tmp_path, "part", task=opts, max_steps=7, epochs=3, ckpt_every=100)
     with pytest.raises(RuntimeError, match="bad batch"):
         Trainer(part, _FailingVQ(part.task)).fit()
