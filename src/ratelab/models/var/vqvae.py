@@ -213,6 +213,10 @@ class VQVAE(nn.Module):
     * ``quantize.next_var_input`` [``quantize.get_next_autoregressive_input``]: one sampling step.
     """
 
+    # Checked aliases of config values, not options: kept out of model_args so that a save/load round trip does not
+    # turn them from None into numbers.
+    execution_args = ("img_size", "in_chans")
+
     def __init__(self, cfg: VQVAEConfig, *, dropout: float = 0.0, img_size: int | None = None,
                  in_chans: int | None = None) -> None:
         super().__init__()
