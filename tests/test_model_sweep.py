@@ -46,8 +46,16 @@ def _is_scale_ar(model) -> bool:
     return isinstance(model, ScaleAR)
 
 
+def _is_tokenizer(model) -> bool:
+    from ratelab.models.var.vqvae import VQVAE
+
+    return isinstance(model, VQVAE)
+
+
 def _tiny_overrides(name: str) -> dict:
     """Small depth/width/image for the ImageNet-sized entries (same code path, a fraction of the cost)."""
+    if name.startswith("var_vae"):  # VAR's tokenizer: ch 16, f2, 8 px images
+        return {"ch": 16, "vocab_size": 16, "z_channels": 8, "ch_mult": [1, 2], "patch_nums": [1, 2, 4]}
     if name.startswith(("var_d", "mvar_d")):  # VAR / M-VAR generators (up to 3.66B at full size)
         tiny = {"depth": 2, "embed_dim": 32, "num_heads": 2, "patch_nums": [1, 2, 3], "vocab_size": 16}
         return {**tiny, **({"d_state": 8, "headdim": 16} if name.startswith("mvar_") else {})}
@@ -69,6 +77,8 @@ def _is_captioner(model) -> bool:
 
 def _inputs(model) -> tuple:
     g = torch.Generator().manual_seed(0)
+    if _is_tokenizer(model):  # VAR's tokenizer: images in [-1, 1]
+        return (torch.rand(B, model.in_chans, model.img_size, model.img_size, generator=g) * 2 - 1,)
     if _is_captioner(model):  # DP-Cap: (images, caption tokens starting with BOS)
         tokens = torch.randint(4, model.cfg.vocab_size, (B, 5), generator=g)
         tokens[:, 0] = model.bos_id
@@ -117,8 +127,11 @@ def test_forward_save_load_round_trip(name, tmp_path):
     model = ratelab.create_model(name, **_tiny_overrides(name)).eval()
     inputs = _inputs(model)
     mae = _family(name) in MAE_FAMILIES
+    tok = _is_tokenizer(model)
     with torch.no_grad():
-        if mae:
+        if tok:  # no classifier: the latent, the token maps and the decoded images
+            out = _tokenizer_forward(model, *inputs)
+        elif mae:
             out = _check_mae(model, *inputs)
         else:
             out = model(*inputs)
@@ -134,7 +147,29 @@ def test_forward_save_load_round_trip(name, tmp_path):
     again = load_model(tmp_path).eval()
     assert type(again) is type(model) and again.model_args == model.model_args
     with torch.no_grad():
-        torch.testing.assert_close(_mae_forward(again, *inputs) if mae else again(*inputs), out, atol=0, rtol=0)
+        again_out = _tokenizer_forward(again, *inputs) if tok else _mae_forward(again, *inputs) if mae else \
+            again(*inputs)
+        torch.testing.assert_close(again_out, out, atol=0, rtol=0)
+
+
+def _tokenizer_forward(model, x):
+    idx = model.img_to_idx(x)
+    rec = model.idx_to_img(idx)
+    assert [t.shape for t in idx] == [(B, p * p) for p in model.patch_nums] and rec.shape == x.shape
+    assert torch.isfinite(rec).all() and rec.abs().max() <= 1
+    return (model.forward_features(x), *idx, rec)
+
+
+def _check_tokenizer(model, inputs):
+    x = inputs[0]
+    final, inter = model.forward_intermediates(x)
+    torch.testing.assert_close(final, model.forward_features(x), atol=0, rtol=0)
+    s, ch = model.img_size, model.cfg.ch
+    assert [t.shape for t in inter] == [(B, ch * m, s >> i, s >> i) for i, m in enumerate(model.cfg.ch_mult)]
+    for bad in ({"norm": True}, {"return_attn": True}):
+        with pytest.raises(ValueError, match="has no"):
+            model.forward_intermediates(x, **bad)
+    return len(inter)
 
 
 def _check_token_family(model, inputs, fam):
@@ -193,7 +228,10 @@ def test_forward_intermediates_contract(name):
     fam = _family(name)
     assert fam in FORMATS, f"{name}: family {fam!r} has no entry here; add its formats to FORMATS"
     with torch.no_grad():
-        depth = _check_mcr2(model, inputs) if fam == "mcr2_nets" else _check_token_family(model, inputs, fam)
+        if _is_tokenizer(model):
+            depth = _check_tokenizer(model, inputs)
+        else:
+            depth = _check_mcr2(model, inputs) if fam == "mcr2_nets" else _check_token_family(model, inputs, fam)
         _, last = model.forward_intermediates(*inputs, indices=1)
         _, every = model.forward_intermediates(*inputs)
         assert len(last) == 1
