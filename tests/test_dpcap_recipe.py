@@ -42,7 +42,7 @@ def test_smoke_run(tmp_path):
     for a in r["arms"].values():
         assert set(a["probe"]) == {"shape", "color", "position"} and all(0 <= v <= 1 for v in a["probe"].values())
     assert set(r["arms"]["captioner eps=inf"]["zero_shot"]) == {"shape", "color"}
-    assert len(r["checks"]) == 5 and r["summary"]["guarantee"].startswith("none")
+    assert len(r["checks"]) == 7 and r["summary"]["guarantee"].startswith("none")
     assert all(isinstance(c, str) for c in r["samples"]["captioner eps=8"])
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["summary"]["guarantee"] == r["summary"]["guarantee"]
