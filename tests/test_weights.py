@@ -309,7 +309,7 @@ def test_cli_weights_list(weights, capsys):
     assert f"weights directory: {weights}" in out
     assert re.search(r"\d+ entries: .*1 present", out)
     assert main(["weights", "list", "var_d16*"]) == 0
-    assert "[model not implemented yet]" in capsys.readouterr().out
+    assert "[model not implemented yet]" not in capsys.readouterr().out  # VAR is implemented (issue 13)
 
     pt.register_pretrained(_unit_crate_entry("0" * 64))
     place(weights, "test_crate.unit", {"x": torch.zeros(1)})
@@ -323,7 +323,7 @@ def test_cli_weights_info_and_errors(weights, capsys):
     cfg = pt.get_pretrained_cfg("mvar_d16")
     assert out.startswith(cfg.name + "\n")
     assert re.search(r"file:\s+OliverRen/M-VAR/d16.pth  \(unverified\)", out)
-    assert re.search(r"model:\s+model not implemented yet", out) and re.search(r"status:\s+missing", out)
+    assert re.search(r"model:\s+implemented", out) and re.search(r"status:\s+missing", out)
     assert "huggingface-cli download OliverRen/M-VAR d16.pth" in out
     path = place(weights, "var_d16.in1k_256", {"x": torch.ones(2)})
     assert main(["weights", "info", "var_d16"]) == 0
