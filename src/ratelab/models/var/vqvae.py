@@ -230,6 +230,7 @@ class VQVAE(nn.Module):
         self.patch_nums = cfg.patch_nums
         self.downsample = cfg.downsample
         self.img_size, self.in_chans = cfg.img_size, cfg.in_channels
+        self.num_classes = None  # a tokenizer: no classifier (the library's model convention)
         self.encoder = Encoder(cfg, dropout)
         self.decoder = Decoder(cfg, dropout)
         self.quantize = MultiScaleQuantizer(
