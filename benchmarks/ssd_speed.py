@@ -1,8 +1,15 @@
-"""SSD (Mamba-2 scan) speed on CPU: ratelab's chunked path vs the sequential reference vs mambapy's parallel scan.
+"""SSD (Mamba-2 scan) speed and memory on CPU: ratelab's chunked paths vs the sequential reference vs mambapy's scan.
 
 Contenders, all fp32, same inputs (``dt`` goes through ``dt_bias`` + softplus in each):
 
-* ``chunked``: ``ratelab.kernels.ssd.ssd_chunked`` (chunk size ``--chunk``), what ``ssd(backend="auto")`` runs on CPU.
+* ``recompute``: ``ratelab.kernels.ssd.ssd_recompute`` (chunk size ``--chunk``), what ``ssd(backend="auto")`` runs
+  on CPU: the chunked forward without autograd and a hand-written backward that rebuilds the chunk tensors segment
+  by segment (it keeps only the inputs). The contender every ratio is taken against (``--main`` to change it).
+* ``chunked``: ``ratelab.kernels.ssd.ssd_chunked``, the same forward differentiated op by op by autograd (it keeps
+  every chunk-level intermediate).
+* ``compiled`` (``--compile``): ``ssd(backend="compiled")``, ``ssd_chunked`` through ``torch.compile`` (inductor
+  C++/OpenMP, ``cpp.dynamic_threads`` on so that one compiled graph follows ``--threads``); compilation happens in
+  the warm-up calls (one per length and pass), untimed.
 * ``ref``: ``ratelab.kernels.ssd.ssd_ref``, the per-token loop (time axis unbound once, so its backward is linear).
 * ``pscan``: the same Mamba-2 computation built on ``mambapy.pscan.pscan`` (PyPI ``mambapy``, pure PyTorch Blelloch
   scan; mambapy's own Mamba-2 needs mamba_ssm, so it cannot be used on CPU). mambapy's scan is diagonal,
@@ -11,35 +18,48 @@ Contenders, all fp32, same inputs (``dt`` goes through ``dt_bias`` + softplus in
   afterwards. It materializes ``(b, L, heads*headdim, d_state)`` tensors, so its memory grows as ``L * h * p * n``.
 
 Default shapes are Adventurer-T's mixer (research notes §1.3): d_model 256 -> d_inner 512 = 8 heads x headdim 64,
-d_state 64, ngroups 1. Timed: the forward under ``torch.no_grad`` ("fwd"), and forward + backward of a random
-projection of ``y`` to every input ("fwd+bwd"). Protocol (``_machine.py``): for each of ``--threads`` (default 1
-and 2) and each length, ``--warmup`` untimed calls, then ``--repeats`` (default 5) repeats in which every contender
-runs once, in rotated order; medians, IQRs, and the speed-up of the chunked path as the median of per-repeat ratios.
-A slow contender can be skipped above a length (``--ref-max-len``, ``--pscan-max-len``: pscan's memory grows as
-``L * h * p * n``); its cell is then extrapolated linearly in ``L`` from the longest measured length and marked
-``~`` (the reference is a loop of identical steps, so its time is linear in ``L``; the scan is O(L) work too, up to
-its power-of-two padding). Before timing, at each length, chunked and pscan are compared with the reference on the
-first ``--check-len`` tokens (outputs, fp32), and the run stops on a mismatch.
+d_state 64, ngroups 1, at L = 196, 1024, 4096 and 16384. Timed: the forward under ``torch.no_grad`` ("fwd"), and
+forward + backward of a random projection of ``y`` to every input ("fwd+bwd"). Protocol (``_machine.py``): for each
+of ``--threads`` (default 1 and 2) and each length, ``--warmup`` untimed calls, then ``--repeats`` (default 5)
+repeats in which every contender runs once, in rotated order; medians, IQRs, and the speed-up of the main contender
+as the median of per-repeat ratios. A slow contender can be skipped above a length (``--ref-max-len``,
+``--pscan-max-len``: pscan's memory grows as ``L * h * p * n``); its cell is then extrapolated linearly in ``L`` from
+the longest measured length and marked ``~`` (the reference is a loop of identical steps, so its time is linear in
+``L``; the scan is O(L) work too, up to its power-of-two padding). Before timing, at each length, every contender is
+compared with the reference on the first ``--check-len`` tokens (outputs, fp32), and the run stops on a mismatch.
 
-Example::
+Peak memory of one forward + backward (``--no-memory`` skips it): a fresh subprocess per (contender, length) at the
+first thread count, the growth of the resident set's high-water mark during the call (``_machine.peak_rss_growth_mib``;
+the inputs exist before it starts, their gradients are counted), after one untimed call for ``compiled``.
 
-    python benchmarks/ssd_speed.py --threads 1 2 --lengths 256 1024 4096 --json runs/bench/ssd_speed.json
+Examples::
+
+    python benchmarks/ssd_speed.py --threads 1 2 --compile --json runs/bench/ssd_speed.json
+    python benchmarks/ssd_speed.py --quick        # L = 196 and 1024, 3 repeats
+    python benchmarks/ssd_speed.py --smoke        # tiny shapes, 1 repeat: a wiring check, numbers mean nothing
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from _machine import (  # benchmarks/ is on sys.path when a script here runs
+    PEAK_RSS_ENV,
     LoadMonitor,
     add_protocol_args,
     fmt_range,
     fmt_ratio,
     machine_info,
     machine_line,
+    peak_rss_growth_mib,
     print_header,
     ratio_summary,
     set_threads,
@@ -48,9 +68,10 @@ from _machine import (  # benchmarks/ is on sys.path when a script here runs
     write_record,
 )
 
-from ratelab.kernels.ssd import ssd_chunked, ssd_ref
+from ratelab.kernels.ssd import ssd, ssd_chunked, ssd_recompute, ssd_ref
 
-NAMES = ("chunked", "ref", "pscan")
+NAMES = ("recompute", "chunked", "compiled", "ref", "pscan")
+SMOKE = dict(batch_size=1, heads=2, headdim=8, d_state=8, chunk=16, lengths=[40, 100], repeats=1)
 
 
 def make_inputs(args: argparse.Namespace, length: int, seed: int) -> dict[str, torch.Tensor]:
@@ -87,10 +108,42 @@ def ssd_pscan(x, dt, A, B, C, D, dt_bias):
 
 def contenders(chunk: int) -> dict[str, Callable]:
     return {
+        "recompute": lambda i: ssd_recompute(**i, dt_softplus=True, chunk_size=chunk),
         "chunked": lambda i: ssd_chunked(**i, dt_softplus=True, chunk_size=chunk),
+        "compiled": lambda i: ssd(**i, dt_softplus=True, chunk_size=chunk, backend="compiled"),
         "ref": lambda i: ssd_ref(**i, dt_softplus=True),
         "pscan": lambda i: ssd_pscan(**i),
     }
+
+
+def _enable_compile() -> None:
+    import torch._inductor.config as inductor_config
+
+    inductor_config.cpp.dynamic_threads = True  # one compiled graph runs with every --threads count
+
+
+def memory_worker(spec: dict, args: argparse.Namespace) -> float:
+    """Peak RSS growth (MiB) of one forward + backward of one contender at one length (run in a fresh process)."""
+    if spec["name"] == "compiled":
+        _enable_compile()
+    inputs = make_inputs(args, spec["length"], args.seed)
+    call = make_calls(contenders(args.chunk)[spec["name"]], inputs)["fwd+bwd"]
+    if spec["name"] == "compiled":
+        call()  # compile outside the measurement
+    return peak_rss_growth_mib(call)
+
+
+def measure_memory(name: str, length: int, args: argparse.Namespace) -> float:
+    spec = json.dumps({"name": name, "length": length})
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-worker", spec, "--threads", str(args.threads[0]),
+           "--batch-size", str(args.batch_size), "--heads", str(args.heads), "--headdim", str(args.headdim),
+           "--d-state", str(args.d_state), "--groups", str(args.groups), "--chunk", str(args.chunk),
+           "--seed", str(args.seed)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.memory_timeout,
+                          env=dict(os.environ, **PEAK_RSS_ENV))
+    if proc.returncode != 0:
+        raise SystemExit(f"memory worker for {spec} failed:\n{proc.stderr[-3000:]}")
+    return float(proc.stdout.strip().splitlines()[-1])
 
 
 def make_calls(fn: Callable, inputs: dict[str, torch.Tensor]) -> dict[str, Callable]:
@@ -143,25 +196,32 @@ def extrapolate(results: dict[int, dict], lengths: list[int], names: list[str], 
     return out
 
 
-def markdown(runs: dict[int, dict], lengths: list[int], names: list[str], threads: list[int]) -> str:
-    """Chunked medians and the per-repeat speed-up over each other contender, 1- and 2-thread columns."""
-    others = [n for n in names if n != "chunked"]
-    head = ["L", "pass", *[f"chunked ms, {t} thr" for t in threads]]
+def markdown(runs: dict[int, dict], lengths: list[int], names: list[str], threads: list[int], main: str,
+             memory: dict | None = None) -> str:
+    """The main contender's medians, the per-repeat speed-up of it over each other contender (1- and 2-thread
+    columns), and the peak memory of every contender's forward + backward."""
+    others = [n for n in names if n != main]
+    head = ["L", "pass", *[f"{main} ms, {t} thr" for t in threads]]
     for n in others:
-        head += [f"{n} / chunked, {t} thr" for t in threads]
+        head += [f"{n} / {main}, {t} thr" for t in threads]
+    if memory:
+        head += [f"{n} peak MiB" for n in names]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for length in lengths:
         for kind in ("fwd", "fwd+bwd"):
             cells = [str(length), kind]
-            cells += [fmt_range(runs[t][length][kind]["summary_s"]["chunked"], 1e3) for t in threads]
+            cells += [fmt_range(runs[t][length][kind]["summary_s"][main], 1e3) for t in threads]
             for n in others:
                 for t in threads:
-                    r = runs[t][length][kind]["speedup_of_chunked"].get(n)
+                    r = runs[t][length][kind]["speedup"].get(n)
                     if r is not None:
                         cells.append(fmt_ratio(r, 1))
                     else:  # not run at this length: ratio of the extrapolated median, marked ~
                         ext = extrapolate(runs[t], lengths, names, kind)[length]
-                        cells.append(f"~{ext[n][0] / ext['chunked'][0]:.1f}x (extrapolated)")
+                        cells.append(f"~{ext[n][0] / ext[main][0]:.1f}x (extrapolated)")
+            if memory:
+                cells += [(f"{memory[length][n]:.0f}" if kind == "fwd+bwd" and n in memory.get(length, {}) else "")
+                          for n in names]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -180,40 +240,70 @@ def detail(runs: dict[int, dict], lengths: list[int], names: list[str], t: int) 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    add_protocol_args(ap)
-    ap.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096], help="sequence lengths L")
+    add_protocol_args(ap, repeats=None)
+    ap.add_argument("--lengths", type=int, nargs="+", default=None,
+                    help="sequence lengths L (default 196 1024 4096 16384; --quick 196 1024)")
     ap.add_argument("--batch-size", type=int, default=2, help="sequences per call")
     ap.add_argument("--heads", type=int, default=8, help="heads h (Adventurer-T: 512 / 64 = 8)")
     ap.add_argument("--headdim", type=int, default=64, help="channels per head p")
     ap.add_argument("--d-state", type=int, default=64, help="state size n")
     ap.add_argument("--groups", type=int, default=1, help="B/C groups g")
-    ap.add_argument("--chunk", type=int, default=64, help="chunk size of the chunked path")
+    ap.add_argument("--chunk", type=int, default=64, help="chunk size of the chunked paths")
+    ap.add_argument("--main", default="recompute", choices=("recompute", "chunked", "compiled"),
+                    help="the contender the speed-ups are taken of (default: recompute, what auto runs on CPU)")
+    ap.add_argument("--compile", action="store_true", help="add the torch.compile contender ('compiled')")
     ap.add_argument("--ref-max-len", type=int, default=4096, help="longer L: reference extrapolated, not run")
     ap.add_argument("--pscan-max-len", type=int, default=1024,
                     help="longer L: pscan extrapolated, not run (its memory is ~b*L*h*p*n*4 bytes per tensor)")
     ap.add_argument("--no-pscan", action="store_true", help="skip the mambapy baseline entirely")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    ap.add_argument("--memory-timeout", type=float, default=900.0, help="seconds allowed per memory subprocess")
+    ap.add_argument("--quick", action="store_true", help="L = 196 and 1024, 3 repeats")
+    ap.add_argument("--smoke", action="store_true",
+                    help="wiring check: tiny shapes (b=1, h=2, p=8, n=8, chunk 16), L = 40 and 100, 1 repeat")
     ap.add_argument("--check-len", type=int, default=256, help="tokens compared with the reference before timing")
     ap.add_argument("--tol", type=float, default=1e-4, help="max relative output difference before aborting")
     ap.add_argument("--seed", type=int, default=0, help="data seed")
+    ap.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
+    if args.smoke:
+        for k, v in SMOKE.items():
+            if k != "lengths" and k != "repeats":
+                setattr(args, k, v)
+    if args.memory_worker is not None:
+        set_threads(args.threads[0])
+        print(memory_worker(json.loads(args.memory_worker), args))
+        return 0
+    if args.lengths is None:
+        args.lengths = SMOKE["lengths"] if args.smoke else [196, 1024] if args.quick else [196, 1024, 4096, 16384]
+    if args.repeats is None:
+        args.repeats = 1 if args.smoke else 3 if args.quick else 5
     log = lambda s: print(s, flush=True)  # noqa: E731
-    names = [n for n in NAMES if not (n == "pscan" and args.no_pscan)]
+    names = [n for n in NAMES if not (n == "pscan" and args.no_pscan) and not (n == "compiled" and not args.compile)]
+    if args.main not in names:
+        raise SystemExit(f"--main {args.main}: not among the contenders {names} (add --compile?)")
+    names.remove(args.main)
+    names.insert(0, args.main)
     if "pscan" in names:
         try:
             import mambapy  # noqa: F401
         except ImportError:
             raise SystemExit("mambapy is not installed (pip install mambapy==1.2.0), or pass --no-pscan") from None
+    if args.compile:
+        _enable_compile()
     info = machine_info(packages=("mambapy",))
     shape = (f"b={args.batch_size} h={args.heads} p={args.headdim} n={args.d_state} g={args.groups} "
              f"chunk={args.chunk}")
     print_header(f"SSD {shape}, fp32", info, log)
     fns = contenders(args.chunk)
-    max_len = {"chunked": None, "ref": args.ref_max_len, "pscan": args.pscan_max_len}
+    max_len = {"recompute": None, "chunked": None, "compiled": None, "ref": args.ref_max_len,
+               "pscan": args.pscan_max_len}
     warm = make_inputs(args, 64, args.seed)
     for name in names:  # one short untimed call each: first-call setup is not what is measured
-        for call in make_calls(fns[name], warm).values():
-            call()
+        if name != "compiled":  # (compiled: one compilation per shape, done by the warm-up of each length)
+            for call in make_calls(fns[name], warm).values():
+                call()
 
     checks: dict[int, dict] = {}
     runs: dict[int, dict] = {}
@@ -233,21 +323,30 @@ def main(argv: list[str] | None = None) -> int:
                     times = time_interleaved(calls, repeats=args.repeats, warmup=args.warmup, log=log,
                                              label=f"{t} thr L={length} {kind} ")
                     res[kind] = {"times_s": times, "summary_s": {n: summary(v) for n, v in times.items()},
-                                 "speedup_of_chunked": {n: ratio_summary(v, times["chunked"])
-                                                        for n, v in times.items() if n != "chunked"}}
+                                 "speedup": {n: ratio_summary(v, times[args.main])
+                                             for n, v in times.items() if n != args.main}}
                 runs[t][length] = res
         loads[t] = mon.record
         log(f"  {t} thread(s): {mon.line()}")
+    memory: dict[int, dict[str, float]] = {}
+    if not args.no_memory:
+        for length in args.lengths:
+            memory[length] = {n: measure_memory(n, length, args) for n in names
+                              if max_len[n] is None or length <= max_len[n]}
+            log(f"  peak memory, fwd+bwd, L={length}: "
+                + ", ".join(f"{n} {v:.0f} MiB" for n, v in memory[length].items()))
 
     log("")
     log(f"machine: {machine_line(info)}")
     log(f"SSD {shape}, fp32; median [IQR] of {args.repeats} interleaved repeats after {args.warmup} warm-up "
-        "call(s); 'x / chunked' = median [IQR] of the per-repeat ratios; ~ = extrapolated linearly in L")
+        f"call(s); 'x / {args.main}' = median [IQR] of the per-repeat ratios; ~ = extrapolated linearly in L; peak "
+        f"MiB: growth of the RSS high-water mark during one forward + backward, fresh process, {args.threads[0]} "
+        "thread(s)")
     for t in args.threads:
         r = loads[t]
         log(f"load, {t} thread(s): 1-min load average {r['loadavg_before'][0]:.2f} -> {r['loadavg_after'][0]:.2f}, "
             f"other processes {100 * r.get('other_cpu_frac', float('nan')):.0f}% of the CPU time")
-    table = markdown(runs, args.lengths, names, args.threads)
+    table = markdown(runs, args.lengths, names, args.threads, args.main, memory or None)
     log(table)
     details = {}
     for t in args.threads:
@@ -258,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         write_record(args.json, args, argv, machine=info, checks=checks,
                      runs={str(t): {str(k): v for k, v in r.items()} for t, r in runs.items()},
-                     load={str(t): v for t, v in loads.items()}, table=table,
+                     load={str(t): v for t, v in loads.items()}, table=table, memory_mib=memory,
                      detail={str(t): v for t, v in details.items()})
         log(f"wrote {args.json}")
     return 0

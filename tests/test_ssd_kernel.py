@@ -344,3 +344,40 @@ class TestCuda:
         torch.testing.assert_close(s_k, s_c, atol=2e-3, rtol=2e-3)
         for k in g_c:
             torch.testing.assert_close(g_k[k], g_c[k], atol=5e-3, rtol=5e-3)
+
+
+BENCH = __import__("pathlib").Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture()
+def ssd_bench(monkeypatch):
+    import importlib
+
+    monkeypatch.syspath_prepend(str(BENCH))  # the script imports its sibling _machine
+    mod = importlib.import_module("ssd_speed")
+    yield mod
+    sys.modules.pop("ssd_speed", None)
+
+
+def test_speed_benchmark_smoke(ssd_bench, tmp_path, capsys):
+    import json
+
+    rc = ssd_bench.main(["--smoke", "--threads", "1", "--no-memory", "--no-pscan", "--json", str(tmp_path / "s.json")])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "| L | pass | recompute ms, 1 thr | chunked / recompute, 1 thr | ref / recompute, 1 thr |" in out
+    rec = json.loads((tmp_path / "s.json").read_text())
+    assert set(rec["runs"]["1"]) == {"40", "100"}
+    assert set(rec["runs"]["1"]["100"]["fwd+bwd"]["summary_s"]) == {"recompute", "chunked", "ref"}
+    assert all(err < 1e-4 for c in rec["checks"].values() for err in c.values())
+
+
+@pytest.mark.slow  # two fresh interpreters
+def test_speed_benchmark_memory_probe_sees_the_saved_chunk_tensors(ssd_bench):
+    """The peak-memory probe of one forward + backward (fresh subprocess): at Adventurer-T's head shapes and L=1024
+    the op-by-op chunked path holds its chunk tensors (about 20 MiB), the recomputing one does not."""
+    ns = ssd_bench.argparse.Namespace(threads=[1], batch_size=1, heads=8, headdim=64, d_state=64, groups=1, chunk=64,
+                                      seed=0, memory_timeout=120.0)
+    chunked = ssd_bench.measure_memory("chunked", 1024, ns)
+    rec = ssd_bench.measure_memory("recompute", 1024, ns)
+    assert chunked > rec + 8 and rec > 1  # the input gradients (about 2.6 MiB) at least

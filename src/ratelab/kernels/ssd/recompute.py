@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from ratelab.kernels.ssd.chunked import ssd_chunked
 from ratelab.kernels.ssd.ref import DEFAULT_DT_LIMIT, check_inputs, compute_dtype, prepare_dt, skip_term
 
-SEGMENT_CHUNKS = 16  # 1024 tokens at the CPU chunk of 64: the backward's working set is one such segment
+SEGMENT_CHUNKS = 4  # 256 tokens at the CPU chunk of 64: the backward's working set is one such segment
 
 
 def _segments(length: int, q: int, segment_chunks: int) -> list[tuple[int, int]]:
@@ -95,21 +95,28 @@ def _segment_backward(x, dt, A, B, C, S0, gy, g_end, q: int, need_state: bool):
     # diagonal blocks
     XT = X.permute(0, 1, 3, 4, 2, 5)  # (b, c, g, hg, Q, p)
     gyT = gy6.permute(0, 1, 3, 4, 2, 5)
-    gM = gyT @ XT.transpose(-1, -2)  # (b, c, g, hg, Q, Q); its upper triangle only ever meets M = L = 0
+    # (Q, Q) blocks are the working set's bulk: at most three alive at once, the products done in place
     gX = (M.transpose(-1, -2) @ gyT).permute(0, 1, 4, 2, 3, 5)  # (b, c, Q, g, hg, p)
-    gMM = gM * M  # d/d(exponent) of L_ij, times CB: = gL o L with gL = gM o CB
-    gs = gMM.sum(-1) - gMM.sum(-2)  # (b, c, g, hg, Q): rows i gain, columns j lose
-    gCB = (gM.mul_(Lm)).sum(3)  # (b, c, g, Q, Q), masked already
+    del M
+    gM = gyT @ XT.transpose(-1, -2)  # (b, c, g, hg, Q, Q); its upper triangle only ever meets L = 0
+    gL = gM.mul_(Lm)  # gM o L
+    del Lm
+    gCB = gL.sum(3)  # (b, c, g, Q, Q): summed over the heads sharing B and C
     gC = torch.einsum("bcgij,bcjgn->bcign", gCB, Bc)
     gB = torch.einsum("bcgij,bcign->bcjgn", gCB, Cc)
-    del gM, gMM, M, Lm, gCB
+    del gCB
+    gMM = gL.mul_(CB[:, :, :, None])  # gM o L o CB: the gradient of the exponent s_i - s_j
+    gs = gMM.sum(-1) - gMM.sum(-2)  # (b, c, g, hg, Q): rows i gain, columns j lose
+    del gMM, gL, gM, CB
 
     # state read-out: y_off = e (S_k C)
     ge = gy6 * e[..., None]  # (b, c, Q, g, hg, p)
     SC = torch.einsum("bcghpn,bcign->bcighp", S, Cc)
-    gs = gs.permute(0, 1, 4, 2, 3) + (ge * SC).sum(-1)  # (b, c, Q, g, hg)
+    gs = gs.permute(0, 1, 4, 2, 3) + SC.mul_(ge).sum(-1)  # (b, c, Q, g, hg)
+    del SC
     gC += torch.einsum("bcighp,bcghpn->bcign", ge, S)
     g_read = torch.einsum("bcighp,bcign->bcghpn", ge, Cc)  # (b, c, g, hg, p, n)
+    del ge, S
 
     # chunk recurrence, backwards: G_k = g_read_k + dec_k G_{k+1}; G_c = g_end
     G_next = g_end.view(b, g, hg, p, n) if g_end is not None else x.new_zeros((b, g, hg, p, n))
@@ -124,15 +131,17 @@ def _segment_backward(x, dt, A, B, C, S0, gy, g_end, q: int, need_state: bool):
     # chunk states: local = sum_j w_j X_j B_j^T
     gWX = torch.einsum("bcghpn,bcjgn->bcjghp", g_local_t, Bc)
     gB += torch.einsum("bcghpn,bcjghp->bcjgn", g_local_t, Xw)
-    gX += gWX * w[..., None]
-    gw = (gWX * X).sum(-1) * w  # (b, c, Q, g, hg): gradient of the exponent s_Q - s_j
+    del Xw
+    gX.addcmul_(gWX, w[..., None])
+    gw = gWX.mul_(X).sum(-1).mul_(w)  # (b, c, Q, g, hg): gradient of the exponent s_Q - s_j
+    del gWX, X
     gs = gs - gw
     gs_end = gw.sum(2) + g_dec_t * dec  # (b, c, g, hg)
     gs[:, :, -1] += gs_end
     ga = gs.flip(2).cumsum(2).flip(2)  # s = cumsum(a)
     gdt = ga * A.view(g, hg) + (gX * x6).sum(-1)
     gA = (ga * dt5).sum((0, 1, 2)).reshape(h)
-    gx = gX * dt5[..., None]
+    gx = gX.mul_(dt5[..., None])
 
     def cut(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         return t.reshape(b, c * q, *shape)[:, :length]
