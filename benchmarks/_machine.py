@@ -345,6 +345,40 @@ def fmt_ratio(r: dict[str, float] | None, digits: int = 2) -> str:
     return f"**{f.format(r['median'])}x** [{f.format(r['q1'])}-{f.format(r['q3'])}]"
 
 
+# ---- peak memory (CPU, Linux) --------------------------------------------------------------------------------
+# A fixed glibc mmap threshold for the measuring subprocess: every large tensor is its own mapping, returned to the
+# OS when freed, so the resident set tracks live tensor memory instead of heap pages freed earlier and reused.
+PEAK_RSS_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
+def proc_status_bytes(key: str) -> int:
+    """A ``/proc/self/status`` size field (``VmRSS``, ``VmHWM``) in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024  # reported in kB
+    raise KeyError(key)
+
+
+def reset_peak_rss() -> None:
+    """Reset this process's RSS high-water mark (VmHWM) to its current RSS (Linux >= 4.0, /proc/self/clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError as e:
+        raise SystemExit(f"peak memory needs Linux's /proc/self/clear_refs ({e}); run with --no-memory") from e
+
+
+def peak_rss_growth_mib(fn: Callable[[], object]) -> float:
+    """MiB by which the resident set's high-water mark grew while ``fn()`` ran: the extra memory it held at its
+    peak. Run it in a fresh process started with :data:`PEAK_RSS_ENV` (``tracemalloc`` would be wrong: it sees
+    Python objects, not torch's tensor storage)."""
+    reset_peak_rss()
+    base = proc_status_bytes("VmRSS")
+    fn()
+    return (proc_status_bytes("VmHWM") - base) / 2**20
+
+
 # ---- record --------------------------------------------------------------------------------------------------
 def _jsonable(v):
     if isinstance(v, Path):

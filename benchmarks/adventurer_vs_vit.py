@@ -9,11 +9,16 @@ Three contenders, all fp32, built fresh (seeded) at every token count:
   on (timm's default); the script checks the flag on every block and refuses to run otherwise, so the quadratic
   baseline is timed on its fast path, not on an explicit softmax.
 * ``crate``: ratelab's CRATE-T (``crate_tiny_patch16_224``: 384 wide, 12 deep, 6 heads; SDPA attention, fused ISTA).
+* ``adventurer_keep``: the Adventurer with ``memory_efficient=False`` (every activation kept for the backward
+  instead of recomputing the mixers: the training-speed / memory trade of the default).
+* with ``--compile``: ``adventurer+compile`` and ``vit+compile``, the same models through ``torch.compile``
+  (inductor; C++/OpenMP on CPU). Compilation (minutes on 2 cores, once per shape and mode) happens in the warm-up
+  calls and is not timed; the ratios of every contender are still to the eager ViT.
 
 Token counts: the patch size stays 16 and the image side grows, N = (side / 16)^2:
-224 -> 196, 384 -> 576, 512 -> 1024, 768 -> 2304, 1024 -> 4096 (``--quick``: 196, 1024, 4096). The batch shrinks
-as tokens grow so every step sees about ``--batch-tokens`` tokens (default 3136 = 16 images at 196 tokens; one
-image at 2304 and 4096).
+224 -> 196, 512 -> 1024, 1024 -> 4096, 2048 -> 16384 (``--quick``: 196, 1024, 4096; ``--sides`` for others). The
+batch shrinks as tokens grow so every step sees about ``--batch-tokens`` tokens (default 3136 = 16 images at 196
+tokens; one image from 4096 tokens on).
 
 Measured per token count:
 
@@ -59,12 +64,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from _machine import (  # benchmarks/ is on sys.path when a script here runs
+    PEAK_RSS_ENV,
     LoadMonitor,
     add_protocol_args,
     device_name,
     fmt_ratio,
     machine_info,
     machine_line,
+    peak_rss_growth_mib,
     print_header,
     ratio_summary,
     set_threads,
@@ -76,7 +83,7 @@ from _machine import (  # benchmarks/ is on sys.path when a script here runs
 import ratelab
 
 # (image side, patch) per token count; patch 16 throughout so the patch embed costs the same per token.
-SIDES = {"full": (224, 384, 512, 768, 1024), "quick": (224, 512, 1024), "smoke": (64, 128)}
+SIDES = {"full": (224, 512, 1024, 2048), "quick": (224, 512, 1024), "smoke": (64, 128)}
 PATCH = 16
 # Architecture overrides of --smoke: 2 blocks, 32 wide (numbers meaningless, runs in seconds).
 SMOKE_ARCH = {"embed_dim": 32, "depth": 2}
@@ -121,12 +128,36 @@ def _build_crate(side: int, patch: int, args: argparse.Namespace, common: dict) 
     return ratelab.create_model("crate_tiny_patch16_224", **over, **common)
 
 
+def _build_adventurer_keep(side: int, patch: int, args: argparse.Namespace, common: dict) -> nn.Module:
+    m = _build_adventurer(side, patch, args, common)
+    m.set_memory_efficient(False)
+    return m
+
+
+def _compiled(build: Callable) -> Callable:
+    def builder(side: int, patch: int, args: argparse.Namespace, common: dict) -> nn.Module:
+        import torch._inductor.config as inductor_config
+
+        # inductor bakes torch's thread count into its C++ at compile time unless told otherwise; every thread count
+        # of the run must run the one compiled graph with its own threads
+        inductor_config.cpp.dynamic_threads = True
+        m = build(side, patch, args, common)
+        m.compile()  # in place (nn.Module.compile); the first calls compile, the warm-up absorbs them
+        return m
+
+    return builder
+
+
 BUILDERS: dict[str, Callable[[int, int, argparse.Namespace, dict], nn.Module]] = {
     "adventurer": _build_adventurer,
     "vit": _build_vit,
     "crate": _build_crate,
+    "adventurer_keep": _build_adventurer_keep,
+    "adventurer+compile": _compiled(_build_adventurer),
+    "vit+compile": _compiled(_build_vit),
 }
 MODELS = tuple(BUILDERS)
+COMPILED = tuple(m for m in MODELS if m.endswith("+compile"))
 
 
 def build_model(name: str, side: int, patch: int, args: argparse.Namespace) -> nn.Module:
@@ -168,23 +199,6 @@ def _sync(device: str) -> None:
 
 
 # ---- peak memory (fresh subprocess per config) -----------------------------------------------------------------
-def _proc_status_bytes(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024  # reported in kB
-    raise KeyError(key)
-
-
-def _reset_peak_rss() -> None:
-    """Reset this process's RSS high-water mark (VmHWM) to its current RSS (Linux >= 4.0, /proc/self/clear_refs)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError as e:
-        raise SystemExit(f"peak memory needs Linux's /proc/self/clear_refs ({e}); run with --no-memory") from e
-
-
 def memory_worker(spec: dict, args: argparse.Namespace) -> dict[str, float]:
     """Run one inference step then one train step of one config; peak memory growth of each, in MiB."""
     side, patch, name = spec["side"], spec["patch"], spec["model"]
@@ -193,6 +207,11 @@ def memory_worker(spec: dict, args: argparse.Namespace) -> dict[str, float]:
     x = torch.randn(b, 3, side, side, device=args.device)
     y = torch.randint(0, args.num_classes, (b,), device=args.device)
     steps = make_steps(model, x, y)
+    if name in COMPILED:  # compile outside the measured steps: a forward per mode and one backward
+        steps["infer"]()
+        model.train()
+        F.cross_entropy(model(x), y).backward()
+        model.zero_grad(set_to_none=True)
     out: dict[str, float] = {}
     cuda = str(args.device).startswith("cuda")
     for kind in ("infer", "train"):
@@ -200,12 +219,10 @@ def memory_worker(spec: dict, args: argparse.Namespace) -> dict[str, float]:
             torch.cuda.synchronize()
             base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
+            steps[kind]()
+            out[kind] = (torch.cuda.max_memory_allocated() - base) / 2**20
         else:
-            _reset_peak_rss()
-            base = _proc_status_bytes("VmRSS")
-        steps[kind]()
-        peak = torch.cuda.max_memory_allocated() if cuda else _proc_status_bytes("VmHWM")
-        out[kind] = (peak - base) / 2**20
+            out[kind] = peak_rss_growth_mib(steps[kind])
     return out
 
 
@@ -213,9 +230,7 @@ def measure_memory(name: str, side: int, patch: int, args: argparse.Namespace) -
     spec = {"model": name, "side": side, "patch": patch}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-worker", json.dumps(spec),
            *_forwarded(args)]
-    # A fixed glibc mmap threshold: every large tensor is its own mapping, returned to the OS when freed, so RSS
-    # tracks live tensor memory instead of heap pages freed earlier and silently reused.
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    env = dict(os.environ, **PEAK_RSS_ENV)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.memory_timeout, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"memory worker for {spec} failed:\n{proc.stderr[-3000:]}")
@@ -315,7 +330,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--depth", type=int, default=12, help="depth of the Adventurer and the ViT (Adventurer-T: 12)")
     ap.add_argument("--flip", default="alternate", help="Adventurer flip schedule (alternate, pairs, legacy_2_3, none)")
     ap.add_argument("--ssd-backend", default="auto", help="Adventurer SSD backend: auto, chunked or ref")
-    ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {','.join(MODELS)}")
+    ap.add_argument("--models", default="adventurer,vit,crate",
+                    help=f"comma-separated subset of {','.join(MODELS)} (default adventurer,vit,crate)")
+    ap.add_argument("--compile", action="store_true",
+                    help="add the torch.compile variants of the selected adventurer and vit (" + ",".join(COMPILED)
+                    + ")")
     ap.add_argument("--sides", default=None,
                     help="comma-separated image sides (default 224,384,512,768,1024; --quick 224,512,1024)")
     ap.add_argument("--batch-tokens", type=int, default=None,
@@ -324,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-train", action="store_true", help="time inference only")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     ap.add_argument("--memory-timeout", type=float, default=600.0, help="seconds allowed per memory subprocess")
-    ap.add_argument("--quick", action="store_true", help="3 token counts (196, 1024, 4096)")
+    ap.add_argument("--quick", action="store_true", help="3 token counts (196, 1024, 4096; full adds 16384)")
     ap.add_argument("--smoke", action="store_true",
                     help="wiring check: 2-block, 32-wide models on 16 and 64 tokens (64 and 128 px), 1 repeat "
                     "(numbers mean nothing)")
@@ -352,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     sides = [int(s) for s in args.sides.split(",")] if args.sides else list(SIDES[mode])
     patch = PATCH
     models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if args.compile:
+        models += [f"{m}+compile" for m in ("adventurer", "vit") if m in models and f"{m}+compile" not in models]
     bad = [m for m in models if m not in MODELS]
     if bad or "vit" not in models:
         raise SystemExit(f"--models: choose from {MODELS} and include vit (the reference of the ratios); got {models}")
