@@ -119,6 +119,11 @@ def test_disc_shapes_and_errors(tmp_path):
     task.build_datasets(cfg)
     with pytest.raises(ConfigError, match="codes 16px images, the dataset gives 32px"):
         task.build_model(cfg)
+    cfg = _cfg(tmp_path, task={"name": "vqvae", "restart_every": 5}, strategy="fsdp")
+    task = build_task(cfg)
+    task.build_datasets(cfg)
+    with pytest.raises(ConfigError, match="restart_every.*fsdp"):
+        task.build_model(cfg)
     with pytest.raises(ValueError, match="rec_loss"):
         VQVAETask(rec_loss="l3")
 

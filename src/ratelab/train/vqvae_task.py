@@ -17,7 +17,9 @@ task trains any ``var_vae_*`` model (``ratelab.models.var.VQVAE``) with:
 * optional patch-GAN (``gan_weight > 0``): a PatchGAN discriminator (Isola et al. 2017, taming-transformers'
   ``NLayerDiscriminator``) on a second optimizer (``"disc"``, Adam betas (0.5, 0.9)) through
   :meth:`~ratelab.train.tasks.Task.configure_optimizers`; hinge losses; both terms are zero before step
-  ``gan_start``. The generator term has a fixed weight (taming's adaptive weight is not used);
+  ``gan_start``. Deviations from taming: a fixed generator weight (no adaptive weight), and real and fake images
+  in one discriminator batch (one BatchNorm over both). Under torchrun the task wraps the discriminator in its own
+  DDP (not exercised by the tests);
 * optional perceptual term (``perceptual_weight > 0``): LPIPS-VGG (Zhang et al. 2018) from two files the user has
   locally, torchvision's VGG-16 weights and LPIPS' linear layers (``vgg.pth`` of the ``lpips`` package); nothing is
   downloaded, and a missing file is an error naming it.
@@ -242,6 +244,7 @@ class VQVAETask(Task):
         self.vae_calls = 0     # generator training_step calls (micro-batches)
         self._cache: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._mean = self._std = None
+        self._disc_train: nn.Module | None = None
 
     # ---- data and model -------------------------------------------------------------------------------------
     def build_datasets(self, cfg: Any) -> tuple[Dataset, Dataset | None]:
@@ -276,6 +279,9 @@ class VQVAETask(Task):
                               f"images, the dataset gives {side}px; set img_size={model.img_size} or patch_nums "
                               f"ending at {side // model.downsample} (model_kwargs)")
         c = self.config
+        if c.restart_every and getattr(cfg, "strategy", "ddp") == "fsdp":
+            raise ConfigError("task.restart_every: dead-code restarts write codebook rows in place, which sharded "
+                              "(fsdp) weights do not allow; use strategy ddp or restart_every=0")
         if c.gan_weight > 0:
             self.disc = PatchDiscriminator(model.in_chans, c.disc_ndf, c.disc_layers)
             if model.img_size < self.disc.min_size():
@@ -290,6 +296,14 @@ class VQVAETask(Task):
             mod = getattr(self, name)
             if mod is not None:
                 setattr(self, name, mod.to(device))
+        self._disc_train = self.disc
+        if self.disc is not None and getattr(dist, "world_size", 1) > 1:
+            # The discriminator is not part of the trainer's (DDP-wrapped) model: its own DDP wrapper averages its
+            # gradients over the ranks in the disc step's backward. The generator step calls the bare module.
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [device.index] if device.type == "cuda" else None
+            self._disc_train = DistributedDataParallel(self.disc, device_ids=ids)
         if self._mean is not None:
             self._mean, self._std = self._mean.to(device), self._std.to(device)
 
@@ -406,7 +420,10 @@ class VQVAETask(Task):
         if rec is None:
             raise RuntimeError("vqvae task: the discriminator step found no reconstruction of its batch (the "
                                "generator step must run first on the same micro-batches)")
-        real, fake = self.disc(x), self.disc(rec)
+        # one forward over real and fake together (a DDP module takes one forward per backward); BatchNorm then
+        # normalizes over both halves, where taming's two calls normalize each half separately
+        logits = (self._disc_train or self.disc)(torch.cat([x, rec]))
+        real, fake = logits[: x.shape[0]], logits[x.shape[0]:]
         d_loss = 0.5 * (F.relu(1 - real).mean() + F.relu(1 + fake).mean())
         return d_loss, {"d_real": real.detach().mean(), "d_fake": fake.detach().mean()}
 
