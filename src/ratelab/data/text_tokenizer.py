@@ -139,7 +139,7 @@ class CaptionTokenizer:
             p.mkdir(parents=True, exist_ok=True)
             p = p / "tokenizer.json"
         p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(p.name + ".tmp")
+        tmp = p.with_name(f"{p.name}.{os.getpid()}.tmp")  # per process: ranks may save the same file at once
         self.tokenizer.save(str(tmp))
         os.replace(tmp, p)
         return p
