@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from _train_helpers import read_rows, tiny_config
 
+import ratelab
 from ratelab.core.errors import ConfigError
 from ratelab.privacy import (
     PrivacyConfig,
@@ -140,17 +141,22 @@ def _layer_cases():
         return F.cross_entropy(call(x).reshape(x.shape[0], -1)[:, :3], y)
 
     linear = nn.Sequential(nn.Linear(16, 8), nn.GELU(), nn.Linear(8, 3))
+    # Over 12 tokens of width 4 -> 3 the direct norm is cheaper than the Gram route: both routes are exercised.
+    tokens = nn.Sequential(nn.Linear(4, 3), nn.GELU(), nn.Flatten(1), nn.Linear(36, 3))
     conv = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GELU(), nn.Conv2d(4, 3, 3, stride=2), nn.Flatten(1), nn.Linear(12, 3))
     norm = nn.Sequential(nn.Linear(16, 8), nn.LayerNorm(8), nn.Linear(8, 3))
-    embed = nn.Sequential(nn.Embedding(11, 8), nn.Flatten(1), nn.Linear(40, 3))
+    embed = nn.Sequential(nn.Embedding(11, 8, padding_idx=0), nn.Flatten(1), nn.Linear(40, 3))
     attn = nn.Sequential(Attention(16), nn.Flatten(1), nn.Linear(64, 3))
     return {
         "linear": (linear, cls, (seq[:, 0], y)),
+        "linear_tokens": (tokens, cls, (torch.randn(6, 12, 4, generator=g), y)),
         "conv": (conv, cls, (img, y)),
         "layernorm": (norm, cls, (seq[:, 0], y)),
         "embedding": (embed, cls, (tok, y)),
         "attention": (attn, cls, (seq, y)),
         "captioner": (Captioner(), lambda call, im, t: caption_losses(call(im, t), t)[0], (img, tok)),
+        # A learned cls_token / pos_embed on the model itself: opacus vmaps the whole forward for them.
+        "vit_tokens": (ratelab.create_model("test_crate", num_classes=3, img_size=8, in_chans=3), cls, (img, y)),
     }
 
 
@@ -172,6 +178,8 @@ def test_clipped_sum_equals_torch_func_oracle(case, mode):
     def losses(*mb):
         if case == "captioner":
             return caption_losses(private(*mb), mb[1])
+        if case == "vit_tokens":
+            return F.cross_entropy(private(mb[0]), mb[1], reduction="none")
         x, y = mb
         return F.cross_entropy(private(x).reshape(x.shape[0], -1)[:, :3], y, reduction="none")
 
@@ -189,8 +197,6 @@ def test_clipped_sum_equals_torch_func_oracle(case, mode):
 
 def test_dpcap_model_clipped_sum_and_bf16():
     # The real captioner (test size), ghost clipping; under bf16 autocast it stays within bf16 rounding.
-    import ratelab
-
     model = ratelab.create_model("test_dpcap")
     g = torch.Generator().manual_seed(0)
     s = model.img_size

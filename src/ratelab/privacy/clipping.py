@@ -8,9 +8,12 @@ step, in :class:`opacus.optimizers.DPOptimizerFastGradientClipping`).
 
 Three ways to get the per-sample norms, as opacus' ``grad_sample_mode``:
 
-* ``ghost`` (default; Li et al. 2022, opacus' ``GradSampleModuleFastGradientClipping``): the norms of Linear and
-  Embedding per-sample gradients from two Gram matrices without forming them, other layers (LayerNorm, Conv) per
-  layer and discarded at once; a second backward of ``sum_i c_i loss_i`` then gives the clipped sum directly.
+* ``ghost`` (default; Li et al. 2022, on opacus' ``GradSampleModuleFastGradientClipping`` and its hooks): the
+  norms of Linear and Embedding per-sample gradients from Gram matrices without forming them (or, per Linear layer,
+  by forming them where that is cheaper: mixed ghost clipping), other layers (LayerNorm, Conv) from their
+  per-sample gradients. One backward pass, which computes no weight gradients; the clipped sum is then assembled
+  from what the hooks kept (book-keeping, Bu et al. 2023) instead of opacus' second backward of
+  ``sum_i c_i loss_i``.
 * ``hooks`` (opacus' ``GradSampleModule``): per-layer closed-form per-sample gradients ``p.grad_sample`` (B x P
   memory), clipped and summed here; one backward.
 * ``functorch``: the same with opacus' per-layer ``vmap(grad)`` for every layer.
@@ -64,6 +67,11 @@ def check_private_module(model: nn.Module, clipping: str = "ghost") -> None:
                           "handle: " + "; ".join(problems) + ". Replace them (e.g. BatchNorm -> GroupNorm/LayerNorm; "
                           "opacus.validators.ModuleValidator.fix does it) before training with DP.")
     if clipping == "ghost":
+        odd = [name for name, m in model.named_modules()
+               if isinstance(m, nn.Embedding) and (m.scale_grad_by_freq or m.sparse or m.max_norm is not None)]
+        if odd:
+            raise ConfigError(f"privacy.clipping: ghost clipping supports plain nn.Embedding only; {odd} use "
+                              "scale_grad_by_freq, sparse or max_norm. Use clipping='hooks'.")
         owners: dict[int, list[str]] = {}
         for name, m in model.named_modules(remove_duplicate=False):
             for pn, p in m.named_parameters(recurse=False):
@@ -109,17 +117,105 @@ def make_per_sample_module(model: nn.Module, clipping: str = "ghost") -> nn.Modu
                                 force_functorch=clipping == "functorch")
 
 
+def linear_norm_sample(layer: nn.Linear, activations: list[torch.Tensor],
+                       backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+    """Per-sample gradient norms of a Linear layer (opacus' norm-sampler signature); see :func:`_linear_ghost`."""
+    return _linear_ghost(layer, activations, backprops)[0]
+
+
+def _linear_ghost(layer: nn.Linear, activations: list[torch.Tensor],
+                  backprops: torch.Tensor) -> tuple[dict[nn.Parameter, torch.Tensor], list[tuple[Any, ...]]]:
+    """Per-sample gradient norms of a Linear layer by the cheaper of two exact routes, and what book-keeping needs.
+
+    With activations A_i (T x d_in) and output gradients G_i (T x d_out) of example i, the weight gradient is
+    G_i^T A_i. Ghost norm (opacus' only route): ||G_i^T A_i||^2 = <A_i A_i^T, G_i G_i^T>, T^2 (d_in + d_out) work;
+    book-keeping then keeps A and G. Direct: form G_i^T A_i (T d_in d_out work, d_in d_out memory per example, no
+    more than A_i and G_i take when this route is the cheaper one) and keep it. Per layer the smaller count wins (Bu
+    et al. 2022's mixed ghost clipping): the Gram route for DP-Cap's 30k-way head over a short caption, the direct
+    one for narrow layers over many tokens. The bias gradient sum_t g_t is formed directly, O(T d_out).
+
+    Returns:
+        ``({param: (n,) norms}, book entries)`` with entries ``("sample", p, per-sample grads)`` or
+        ``("linear", p, activations (n, T, d_in), output grads (n, T, d_out))``.
+    """
+    a = activations[0].to(backprops.dtype)
+    g = backprops
+    n = g.shape[0]
+    norms: dict[nn.Parameter, torch.Tensor] = {}
+    book: list[tuple[Any, ...]] = []
+    g = g.reshape(n, -1, g.shape[-1])
+    a = a.reshape(n, -1, a.shape[-1])
+    if layer.weight.requires_grad:
+        t, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
+        if t * t * (d_in + d_out) <= t * d_in * d_out:
+            gram = (torch.bmm(g, g.transpose(1, 2)).float() * torch.bmm(a, a.transpose(1, 2)).float()).sum((1, 2))
+            norms[layer.weight] = gram.clamp(min=0).sqrt()
+            book.append(("linear", layer.weight, a, g))
+        else:
+            gs = torch.bmm(g.transpose(1, 2), a)
+            norms[layer.weight] = torch.linalg.vector_norm(gs, dim=(1, 2), dtype=torch.float32)
+            book.append(("sample", layer.weight, gs))
+    if layer.bias is not None and layer.bias.requires_grad:
+        gb = g.sum(1)
+        norms[layer.bias] = torch.linalg.vector_norm(gb, dim=1, dtype=torch.float32)
+        book.append(("sample", layer.bias, gb))
+    return norms, book
+
+
 def _ghost_class() -> type:
     from opacus.grad_sample import GradSampleModuleFastGradientClipping
+    from opacus.grad_sample.functorch import ft_compute_per_sample_gradient
 
     class GhostClippingModule(GradSampleModuleFastGradientClipping):
-        """opacus' ghost-clipping module whose reuse error names the module and the way out."""
+        """opacus' ghost-clipping module with book-keeping instead of the second backward pass.
+
+        The backward hooks keep what they saw (Linear / Embedding: activations and output gradients; every other
+        layer: its per-sample gradients, which opacus forms anyway to take their norms); once the clipping
+        coefficients c are known, :func:`_book_keeping` contracts them into the clipped sum (Bu et al. 2023,
+        "Differentially private optimization on large model at small cost"). That replaces the second backward
+        (opacus' loss.backward of sum_i c_i loss_i) by one weighted weight-gradient product per layer. Also a
+        cheaper Linear norm (:func:`linear_norm_sample`) and a reuse error naming the module.
+        """
+
+        NORM_SAMPLERS = {**GradSampleModuleFastGradientClipping.NORM_SAMPLERS, nn.Linear: linear_norm_sample}
+
+        def capture_backprops_hook(self, module: nn.Module, _forward_input: Any, forward_output: Any,
+                                   loss_reduction: str, batch_first: bool) -> None:
+            if not self.hooks_enabled:
+                return
+            activations, backprops = self.rearrange_grad_samples(
+                module=module, backprops=forward_output[0].detach(), loss_reduction=loss_reduction,
+                batch_first=batch_first)
+            if type(module) is nn.Linear:
+                norms, entries = _linear_ghost(module, activations, backprops)
+            elif type(module) is nn.Embedding:
+                if module.padding_idx is not None:  # its row gets no gradient (torch's rule), so no norm either
+                    keep = (activations[0] != module.padding_idx).unsqueeze(-1)
+                    backprops = backprops * keep.to(backprops.dtype)
+                norms = self.NORM_SAMPLERS[nn.Embedding](module, activations, backprops)
+                entries = [("embedding", module.weight, activations[0], backprops)]
+            else:
+                sampler = self.GRAD_SAMPLERS.get(type(module), ft_compute_per_sample_gradient)
+                grads = {p: gs for p, gs in sampler(module, activations, backprops).items() if p.requires_grad}
+                norms = {p: torch.linalg.vector_norm(gs.reshape(len(gs), -1), dim=1, dtype=torch.float32)
+                         for p, gs in grads.items()}
+                entries = [("sample", p, gs) for p, gs in grads.items()]
+            for p, ns in norms.items():
+                if p.requires_grad:
+                    p._norm_sample = ns
+                    p._forward_counter -= 1
+            self.book += entries
+            if not module.activations and hasattr(module, "max_batch_len"):
+                del module.max_batch_len
 
         def __init__(self, m: nn.Module, **kwargs: Any) -> None:
             super().__init__(m, **kwargs)
             self._names = {id(mod): name for name, mod in m.named_modules()}
+            self.layer_outputs: list[torch.Tensor] = []
+            self.book: list[tuple[Any, ...]] = []
 
         def capture_activations_hook(self, module: nn.Module, forward_input: Any, _forward_output: Any) -> None:
+            before = len(getattr(module, "activations", ()))
             try:
                 super().capture_activations_hook(module, forward_input, _forward_output)
             except NotImplementedError:
@@ -127,6 +223,11 @@ def _ghost_class() -> type:
                     f"privacy.clipping: module {self._names.get(id(module), type(module).__name__)!r} "
                     f"({type(module).__name__}) ran twice in one forward pass (parameter tying); ghost clipping "
                     "needs one call per module. Use clipping='hooks'.") from None
+            if len(getattr(module, "activations", ())) > before:
+                # The layer's raw output (forward hooks run before torch wraps it for the backward hook): the first
+                # backward pass needs gradients down to here only, never the weight gradients (see _ghost_backward).
+                outs = _forward_output if isinstance(_forward_output, (tuple, list)) else (_forward_output,)
+                self.layer_outputs += [t for t in outs if isinstance(t, torch.Tensor) and t.requires_grad]
 
     return GhostClippingModule
 
@@ -188,7 +289,10 @@ def clipped_backward(module: nn.Module, losses: torch.Tensor, *, max_grad_norm: 
         if _is_ghost(module):
             _ghost_backward(module, params, losses, max_grad_norm, scale)
         else:
-            _grad_sample_backward(params, losses, max_grad_norm, scale)
+            # opacus' Embedding sampler fills the padding row, which torch's gradient leaves at zero.
+            padding = {id(m.weight): m.padding_idx for m in module.modules()
+                       if isinstance(m, nn.Embedding) and m.padding_idx is not None}
+            _grad_sample_backward(params, losses, max_grad_norm, scale, padding)
     for p, g in zip(params, prev):
         if p.grad is None:
             p.grad = g if g is not None else torch.zeros_like(p)
@@ -217,7 +321,14 @@ def _ghost_backward(module: nn.Module, params: list[torch.Tensor], losses: torch
     for p in params:
         if hasattr(p, "_norm_sample"):
             del p._norm_sample  # a parameter this forward did not reach must not bring an old micro-batch's norms
-    (losses.sum() * scale).backward(retain_graph=True)
+    # The backward needs the gradient at every hooked layer's output (the hooks turn it into per-sample norms and
+    # keep it), not the weight gradients: asking autograd for the former only skips the weight-gradient products.
+    outputs, module.layer_outputs, module.book = module.layer_outputs, [], []
+    if outputs:
+        torch.autograd.grad(losses.sum() * scale, outputs, allow_unused=True)
+    else:
+        (losses.sum() * scale).backward()
+    del outputs
     norms = _total_norms([p._norm_sample for p in params if getattr(p, "_norm_sample", None) is not None],
                          losses.shape[0], losses.device)
     coef = _finite_or_poison(_clip_coefficients(norms, max_grad_norm, scale), norms, scale)
@@ -225,18 +336,35 @@ def _ghost_backward(module: nn.Module, params: list[torch.Tensor], losses: torch
         p.grad = None
         if hasattr(p, "_norm_sample"):
             del p._norm_sample
-    module.disable_hooks()
-    try:
-        ((coef.detach().to(losses.dtype) * losses).sum() * scale).backward()
-    finally:
-        module.enable_hooks()
+    book, module.book = module.book, []
+    _book_keeping(book, coef)
+
+
+def _book_keeping(book: list[tuple[Any, ...]], coef: torch.Tensor) -> None:
+    """Write ``sum_i c_i g_i`` into ``p.grad`` from what the backward hooks kept (see GhostClippingModule)."""
+    for kind, p, *data in book:
+        if kind == "sample":  # per-sample gradients (n, *shape)
+            (gs,) = data
+            g = torch.einsum("i,i...->...", coef.to(gs.dtype), gs)
+        else:
+            x, back = data  # layer input (n, ..., d_in) or token ids (n, ...); output gradients (n, ..., d_out)
+            cg = (back * coef.to(back.dtype).view(-1, *([1] * (back.dim() - 1)))).reshape(-1, back.shape[-1])
+            if kind == "linear":
+                g = cg.t() @ x.reshape(-1, x.shape[-1])
+            else:  # embedding: every token's row receives its example's weighted output gradient
+                g = torch.zeros(p.shape, dtype=cg.dtype, device=cg.device).index_add_(0, x.reshape(-1), cg)
+        g = g.to(p.dtype)
+        p.grad = g if p.grad is None else p.grad + g
 
 
 def _grad_sample_backward(params: list[torch.Tensor], losses: torch.Tensor, max_grad_norm: float,
-                          scale: float) -> None:
+                          scale: float, padding: dict[int, int]) -> None:
     (losses.sum() * scale).backward()
     n = losses.shape[0]
     samples = [(p, p.grad_sample) for p in params if getattr(p, "grad_sample", None) is not None]
+    for p, gs in samples:
+        if id(p) in padding and isinstance(gs, torch.Tensor):
+            gs[:, padding[id(p)]] = 0
     for _, gs in samples:
         if isinstance(gs, list):  # opacus stacks the per-sample gradients of repeated calls (tied parameters)
             raise ConfigError("privacy: a module ran twice in one forward pass; its per-sample gradients were "
