@@ -128,7 +128,11 @@ def test_fidelity_wiring_with_random_inception(tmp_path, monkeypatch):
             sd[k] = torch.randn(v.shape, generator=g) * (2.0 / v[0].numel()) ** 0.5
     path = tmp_path / "inception.pth"
     torch.save(sd, path)
-    monkeypatch.setattr("urllib.request.urlopen", lambda *a, **k: pytest.fail("tried to download"))
+    def no_download(*a, **k):
+        pytest.fail("tried to download")
+
+    monkeypatch.setattr(fe, "load_state_dict_from_url", no_download)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
     g = torch.Generator().manual_seed(0)
     a = torch.rand(4, 3, 16, 16, generator=g)
     b = torch.rand(4, 3, 16, 16, generator=g) * 0.3
