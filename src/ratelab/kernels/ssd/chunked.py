@@ -20,8 +20,11 @@ Numerics: all exponents are differences ``s_i - s_j`` with ``i >= j`` (hence ``<
 upper triangle gets ``-inf`` *before* ``exp`` so nothing large is ever exponentiated, and its gradient is exactly zero.
 Exponents are floored at ``log(finfo.tiny)`` (about -87 in fp32, -708 in fp64) because CPU ``exp`` is 5-40x slower
 when its result is subnormal or zero; a term below the smallest normal number changes by less than ``finfo.tiny``.
-Half inputs are computed in fp32. Lengths that are not a multiple of ``Q`` are padded at the end with ``dt = 0`` (no
-decay, no input), which leaves the final state exact.
+Half inputs are computed in fp32. ``Q`` is balanced (:func:`balanced_chunk`: the fewest chunks of at most
+``chunk_size``, as equal as possible) and the few tokens short of a multiple of ``Q`` are padded at the end with
+``dt = 0`` (no decay, no input), which leaves the final state exact. Without autograd the head-wise matmuls read
+strided views in place and write head-major buffers, and the states entering the chunks go into one batch-major
+buffer: a few large ops instead of one small GEMM per (sequence, chunk, head).
 """
 
 from __future__ import annotations
@@ -32,6 +35,16 @@ import torch
 import torch.nn.functional as F
 
 from ratelab.kernels.ssd.ref import DEFAULT_DT_LIMIT, check_inputs, compute_dtype, prepare_dt, skip_term
+
+
+def balanced_chunk(length: int, chunk_size: int) -> int:
+    """The chunk length actually used: the fewest chunks of at most ``chunk_size`` tokens, made as equal as
+    possible, so that padding is under one token per chunk (198 tokens at ``chunk_size`` 64: 4 chunks of 50 and 2
+    padded tokens, instead of 4 chunks of 64 and 58)."""
+    if length <= chunk_size:
+        return max(length, 1)  # a short sequence is one chunk of its own length: no padding work
+    c = -(-length // chunk_size)
+    return -(-length // c)
 
 
 def ssd_chunked(
@@ -61,7 +74,7 @@ def ssd_chunked(
         y = x.new_zeros(x.shape)
         return (y, state0) if return_final_state else y
 
-    q = min(chunk_size, length)  # a short sequence is one chunk of its own length: no padding work
+    q = balanced_chunk(length, chunk_size)
     pad = (-length) % q
     c, hg = (length + pad) // q, h // g
     grad = torch.is_grad_enabled() and any(
@@ -69,11 +82,17 @@ def ssd_chunked(
     )
 
     # Chunk-major layout throughout: (b, c, Q, h, p) is a free view of the (b, L, h, p) input, so no big permute.
-    xdt = xc * dtp[..., None]  # (b, L, h, p), contiguous
+    if grad or not pad:
+        xdt = xc * dtp[..., None]  # (b, L, h, p), contiguous
+        if pad:
+            xdt = F.pad(xdt, (0, 0, 0, 0, 0, pad))
+    else:  # written straight into the padded buffer: no zero-fill of the whole buffer, no second copy
+        xdt = torch.empty((b, length + pad, h, p), dtype=ct, device=x.device)
+        torch.mul(xc, dtp[..., None], out=xdt[:, :length])
+        xdt[:, length:].zero_()
     a = dtp * A.to(ct)  # (b, L, h)
     Bc, Cc = B.to(ct), C.to(ct)
     if pad:  # dt = 0 rows: exp(0) = 1 keeps the state, dt x B^T = 0 adds nothing
-        xdt = F.pad(xdt, (0, 0, 0, 0, 0, pad))
         a = F.pad(a, (0, 0, 0, pad))
         Bc = F.pad(Bc, (0, 0, 0, 0, 0, pad))
         Cc = F.pad(Cc, (0, 0, 0, 0, 0, pad))
@@ -118,13 +137,15 @@ def ssd_chunked(
             entering.append(s)
             s = torch.addcmul(loc[k], s, dec[k])
         ent = torch.stack(entering, 1).view(b, c, g, n, hg * p)
-    else:  # inference: the recurrence writes straight into one buffer (no list + stack copy)
-        buf = torch.empty((c + 1, b, g, n, hg, p), dtype=ct, device=x.device)
-        buf[0] = s
-        for k, st in enumerate(buf.unbind(0)[1:]):
-            torch.addcmul(loc[k], buf[k], dec[k], out=st)
-        s = buf[c]
-        ent = buf[:c].transpose(0, 1).reshape(b, c, g, n, hg * p)  # a view when b == 1
+    else:  # inference: the recurrence writes straight into one batch-major buffer (no list + stack copy, and the
+        # read-out matmul below takes it as it is)
+        buf = torch.empty((b, c, g, n, hg, p), dtype=ct, device=x.device)
+        ents = buf.unbind(1)
+        ents[0].copy_(s)
+        for k in range(c - 1):
+            torch.addcmul(loc[k], ents[k], dec[k], out=ents[k + 1])
+        s = torch.addcmul(loc[c - 1], ents[c - 1], dec[c - 1])
+        ent = buf.view(b, c, g, n, hg * p)
     final = s.permute(0, 1, 3, 4, 2).reshape(b, h, p, n)
 
     # 4. the entering state read out through C and decayed from the chunk start, plus the intra-chunk term
@@ -135,12 +156,19 @@ def ssd_chunked(
     mix = mix.view(b, c, h, q, q)
     if grad:  # one batched matmul on a head-major copy of x dt, added back into the chunk-major y_in
         y = y_in.add_((mix @ x5.transpose(2, 3)).transpose(2, 3))
-    else:  # accumulate each head into its strided view of y_in (in place; matmul reads the strided views directly)
-        for yi, mi, xi in zip(y_in.unbind(3), mix.unbind(2), x5.unbind(3), strict=True):
-            yi.flatten(0, 1).baddbmm_(mi.flatten(0, 1), xi.flatten(0, 1))
-        y = y_in
+    else:  # per head one bmm reading the strided (b c, Q, p) view of x dt in place, into a head-major buffer,
+        # then one strided add into y_in (an in-place baddbmm_ into y_in's strided views would run one small
+        # addmm_ per (sequence, chunk, head): thousands of calls)
+        yd = torch.empty((h, b * c, q, p), dtype=ct, device=x.device)
+        for hi, (mi, xi) in enumerate(zip(mix.unbind(2), x5.unbind(3), strict=True)):
+            torch.bmm(mi.flatten(0, 1), xi.flatten(0, 1), out=yd[hi])
+        y = y_in.add_(yd.view(h, b, c, q, p).permute(1, 2, 3, 0, 4))
     y = y.reshape(b, c * q, h, p)[:, :length]
     if D is not None:
-        y = y + skip_term(xc, D.to(ct))
+        Dc = D.to(ct)
+        if grad:
+            y = y + skip_term(xc, Dc)
+        else:
+            y = y.addcmul_(xc, Dc[:, None] if Dc.dim() == 1 else Dc)
     y = y.to(x.dtype)
     return (y, final) if return_final_state else y

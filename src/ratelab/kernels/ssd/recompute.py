@@ -38,7 +38,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ratelab.kernels.ssd.chunked import ssd_chunked
+from ratelab.kernels.ssd.chunked import balanced_chunk, ssd_chunked
 from ratelab.kernels.ssd.ref import DEFAULT_DT_LIMIT, check_inputs, compute_dtype, prepare_dt, skip_term
 
 SEGMENT_CHUNKS = 4  # 256 tokens at the CPU chunk of 64: the backward's working set is one such segment
@@ -157,7 +157,7 @@ class SSDRecomputeFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, chunk_size: int, segment_chunks: int, x, dt, A, B, C, initial_state):  # noqa: D102
         ctx.set_materialize_grads(False)
-        q = min(chunk_size, x.shape[1])
+        q = balanced_chunk(x.shape[1], chunk_size)
         segs = _segments(x.shape[1], q, segment_chunks)
         ys, entering = [], []
         state = initial_state
