@@ -86,6 +86,8 @@ run adventurer_vs_vit_avx2 env ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=
   "$PY" benchmarks/adventurer_vs_vit.py --sides 1024 --models adventurer,vit --threads 1 --repeats 5 \
   --skip-train --no-memory --json "$OUT/adventurer_vs_vit_avx2.json"
 run crate_alpha_speed "$PY" benchmarks/crate_alpha_speed.py --threads 1 2 --json "$OUT/crate_alpha_speed.json"
+# VAR / M-VAR sampling at depth 16, widths 256 and 1024 (the real d16 width; about 7 min on an idle machine).
+run var_sampling "$PY" benchmarks/var_sampling.py --threads 1 2 --repeats 3 --json "$OUT/var_sampling.json"
 # Thread count under oversubscription (docs/benchmarks.md "Threads"; the default of `ratelab train --threads`).
 run threads_oversubscription "$PY" benchmarks/threads_oversubscription.py --repeats 5 \
   --json "$OUT/threads_oversubscription.json"
