@@ -19,7 +19,7 @@ task trains any ``var_vae_*`` model (``ratelab.models.var.VQVAE``) with:
   :meth:`~ratelab.train.tasks.Task.configure_optimizers`; hinge losses; both terms are zero before step
   ``gan_start``. Deviations from taming: a fixed generator weight (no adaptive weight), and real and fake images
   in one discriminator batch (one BatchNorm over both). Under torchrun the task wraps the discriminator in its own
-  DDP (not exercised by the tests);
+  DDP (tests/test_var_vqvae_ddp.py checks that the ranks stay identical);
 * optional perceptual term (``perceptual_weight > 0``): LPIPS-VGG (Zhang et al. 2018) from two files the user has
   locally, torchvision's VGG-16 weights and LPIPS' linear layers (``vgg.pth`` of the ``lpips`` package); nothing is
   downloaded, and a missing file is an error naming it.
