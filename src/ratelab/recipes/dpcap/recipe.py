@@ -30,18 +30,22 @@ Commands (scales in ``SCALES``)::
     ratelab reproduce dpcap --scale quick --out runs/dpcap        # epsilon 1, 8, inf; T = 120, 16 px
     ratelab reproduce dpcap --scale full --out runs/dpcap-full    # epsilon 1, 3, 8, inf; T = 1000, 32 px (not run)
 
-Measured (quick, 1 thread, seed 0; 225 s wall on a 2-core machine shared with other jobs, so the lead's quiet re-run
-sets the time; N = 30,000, B = 480 accounted, B' = 16 trained, T = 120; sigma = 1.167 at epsilon 1 and 0.502 at
-epsilon 8; spent RDP 0.997 / 7.999, PRV 0.759 / 6.500; TAN simulation, no guarantee): held-out caption loss 0.936
-(epsilon 1), 0.904 (8), 0.737 (inf) -- the loss orders with the budget, and the DP captioners write fluent captions
-("a large cyan triangle in the center") that get size and position words right far more often than colour or shape.
-The linear probes do not show it at this budget: shape 0.24 / 0.21 / 0.25 against 0.23 at random init and 0.25 /
-0.27 for the DP shape classifiers (which themselves reach only 0.16-0.20 held-out accuracy: in 120 steps this ViT
-does not learn shape at 16 px even without privacy, 0.16 measured); colour 0.59 / 0.55 / 0.80 against 0.51 at random
-init, so only the non-private captioner's colour features separate; position stays at the majority rate (~0.64).
-Zero-shot shape 0.20-0.21 (chance 0.17), colour 0.25 / 0.15 / 0.48. The paper's claim in small -- useful features at
-modest epsilon -- does NOT hold at the quick scale: the DP noise on the averaged gradient (sigma C / B with B = 480)
-still swamps 120 steps of a 355k-parameter model; the paper's remedy is a batch of 1.3M.
+Measured (quick, 1 thread, seed 0, deterministic: the DP noise and batches come from the recipe's seed; 114 s wall
+on a 2-core machine shared with other jobs, 51 s of it training, so the lead's quiet re-run sets the time; N = 30,000,
+B = 480 accounted, B' = 16 trained, T = 120; sigma = 1.167 at epsilon 1 and 0.502 at epsilon 8; spent RDP 0.997 /
+7.999, PRV 0.759 / 6.500; TAN simulation, no guarantee). Held-out caption loss 0.909 (epsilon 1), 0.875 (8), 0.737
+(inf): it orders with the budget. Linear probes, epsilon 1 / 8 / inf: colour 0.610 / 0.637 / 0.803 against 0.510 at
+random init (epsilon 8: +12.7 points, 2 SE 8.1) and 0.587 / 0.587 for the DP shape classifiers; shape 0.237 / 0.257 /
+0.253 against 0.233 at random init and 0.230 / 0.257 for the classifiers, which reach only 0.16 / 0.17 held-out
+accuracy themselves (this ViT does not learn shape at 16 px in 120 steps even without privacy: 0.16 measured);
+position stays at the majority rate (~0.64) for every arm. Zero-shot shape 0.20 / 0.19 / 0.20 (chance 0.17, random
+init 0.13), colour 0.37 / 0.36 / 0.48 (random init 0.03). Greedy captions are fluent ("a large cyan circle in the
+center") with the size and the (mostly central) position right more often than colour or shape. 4 of 7 checks hold:
+features beat random init on colour at epsilon 8, the loss and the mean probe accuracy rise with epsilon, epsilon
+stays within target; the shape claims, the captioner-vs-classifier claim and zero-shot shape above chance do not. The
+paper's claim in small -- useful features at modest epsilon -- holds only for colour at this scale: the noise on the
+averaged gradient (sigma C / B, B = 480) still weighs on 120 steps of a 355k-parameter model; the paper's remedy is a
+batch of 1.3M.
 """
 
 from __future__ import annotations
@@ -170,14 +174,15 @@ def _zero_shot(model: nn.Module, tok: Any, val: Any, labels: dict[str, tuple[tor
                                   device=device) for a, p in prompts.items()}
 
 
-def _privacy(eps: float, row: Scale, n: int) -> dict[str, Any]:
+def _privacy(eps: float, row: Scale, n: int, seed: int) -> dict[str, Any]:
     """The privacy section of an arm at ``eps``: sigma solved once here (RDP, the plugin's default accountant) for
-    q = B/N and T steps and handed to the captioner and the classifier alike (the search costs seconds)."""
+    q = B/N and T steps and handed to the captioner and the classifier alike (the search costs seconds). The noise
+    and batch seed is the recipe's, so a reproduction repeats exactly (a release would keep it secret)."""
     from ratelab.privacy import find_noise_multiplier
 
     delta = 1.0 / n
     sigma = find_noise_multiplier(eps, delta, row.batch / n, row.steps, "rdp")
-    out: dict[str, Any] = {"noise_multiplier": sigma, "delta": delta, "max_grad_norm": 1.0}
+    out: dict[str, Any] = {"noise_multiplier": sigma, "delta": delta, "max_grad_norm": 1.0, "dp_seed": seed}
     if row.tan_batch is not None:
         out["tan_batch_size"] = row.tan_batch
     return out
@@ -231,7 +236,7 @@ def run(out_dir: Path, *, scale: str, seed: int, device: str, progress: bool) ->
         name = f"captioner eps={eps:g}"
         dp = math.isfinite(eps)
         cfg = dict(base, batch_size=row.batch if dp else (row.tan_batch or row.batch),
-                   plugins={"privacy": _privacy(eps, row, n)} if dp else {})
+                   plugins={"privacy": _privacy(eps, row, n, seed)} if dp else {})
         if dp:
             log(f"eps={eps:g}: sigma={cfg['plugins']['privacy']['noise_multiplier']:.4f} for q={row.batch / n:.4g}, "
                 f"T={row.steps}")
