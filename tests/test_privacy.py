@@ -447,3 +447,61 @@ def test_target_epsilon_solves_sigma_for_the_run(tmp_path):
     trainer = Trainer(cfg, ClassificationTask())
     res = trainer.fit()
     assert 2.9 <= res["dp_epsilon_rdp"] <= 3.0 and res["dp_epsilon"] == res["dp_epsilon_rdp"]
+
+
+class _Captions(torch.utils.data.Dataset):
+    """A few random 8x8 images with short captions (items ``(image, caption)``, as the caption datasets give)."""
+
+    WORDS = ("red", "blue", "square", "circle", "small", "big", "left", "right")
+
+    def __init__(self, n: int = 40) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.images = torch.randn(n, 3, 8, 8, generator=g)
+        lens = torch.randint(1, 5, (n,), generator=g)
+        self.caps = [" ".join(self.WORDS[int(i)] for i in torch.randint(0, 8, (int(k),), generator=g)) for k in lens]
+
+    def __len__(self) -> int:
+        return len(self.caps)
+
+    def __getitem__(self, i: int):
+        return self.images[i], self.caps[i]
+
+    def captions(self) -> list[str]:
+        return list(self.caps)
+
+
+def test_caption_task_dp_step_equals_hand_computed_dp_sgd(tmp_path):
+    # One trainer step of the caption task under the plugin == Poisson batch -> oracle clipped sum (per-caption
+    # mean CE) -> + the same N(0, (sigma C)^2) draw -> / B -> AdamW, computed here by hand.
+    from ratelab.train.caption_task import CaptionTask
+
+    data = _Captions()
+    task = CaptionTask(train_dataset=data, max_len=8, vocab_size=48, n_generate=0)
+    cfg = TrainConfig(model="test_dpcap", task=task.config, batch_size=12, max_steps=1, lr=1e-3, warmup_steps=0,
+                      weight_decay=0.0, progress=False, out_dir=str(tmp_path), device="cpu", eval_every=0,
+                      img_size=8, plugins={"privacy": {"noise_multiplier": 0.9, "max_grad_norm": 0.7, "dp_seed": 4,
+                                                       "physical_batch_size": 5}})
+    trainer = Trainer(cfg, task)
+    plugin = trainer.plugins[0]
+    start = ratelab.create_model("test_dpcap", **task.model_kwargs(trainer.cfg))  # no opacus hooks on this one
+    start.load_state_dict(trainer.model.state_dict())
+    noise_gen = torch.Generator().manual_seed(0)
+    noise_gen.set_state(plugin.generator.get_state())
+    idx = trainer._batch_sampler(epoch=0, start_step=0).global_batch(0)
+    assert len(idx) > 5  # several physical micro-batches
+    trainer.fit()
+    img = torch.stack([trainer.train_dataset[int(i)][0] for i in idx])
+    tok = torch.stack([trainer.train_dataset[int(i)][1] for i in idx])
+    ref, _ = clipped_gradient_sum_ref(start, lambda call, im, t: caption_losses(call(im, t), t)[0], img, tok,
+                                      max_grad_norm=0.7)
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    by_name = dict(start.named_parameters())
+    params = [by_name[names[id(p)]] for p in plugin.optimizer.params]  # the DP optimizer's noise order
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+    name_of = {id(v): k for k, v in by_name.items()}
+    for p in params:
+        noise = torch.normal(mean=0, std=0.9 * 0.7, size=p.shape, generator=noise_gen)
+        p.grad = (ref[name_of[id(p)]] + noise) / 12
+    opt.step()
+    for k, v in start.state_dict().items():
+        assert torch.allclose(trainer.model.state_dict()[k], v, atol=1e-6), k
