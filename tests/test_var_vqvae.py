@@ -140,6 +140,10 @@ def test_round_trip_and_var_input():
     assert torch.allclose(torch.cat(nxt[:-1], 1), tf, atol=1e-5) and torch.allclose(f_hat, fhats[-1], atol=1e-5)
     # official method names
     assert all(torch.equal(a, b) for a, b in zip(m.img_to_idxBl(x), idx, strict=True))
+    assert torch.equal(m.quantize.idxBl_to_var_input(idx), tf)
+    f0 = torch.zeros(2, 32, 4, 4)
+    f1, n1 = m.quantize.get_next_autoregressive_input(0, 3, f0, m.quantize.code_map(idx[0]))
+    assert torch.allclose(n1.flatten(2).transpose(1, 2), tf[:, :4], atol=1e-6)
     assert torch.allclose(m.idxBl_to_img(idx, same_shape=True, last_one=True), rec)
 
 

@@ -107,6 +107,7 @@ class MultiScaleQuantizer(nn.Module):
         super().__init__()
         self.vocab_size, self.channels = vocab_size, channels
         self.patch_nums = tuple(int(p) for p in patch_nums)
+        self.Cvae, self.v_patch_nums = channels, self.patch_nums  # the official attribute names
         self.using_znorm, self.beta = using_znorm, beta
 
         def make() -> nn.Module:
@@ -294,6 +295,16 @@ class MultiScaleQuantizer(nn.Module):
             return f_hat, f_hat
         pn = self.patch_nums[si + 1]
         return f_hat, F.interpolate(f_hat, size=(pn, pn), mode="area")
+
+    # official method names (FoundationVision/VAR models/quant.py), so code written against it runs unchanged
+    def idxBl_to_var_input(self, gt_ms_idx_Bl: Sequence[torch.Tensor]) -> torch.Tensor | None:  # noqa: N802
+        return self.idx_to_var_input(gt_ms_idx_Bl)
+
+    def get_next_autoregressive_input(self, si: int, SN: int, f_hat: torch.Tensor,  # noqa: N803
+                                      h_BChw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: N803
+        if SN != self.num_scales:
+            raise ValueError(f"SN={SN}: the quantizer has {self.num_scales} scales")
+        return self.next_var_input(si, f_hat, h_BChw)
 
     def _check_scales(self, idx_list: Sequence[torch.Tensor]) -> None:
         if len(idx_list) != self.num_scales:
