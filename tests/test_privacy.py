@@ -505,3 +505,38 @@ def test_caption_task_dp_step_equals_hand_computed_dp_sgd(tmp_path):
     opt.step()
     for k, v in start.state_dict().items():
         assert torch.allclose(trainer.model.state_dict()[k], v, atol=1e-6), k
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_fp16_loss_scale_scales_the_threshold_and_poisons_overflow(mode):
+    # With a GradScaler the backward runs on scaled losses: p.grad must be S x the unscaled clipped sum (the
+    # scaler unscales it), and an overflowing example must make the sum non-finite so that the scaler skips.
+    class Scaler:
+        def __init__(self, s):
+            self.s = s
+
+        def get_scale(self):
+            return self.s
+
+    model, loss_one, (x, y) = CASES["layernorm"]
+    ref, norms = clipped_gradient_sum_ref(model, loss_one, x, y, max_grad_norm=1.0)
+    c = float(norms.median())
+    ref, _ = clipped_gradient_sum_ref(model, loss_one, x, y, max_grad_norm=c)
+    m = copy.deepcopy(model)
+    private = make_per_sample_module(m, mode)
+    clipped_backward(private, F.cross_entropy(private(x)[:, :3], y, reduction="none"), max_grad_norm=c,
+                     scaler=Scaler(1024.0))
+    for name, p in m.named_parameters():
+        assert torch.allclose(p.grad / 1024.0, ref[name], atol=1e-6, rtol=1e-4), name
+    # Example 0's gradient is finite (~1e20) but its squared norm overflows float32: without the poison its
+    # coefficient would be 0 and the sum finite, so the scaler would never see the overflow.
+    lin, loss_lin, (xl, yl) = CASES["linear"]
+    for poisoned in (False, True):
+        m = copy.deepcopy(lin)
+        private = make_per_sample_module(m, mode)
+        xo = xl.clone()
+        if poisoned:
+            xo[0] = 1e20
+        clipped_backward(private, F.cross_entropy(private(xo), yl, reduction="none"), max_grad_norm=c,
+                         scaler=Scaler(2.0))
+        assert all(torch.isfinite(p.grad).all() for p in m.parameters()) is not poisoned

@@ -287,12 +287,12 @@ def clipped_backward(module: nn.Module, losses: torch.Tensor, *, max_grad_norm: 
         # opacus' functorch path re-enters autocast with the lowest dtype it saw, which torch flags on CPU for fp32.
         warnings.filterwarnings("ignore", message=r"In \w+ autocast, but the target dtype is not supported")
         if _is_ghost(module):
-            _ghost_backward(module, params, losses, max_grad_norm, scale)
+            _ghost_backward(module, params, losses, max_grad_norm, scale, scaler is not None)
         else:
             # opacus' Embedding sampler fills the padding row, which torch's gradient leaves at zero.
             padding = {id(m.weight): m.padding_idx for m in module.modules()
                        if isinstance(m, nn.Embedding) and m.padding_idx is not None}
-            _grad_sample_backward(params, losses, max_grad_norm, scale, padding)
+            _grad_sample_backward(params, losses, max_grad_norm, scale, scaler is not None, padding)
     for p, g in zip(params, prev):
         if p.grad is None:
             p.grad = g if g is not None else torch.zeros_like(p)
@@ -306,18 +306,18 @@ def _total_norms(per_param: list[torch.Tensor], n: int, device: torch.device) ->
     return torch.stack([t.to(device=device, dtype=torch.float32) for t in per_param]).norm(2, dim=0)
 
 
-def _finite_or_poison(coef: torch.Tensor, norms: torch.Tensor, scale: float) -> torch.Tensor:
+def _finite_or_poison(coef: torch.Tensor, norms: torch.Tensor, scaled: bool) -> torch.Tensor:
     bad = ~torch.isfinite(norms)
     if not bool(bad.any()):
         return coef
-    if scale == 1.0:
+    if not scaled:
         raise TrainingDiverged(f"privacy: {int(bad.sum())} per-sample gradient norm(s) are not finite", step=-1,
                                loss=float("nan"))
     return coef * torch.where(bad, float("nan"), 1.0)
 
 
 def _ghost_backward(module: nn.Module, params: list[torch.Tensor], losses: torch.Tensor, max_grad_norm: float,
-                    scale: float) -> None:
+                    scale: float, scaled: bool) -> None:
     for p in params:
         if hasattr(p, "_norm_sample"):
             del p._norm_sample  # a parameter this forward did not reach must not bring an old micro-batch's norms
@@ -331,7 +331,7 @@ def _ghost_backward(module: nn.Module, params: list[torch.Tensor], losses: torch
     del outputs
     norms = _total_norms([p._norm_sample for p in params if getattr(p, "_norm_sample", None) is not None],
                          losses.shape[0], losses.device)
-    coef = _finite_or_poison(_clip_coefficients(norms, max_grad_norm, scale), norms, scale)
+    coef = _finite_or_poison(_clip_coefficients(norms, max_grad_norm, scale), norms, scaled)
     for p in params:
         p.grad = None
         if hasattr(p, "_norm_sample"):
@@ -358,7 +358,7 @@ def _book_keeping(book: list[tuple[Any, ...]], coef: torch.Tensor) -> None:
 
 
 def _grad_sample_backward(params: list[torch.Tensor], losses: torch.Tensor, max_grad_norm: float,
-                          scale: float, padding: dict[int, int]) -> None:
+                          scale: float, scaled: bool, padding: dict[int, int]) -> None:
     (losses.sum() * scale).backward()
     n = losses.shape[0]
     samples = [(p, p.grad_sample) for p in params if getattr(p, "grad_sample", None) is not None]
@@ -370,7 +370,7 @@ def _grad_sample_backward(params: list[torch.Tensor], losses: torch.Tensor, max_
             raise ConfigError("privacy: a module ran twice in one forward pass; its per-sample gradients were "
                               "stacked, not summed")
     norms = _total_norms([gs.reshape(n, -1).norm(2, dim=1) for _, gs in samples], n, losses.device)
-    coef = _finite_or_poison(_clip_coefficients(norms, max_grad_norm, scale), norms, scale)
+    coef = _finite_or_poison(_clip_coefficients(norms, max_grad_norm, scale), norms, scaled)
     for p in params:
         p.grad = None
     for p, gs in samples:
