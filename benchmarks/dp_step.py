@@ -112,7 +112,9 @@ def check_modes(base: nn.Module, img: torch.Tensor, tok: torch.Tensor, max_grad_
     scale = max(g.abs().max().item() for g in sums["ghost"])
     out = {f"{mode}_vs_ghost_max_rel_diff": max((a - b).abs().max().item() for a, b in zip(sums[mode], sums["ghost"]))
            / scale for mode in MODES[1:]}
-    if max(out.values()) > 1e-4:
+    # fp32 rounding: on dpcap_tiny (batch 4) ghost's per-sample norms agree with an fp64 run to 6e-7 and opacus'
+    # hooks/functorch ones to 2e-4, so the clipped sums differ by up to ~2e-4 of their largest entry.
+    if max(out.values()) > 1e-3:
         raise SystemExit(f"clipping modes disagree: {out}")
     return out
 
