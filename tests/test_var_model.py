@@ -228,6 +228,19 @@ def test_generate_modes_and_errors():
         m.generate(torch.tensor([0]), codec=ResidualCodec(torch.randn(24, 32), (1, 2)))
 
 
+def test_more_smooth_softens_only_the_filtered_logits():
+    # The official sampler masks its logits in place before the Gumbel-softmax: with top_k=1 the soft code is the
+    # argmax's codebook row exactly, so the smooth and the plain runs build the same f_hat.
+    torch.manual_seed(2)
+    m = _randomized(_tiny())
+    codec = _codec(m)
+    labels = torch.tensor([0, 3])
+    plain = m.generate(labels, cfg=1.5, top_k=1, top_p=0.0, seed=4, codec=codec)
+    smooth = m.generate(labels, cfg=1.5, top_k=1, top_p=0.0, seed=4, codec=codec, more_smooth=True)
+    assert all(torch.equal(a, b) for a, b in zip(plain.idx_list, smooth.idx_list))
+    torch.testing.assert_close(smooth.f_hat, plain.f_hat, rtol=0, atol=1e-6)
+
+
 def test_generation_with_the_tokenizer():
     from ratelab.models.var.config import VQVAEConfig
     from ratelab.models.var.vqvae import VQVAE

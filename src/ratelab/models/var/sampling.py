@@ -10,8 +10,8 @@ same in OliverRensu/MVAR), re-written. At scale k (0-based ``si``, K scales, ``r
 4. ``f_hat += phi_k(Up(e[idx]))`` and the next input ``word_embed(Down(f_hat, p_{k+1}))`` + level/position
    embedding, duplicated for CFG (the *codec*'s job: :class:`ResidualCodec`).
 
-``more_smooth`` (visualisation only): Gumbel-softmax with tau = max(0.27 (1 - 0.95 r), 0.005) on logits x (1 + r),
-and the soft code ``softmax @ E``.
+``more_smooth`` (visualisation only): Gumbel-softmax with tau = max(0.27 (1 - 0.95 r), 0.005) on the top-k / top-p
+filtered logits x (1 + r), and the soft code ``softmax @ E``.
 
 Deviations: ``cfg == 0`` skips the doubled batch (exact: the unconditional half has weight 0); the seed drives a
 private ``torch.Generator`` on the model's device; ``labels`` may mix classes and the null class (unconditional rows).
@@ -33,6 +33,7 @@ __all__ = [
     "ResidualCodec",
     "ScaleCodec",
     "codec_from_tokenizer",
+    "filter_logits",
     "gumbel_softmax",
     "generate",
     "sample_top_k_top_p",
@@ -68,8 +69,16 @@ def sample_top_k_top_p(
     logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0, *, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """One token per row of ``logits`` (B, l, V) from the softmax restricted by :func:`top_k_top_p_mask`: (B, l)."""
-    B, l, V = logits.shape
-    masked = logits.masked_fill(~top_k_top_p_mask(logits, top_k, top_p), float("-inf"))
+    return _draw(filter_logits(logits, top_k, top_p), generator)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
+    """``logits`` with -inf outside :func:`top_k_top_p_mask` (what the official sampler leaves in its logits)."""
+    return logits.masked_fill(~top_k_top_p_mask(logits, top_k, top_p), float("-inf"))
+
+
+def _draw(masked: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    B, l, V = masked.shape
     probs = masked.float().softmax(dim=-1).view(-1, V)
     return torch.multinomial(probs, 1, generator=generator).view(B, l)
 
@@ -259,10 +268,13 @@ def generate(
             if double:
                 t = cfg * r
                 logits = (1 + t) * logits[:B] - t * logits[B:]
-            idx = sample_top_k_top_p(logits, top_k, top_p, generator=gen)
+            # The official sampler filters its logits in place, so the Gumbel-softmax of more_smooth also sees only
+            # the top-k / top-p survivors.
+            masked = filter_logits(logits, top_k, top_p)
+            idx = _draw(masked, gen)
             if more_smooth:
                 tau = max(0.27 * (1 - 0.95 * r), 0.005)
-                codes = gumbel_softmax(logits * (1 + r), tau, generator=gen) @ E.to(logits.dtype)
+                codes = gumbel_softmax(masked * (1 + r), tau, generator=gen) @ E.to(logits.dtype)
             else:
                 codes = F.embedding(idx, E)
             out.idx_list.append(idx)
