@@ -156,10 +156,10 @@ class Mamba2(nn.Module):
         conv_bias: bias on the depthwise conv.
         chunk_size: SSD chunk length (a speed knob; the result does not depend on it).
         backend: SSD backend, one of :data:`ratelab.kernels.ssd.BACKENDS` (see :func:`ratelab.kernels.ssd.ssd`).
-        recompute: under autograd keep only the mixer's input and recompute the whole mixer (in_proj, conv, scan,
-            gate, norm, out_proj) in the backward (``torch.utils.checkpoint``): per token ``d_model`` floats are
-            kept instead of about ``2 d_in + conv_dim + 2 (2 d_in + 2 g N + H)``, for one more forward of the
-            mixer. Same values and gradients (the same ops are replayed).
+        recompute: under autograd keep only the mixer's input and out_proj's input and recompute the rest (in_proj,
+            conv, scan, gate, norm) in the backward (``torch.utils.checkpoint``): per token ``d_model + d_in``
+            floats are kept instead of about ``2 d_in + conv_dim + 2 (2 d_in + 2 g N + H)``, for one more forward
+            of all but out_proj. Same values and gradients (the same ops are replayed).
     """
 
     def __init__(
@@ -264,11 +264,15 @@ class Mamba2(nn.Module):
         if u.ndim != 3 or u.shape[-1] != self.d_model:
             raise ValueError(f"Mamba2: expected input (B, L, {self.d_model}), got {tuple(u.shape)}")
         if self.recompute and torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            # no RNG inside the mixer: nothing to replay; under torch.compile inductor plans recomputation itself
-            return checkpoint(self._forward, u, use_reentrant=False, preserve_rng_state=False)
-        return self._forward(u)
+            # no RNG inside the mixer: nothing to replay; under torch.compile inductor plans recomputation itself.
+            # out_proj stays outside: its input is kept (d_in floats a token) rather than its GEMM run again.
+            y = checkpoint(self._gated, u, use_reentrant=False, preserve_rng_state=False)
+        else:
+            y = self._gated(u)
+        return self.out_proj(y)
 
-    def _forward(self, u: torch.Tensor) -> torch.Tensor:
+    def _gated(self, u: torch.Tensor) -> torch.Tensor:
+        """in_proj, conv, scan, gate and norm: the input of out_proj, (B, L, d_in)."""
         from ratelab.kernels.ssd import ssd
 
         s = self.ssm_inputs(u)
@@ -277,7 +281,8 @@ class Mamba2(nn.Module):
             dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit,
             chunk_size=self.chunk_size, backend=self.backend,
         )  # fmt: skip
-        return self._gate_out(y.flatten(-2), s["z"])
+        y, z = y.flatten(-2), s["z"]
+        return self.norm(y, z) if self.rmsnorm else y * F.silu(z)
 
     def mixing_matrix(self, u: torch.Tensor) -> torch.Tensor:
         """The SSD's implicit causal token-mixing matrix (the "attention" of state-space duality).
