@@ -124,8 +124,10 @@ def test_disc_shapes_and_errors(tmp_path):
     task.build_datasets(cfg)
     with pytest.raises(ConfigError, match="restart_every.*fsdp"):
         task.build_model(cfg)
-    with pytest.raises(ValueError, match="rec_loss"):
+    with pytest.raises(ConfigError, match="task.rec_loss"):
         VQVAETask(rec_loss="l3")
+    with pytest.raises(ConfigError, match="task.gan_weight: the checkpoint has a discriminator"):
+        VQVAETask().load_state_dict({"ema_updates": 0, "vae_calls": 0, "disc": {}})
 
 
 def _fake_lpips_files(tmp_path):
@@ -141,9 +143,9 @@ def _fake_lpips_files(tmp_path):
 
 
 def test_lpips_needs_local_files_and_is_a_distance(tmp_path):
-    with pytest.raises(ValueError, match="lpips_weights: perceptual_weight > 0 needs the local"):
+    with pytest.raises(ConfigError, match="task.lpips_weights: perceptual_weight > 0 needs the local"):
         VQVAETask(perceptual_weight=1.0)
-    with pytest.raises(ValueError, match="missing.pth' does not exist"):
+    with pytest.raises(ConfigError, match="missing.pth' does not exist"):
         VQVAETask(perceptual_weight=1.0, lpips_weights=str(tmp_path / "missing.pth"), vgg_weights="x")
     lin, vgg = _fake_lpips_files(tmp_path)
     bad = tmp_path / "bad.pth"

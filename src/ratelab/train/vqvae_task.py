@@ -90,23 +90,23 @@ class VQVAETaskConfig(TaskConfig):
 
     def check(self) -> None:
         if self.rec_loss not in ("l1", "l2"):
-            raise ValueError(f"rec_loss: must be 'l1' or 'l2', got {self.rec_loss!r}")
+            raise ConfigError(f"task.rec_loss: must be 'l1' or 'l2', got {self.rec_loss!r}")
         for k in ("rec_weight", "vq_weight", "gan_weight", "perceptual_weight", "dead_threshold"):
             if getattr(self, k) < 0:
-                raise ValueError(f"{k}: must be >= 0, got {getattr(self, k)!r}")
+                raise ConfigError(f"task.{k}: must be >= 0, got {getattr(self, k)!r}")
         for k in ("restart_every", "gan_start", "n_recon"):
             if getattr(self, k) < 0:
-                raise ValueError(f"{k}: must be >= 0, got {getattr(self, k)!r}")
+                raise ConfigError(f"task.{k}: must be >= 0, got {getattr(self, k)!r}")
         if self.disc_layers < 1 or self.disc_ndf < 1:
-            raise ValueError("disc_layers and disc_ndf must be >= 1")
+            raise ConfigError("task.disc_layers and task.disc_ndf must be >= 1")
         if self.perceptual_weight > 0:
             for k in ("lpips_weights", "vgg_weights"):
                 path = getattr(self, k)
                 if path is None:
-                    raise ValueError(f"{k}: perceptual_weight > 0 needs the local {k} file (ratelab downloads "
-                                     "nothing); see the vqvae task's docstring")
+                    raise ConfigError(f"task.{k}: perceptual_weight > 0 needs the local {k} file (ratelab "
+                                      "downloads nothing); see the vqvae task's docstring")
                 if not os.path.isfile(path):
-                    raise ValueError(f"{k}: file {path!r} does not exist")
+                    raise ConfigError(f"task.{k}: file {path!r} does not exist")
 
 
 # ---- auxiliary networks -----------------------------------------------------------------------------------------
@@ -477,7 +477,7 @@ class VQVAETask(Task):
         self.ema_updates, self.vae_calls = int(state["ema_updates"]), int(state["vae_calls"])
         if "disc" in state:
             if self.disc is None:
-                raise ValueError("vqvae task: the checkpoint has a discriminator but gan_weight is 0")
+                raise ConfigError("task.gan_weight: the checkpoint has a discriminator but gan_weight is 0")
             self.disc.load_state_dict(state["disc"])
         elif self.disc is not None:
-            raise ValueError("vqvae task: gan_weight > 0 but the checkpoint has no discriminator")
+            raise ConfigError("task.gan_weight: gan_weight > 0 but the checkpoint has no discriminator")
