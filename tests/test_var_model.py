@@ -224,6 +224,8 @@ def test_generate_modes_and_errors():
     assert g.idx_list[-1].shape == (2, 9)
     with pytest.raises(ConfigError, match="needs a tokenizer or a codec"):
         m.generate(torch.tensor([0]))
+    with pytest.raises(ConfigError, match=r"labels must be class ids in \[0, 5\)"):
+        m.generate(torch.tensor([0, 6]), codec=codec)
     with pytest.raises(ConfigError, match="patch_nums"):
         m.generate(torch.tensor([0]), codec=ResidualCodec(torch.randn(24, 32), (1, 2)))
 

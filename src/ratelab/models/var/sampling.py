@@ -199,6 +199,12 @@ def _labels(model: Any, labels: Any, batch_size: int | None, generator: torch.Ge
             raise ConfigError("generate: an int label needs batch_size")
         return torch.full((batch_size,), n if labels < 0 else labels, device=device, dtype=torch.long)
     labels = torch.as_tensor(labels, device=device).long()
+    if labels.ndim != 1 or labels.numel() == 0:
+        raise ConfigError(f"generate: labels must be a non-empty (B,) sequence of class ids, got shape "
+                          f"{tuple(labels.shape)}")
+    if int(labels.max()) > n:
+        raise ConfigError(f"generate: labels must be class ids in [0, {n}) or {n} / -1 (unconditional), got "
+                          f"{int(labels.max())}")
     return torch.where(labels < 0, torch.full_like(labels, n), labels)  # -1: unconditional (the null class)
 
 
