@@ -140,3 +140,22 @@ def test_misfits_are_named():
         checkpoint_filter_fn(sd, ratelab.create_model("test_dpcap", decoder_depth=3, max_text_len=TXT))
     with pytest.raises(CheckpointError, match="not a DP-Cap checkpoint"):
         checkpoint_filter_fn({"foo.weight": torch.zeros(1)}, ratelab.create_model("test_dpcap"))
+
+
+def test_released_file_loads_through_the_weights_registry(tmp_path, monkeypatch):
+    """base-eps7.pth at its registry path ($RATELAB_WEIGHTS/facebookresearch/dpcap/) loads by name, through the
+    entry's converter, into the base name with the test sizes (the released file itself is not at hand)."""
+    torch.manual_seed(1)
+    ref = OfficialLayout().eval()
+    path = tmp_path / "facebookresearch" / "dpcap" / "base-eps7.pth"
+    path.parent.mkdir(parents=True)
+    torch.save({"model": ref.state_dict()}, path)
+    monkeypatch.setenv("RATELAB_WEIGHTS", str(tmp_path))
+    sizes = dict(embed_dim=D, depth=DEPTH, num_heads=H, decoder_depth=DEC, patch_size=P, vocab_size=V,
+                 max_text_len=TXT, img_size=IMG, bos_id=2, eos_id=3)
+    model = ratelab.create_model("dpcap_base_patch16_224.metaclip_eps7", pretrained=True, **sizes).eval()
+    imgs = torch.randn(2, 3, IMG, IMG)
+    tokens = torch.randint(5, V, (2, 7))
+    tokens[:, 0] = 2
+    with torch.no_grad():
+        torch.testing.assert_close(model(imgs, tokens), ref(imgs, tokens), atol=1e-5, rtol=1e-5)
