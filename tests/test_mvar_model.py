@@ -252,3 +252,18 @@ def test_attention_never_leaves_the_scale():
         assert a.shape == (2, 2, m.L, m.L)
         assert float(a[..., across].abs().max()) == 0.0
         torch.testing.assert_close(a.sum(-1), torch.ones(2, 2, m.L))
+
+
+def test_convert_mvar_official_writes_ratelab_format(tmp_path):
+    from ratelab.models._factory import load_model
+    from ratelab.models.var.convert import convert_mvar_official
+
+    torch.manual_seed(6)
+    ref = RefMVAR(2, 32, 2, PN, 24, 5, N=8, P=16).eval()
+    path = tmp_path / "d16.pth"
+    torch.save(ref.state_dict(), path)
+    out = convert_mvar_official(path, tmp_path / "conv", "mvar_d16", **TINY)
+    back = load_model(out.parent).eval()
+    labels, x = torch.tensor([1, 5]), torch.randn(2, back.L - 1, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(back(labels, x), ref(labels, x), rtol=1e-4, atol=1e-4)

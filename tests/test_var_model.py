@@ -279,3 +279,21 @@ def test_official_file_through_the_registry(tmp_path, monkeypatch):
     labels, x = torch.tensor([999, 1000]), torch.randn(2, m.L - 1, 32)
     with torch.no_grad():
         torch.testing.assert_close(m(labels, x), ref(labels, x), rtol=1e-4, atol=1e-4)
+
+
+def test_convert_var_official_writes_ratelab_format(tmp_path):
+    from ratelab.models._factory import load_model
+    from ratelab.models.var.convert import convert_var_official
+
+    torch.manual_seed(6)
+    ref = RefVAR(2, 32, 2, PN, 24, 5).eval()
+    path = tmp_path / "var_d16.pth"
+    torch.save(ref.state_dict(), path)
+    out = convert_var_official(path, tmp_path / "conv", "var_d16", **TINY)
+    back = load_model(out.parent).eval()
+    labels, x = torch.tensor([0, 5]), torch.randn(2, back.L - 1, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(back(labels, x), ref(labels, x), rtol=1e-4, atol=1e-4)
+    torch.save(_tiny().state_dict(), tmp_path / "ours.pth")  # ratelab's own layout is not an official file
+    with pytest.raises(CheckpointError, match="not an official FoundationVision/VAR checkpoint"):
+        convert_var_official(tmp_path / "ours.pth", tmp_path / "conv2", "var_d16", **TINY)
