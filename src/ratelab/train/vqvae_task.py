@@ -8,9 +8,11 @@ task trains any ``var_vae_*`` model (``ratelab.models.var.VQVAE``) with:
 * the model's VQ loss (mean over scales of ``beta |sg(f_hat_k) - f|^2 + |f_hat_k - sg(f)|^2``) with straight-through
   gradients to the encoder;
 * codebook-usage tracking: the per-scale EMA of code hits in ``quantize.ema_vocab_hit_SV`` (momentum 0 for the
-  first update, 0.9 for the next 99, then 0.99, as the official quantizer; here per training step, with a counter
-  saved in the task state so that a resumed run continues exactly), logged as the share of codes whose EMA
-  reaches the official margin ``0.08 * tokens / V``;
+  first update, 0.9 for the next 99, then 0.99; the official quantizer's rates, but its counter advances once per
+  *scale* (so it copies only scale 0's first hits and switches to 0.99 after 10 batches) while this one advances
+  once per training step and is saved in the task state, so that a resumed run continues exactly), logged as the
+  share of codes whose EMA reaches ``0.08 * tokens of that scale / V`` (the official margin takes the latent's
+  positions, the last scale's token count, at every scale);
 * dead-code restart: every ``restart_every`` steps, codes whose EMA hits (summed over scales) are below
   ``dead_threshold`` are re-initialized to vectors drawn from what the scales quantize in the current batch
   (rank 0's draw, broadcast);
@@ -357,7 +359,8 @@ class VQVAETask(Task):
 
     @staticmethod
     def usage_pct(quant: nn.Module, tokens_per_scale: list[int]) -> list[float]:
-        """Per scale, % of codes whose EMA hits reach the official margin ``0.08 * tokens / V``."""
+        """Per scale, % of codes whose EMA hits reach ``0.08 * tokens_per_scale[si] / V`` (the official margin uses
+        the last scale's token count for every scale)."""
         v = quant.vocab_size
         return [float((quant.ema_vocab_hit_SV[si] >= 0.08 * n / v).float().mean()) * 100
                 for si, n in enumerate(tokens_per_scale)]
