@@ -126,8 +126,14 @@ def test_named_sizes(fn, millions):
 def test_overrides_and_bad_options():
     m = var_d20(depth=3, patch_nums=(1, 2), vocab_size=10)
     assert (m.cfg.depth, m.cfg.embed_dim, m.cfg.num_heads, m.L, m.head.out_features) == (3, 192, 3, 5, 10)
-    with pytest.raises(ValueError, match="unknown VARConfig options"):
+    with pytest.raises(ConfigError, match="unknown VARConfig options"):
         var_d16(depht=2)
+    with pytest.raises(ConfigError, match="embed_dim=30 is not divisible by num_heads=4"):
+        var_d16(embed_dim=30, num_heads=4)
+    with pytest.raises(ConfigError, match="no 'img_size'"):
+        var_d16(img_size=32)
+    with pytest.raises(ConfigError, match="state_carry is M-VAR's"):
+        _tiny().generate(torch.tensor([0]), codec=_codec(_tiny()), state_carry=True)
     with pytest.raises(ValueError, match="x_BLCv_wo_first_l must have shape"):
         _tiny()(torch.tensor([0]), torch.zeros(1, 3, 32))
 

@@ -43,6 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ratelab.core.errors import ConfigError
 from ratelab.core.registry import register_model
 from ratelab.kernels.attention import attention
 from ratelab.layers.intermediates import check_output_fmt, pack_intermediates, resolve_indices
@@ -366,7 +367,7 @@ class VAR(ScaleAR):
 
     def gen_begin(self, batch: int, **kw: Any) -> list[dict[str, torch.Tensor]]:
         if kw:
-            raise ValueError(f"VAR generation takes no options {sorted(kw)} (state_carry is M-VAR's)")
+            raise ConfigError(f"VAR generation takes no options {sorted(kw)} (state_carry is M-VAR's)")
         return [{} for _ in self.blocks]  # one KV cache per layer
 
     def gen_blocks(self, x: torch.Tensor, cond: torch.Tensor, si: int, state: Any) -> torch.Tensor:
@@ -394,8 +395,13 @@ def build_config(base: VARConfig, **overrides: Any) -> VARConfig:
     known = {f.name for f in dataclasses.fields(base)}
     bad = sorted(set(overrides) - known)
     if bad:
-        raise ValueError(f"unknown {type(base).__name__} options {bad}; known: {sorted(known)}")
-    return dataclasses.replace(base, **overrides)
+        raise ConfigError(f"unknown {type(base).__name__} options {bad}; known: {sorted(known)}")
+    try:
+        return dataclasses.replace(base, **overrides)
+    except ConfigError:
+        raise
+    except ValueError as e:  # the config's own check, naming the field
+        raise ConfigError(f"{type(base).__name__}: {e}") from e
 
 
 def _split_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -403,7 +409,7 @@ def _split_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any
     kwargs.pop("pretrained_cfg", None)
     for k in ("img_size", "in_chans"):  # create_model passes these for image models; VAR has no image input
         if kwargs.get(k) is not None:
-            raise ValueError(f"VAR/M-VAR models take no {k!r} (the tokenizer sets the resolution via patch_nums)")
+            raise ConfigError(f"VAR/M-VAR models take no {k!r} (the tokenizer sets the resolution via patch_nums)")
         kwargs.pop(k, None)
     return kwargs, runtime
 
