@@ -88,6 +88,18 @@ def test_lr_rule_and_first_lr(tmp_path, tokenizer_dir):
     assert spec.optimizer.param_groups[0]["lr"] == pytest.approx(peak * 0.01)  # the last of 4 steps
 
 
+def test_tokens_are_fp32_under_autocast(tmp_path, tokenizer_dir):
+    cfg = _cfg(tmp_path, tokenizer_dir)
+    task = build_task(cfg)
+    task.build_datasets(cfg)
+    task.setup(torch.device("cpu"), None)
+    images = torch.stack([task.train_dataset[i][0] for i in range(16)])
+    x, target = task.tokens(images)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        xa, ta = task.tokens(images)
+    assert torch.equal(ta, target) and torch.equal(xa, x) and xa.dtype == torch.float32
+
+
 class _Crash(VARTask):
     calls = 0
 

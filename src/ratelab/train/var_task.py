@@ -287,10 +287,15 @@ class VARTask(Task):
 
     @torch.no_grad()
     def tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images -> (teacher-forcing input (B, L - p_1^2, C_vae), targets (B, L))."""
+        """Images -> (teacher-forcing input (B, L - p_1^2, C_vae), targets (B, L)).
+
+        The frozen tokenizer runs in fp32 even inside the trainer's autocast (the official trainer calls it outside
+        its amp context): a bf16/fp16 encoder moves the latent enough to change nearest codes, i.e. the targets.
+        """
         tok = self.tokenizer
-        idx = tok.img_to_idx(self.to_pm1(images.float()))
-        return tok.idx_to_var_input(idx), torch.cat(idx, dim=1)
+        with torch.autocast(device_type=images.device.type, enabled=False):
+            idx = tok.img_to_idx(self.to_pm1(images.float()))
+            return tok.idx_to_var_input(idx), torch.cat(idx, dim=1)
 
     def training_step(self, model: nn.Module, batch: Any, cfg: Any) -> tuple[torch.Tensor, dict[str, Any]]:
         x, target = self.tokens(batch[0])
