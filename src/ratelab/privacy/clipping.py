@@ -25,6 +25,7 @@ model); ``tests/test_privacy.py`` compares the three modes with it layer type by
 from __future__ import annotations
 
 import warnings
+from functools import partial
 from typing import Any
 
 import torch
@@ -179,6 +180,27 @@ def _ghost_class() -> type:
 
         NORM_SAMPLERS = {**GradSampleModuleFastGradientClipping.NORM_SAMPLERS, nn.Linear: linear_norm_sample}
 
+        def add_hooks(self, *, loss_reduction: str = "mean", batch_first: bool = True,
+                      force_functorch: bool = False) -> None:
+            # opacus' hooks minus its full backward hooks: the output gradient is read by a tensor hook on each
+            # layer's output (registered in capture_activations_hook), which costs a fraction of a full backward
+            # hook's wrapping of every layer's inputs and outputs.
+            from opacus.grad_sample.functorch import prepare_layer
+
+            if hasattr(self._module, "autograd_grad_sample_hooks"):
+                raise ValueError("Trying to add hooks twice to the same model")
+            self._module.autograd_grad_sample_hooks = []
+            self.autograd_grad_sample_hooks = self._module.autograd_grad_sample_hooks
+            self._hook_args = {"loss_reduction": loss_reduction, "batch_first": batch_first}
+            for module in self.iterate_submodules(self._module):
+                if force_functorch or self._get_module_type(module) not in self.GRAD_SAMPLERS:
+                    prepare_layer(module, batch_first=batch_first)
+                self.autograd_grad_sample_hooks.append(module.register_forward_hook(self.capture_activations_hook))
+            self.enable_hooks()
+
+        def _output_grad_hook(self, module: nn.Module, grad: torch.Tensor) -> None:
+            self.capture_backprops_hook(module, None, (grad,), **self._hook_args)
+
         def capture_backprops_hook(self, module: nn.Module, _forward_input: Any, forward_output: Any,
                                    loss_reduction: str, batch_first: bool) -> None:
             if not self.hooks_enabled:
@@ -224,10 +246,15 @@ def _ghost_class() -> type:
                     f"({type(module).__name__}) ran twice in one forward pass (parameter tying); ghost clipping "
                     "needs one call per module. Use clipping='hooks'.") from None
             if len(getattr(module, "activations", ())) > before:
-                # The layer's raw output (forward hooks run before torch wraps it for the backward hook): the first
-                # backward pass needs gradients down to here only, never the weight gradients (see _ghost_backward).
+                # The backward pass needs gradients down to the layers' outputs only, never the weight gradients
+                # (see _ghost_backward); the tensor hook hands the output gradient to opacus' per-sample hook.
                 outs = _forward_output if isinstance(_forward_output, (tuple, list)) else (_forward_output,)
-                self.layer_outputs += [t for t in outs if isinstance(t, torch.Tensor) and t.requires_grad]
+                outs = [t for t in outs if isinstance(t, torch.Tensor) and t.requires_grad]
+                if not outs:
+                    module.activations.pop()  # nothing to differentiate: no per-sample gradient flows here
+                    return
+                outs[0].register_hook(partial(self._output_grad_hook, module))
+                self.layer_outputs.append(outs[0])
 
     return GhostClippingModule
 
