@@ -9,9 +9,11 @@ M-VAR's README: the same settings), re-written:
 * loss: cross-entropy over all L tokens, each weighted 1/L, averaged over the batch (the run's
   ``label_smoothing``, 0 in VAR); label dropout to the null class with probability ``label_dropout`` (0.1), done by
   the model in train mode (``cond_drop_rate``);
-* AdamW with betas (0.9, 0.95), peak lr = ``tblr * global_batch / 256`` (tblr 1e-4; 8e-5 for d24/d30), weight
-  decay ``twd`` annealed by a cosine to ``twde`` over the run, no decay on 1-D tensors, biases and the names of
-  :data:`NO_DECAY_KEYS`; gradient clip ``grad_clip`` (2.0);
+* AdamW with betas (0.9, 0.95), peak lr = ``tblr * global_batch / 256`` (tblr 1e-4 by default; the README's d24 /
+  d30 commands set 8e-5, and d30 ``twde`` 0.08: not chosen by model name, set them), weight decay ``twd`` annealed by
+  a cosine to ``twde`` over the run, no decay on 1-D tensors, biases and the names of :data:`NO_DECAY_KEYS`;
+  gradient clip ``grad_clip`` (2.0). These task options replace the run's ``lr`` (unless ``tblr=None``),
+  ``weight_decay``, ``betas``, ``grad_clip`` and warmup settings, which this task does not read;
 * schedule ``lin0``: warmup over ``wp`` of the run (1/50: VAR's ``ep / 50`` epochs) from ``wp0`` (0.005) of the peak,
   the peak held for 5 % of the remaining steps, then linear to ``wpe`` (0.01; the README uses 0.1 for d12-d20) of
   the peak at the last step (:class:`VARSchedule`, also the official ``lin`` / ``cos`` shapes).
