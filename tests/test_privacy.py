@@ -545,3 +545,20 @@ def test_fp16_loss_scale_scales_the_threshold_and_poisons_overflow(mode):
         clipped_backward(private, F.cross_entropy(private(xo), yl, reduction="none"), max_grad_norm=c,
                          scaler=Scaler(2.0))
         assert all(torch.isfinite(p.grad).all() for p in m.parameters()) is not poisoned
+
+
+def test_default_seed_is_fresh_entropy_and_checkpointed(tmp_path):
+    # dp_seed unset: every run draws its own secret seed (batches and noise unknown to whoever knows the config),
+    # and a resumed run takes it from the checkpoint.
+    cfg = tiny_config(tmp_path / "a", batch_size=240, max_steps=2, eval_every=0,
+                      plugins={"privacy": {"noise_multiplier": 1.0}})
+    a = Trainer(cfg, ClassificationTask())
+    b = Trainer(cfg.replace(out_dir=str(tmp_path / "b")), ClassificationTask())
+    pa, pb = a.plugins[0], b.plugins[0]
+    assert pa._seed != pb._seed and not torch.equal(pa.generator.get_state(), pb.generator.get_state())
+    batches = [list(t._batch_sampler(epoch=0, start_step=0))[0] for t in (a, b)]
+    assert batches[0] != batches[1]
+    a.fit()
+    resumed = Trainer(cfg.replace(resume=True, max_steps=3), ClassificationTask())
+    assert resumed.plugins[0]._seed == pa._seed
+    assert torch.equal(resumed.plugins[0].generator.get_state(), pa.generator.get_state())
