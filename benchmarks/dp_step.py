@@ -16,8 +16,9 @@ Contenders, all fp32 on CPU (CUDA with ``--device cuda``), each on its own copy 
 
 Before timing, the three clipped sums are compared on the timed batch (noise off): they must agree to float
 rounding. Memory: the peak during one step above what was in use before it (CUDA: ``max_memory_allocated`` minus
-``memory_allocated``; CPU: the peak resident set ``VmHWM``, reset through ``/proc/self/clear_refs``, minus the
-resident set before; -1 where that is unavailable), measured once per contender outside the timing. Protocol
+``memory_allocated``; CPU: growth of the resident set's high-water mark, ``_machine.peak_rss_growth_mib``; run with
+``MALLOC_MMAP_THRESHOLD_=131072`` (``_machine.PEAK_RSS_ENV``) so that freed large blocks leave the resident set),
+measured once per contender outside the timing. Protocol
 (``_machine.py``): per ``--threads`` (default 1 and 2), ``--warmup`` untimed calls, ``--repeats`` interleaved
 repeats; medians, IQRs and the median of the per-repeat ratios DP / non-DP. Target (issue 14): ghost <= 1.5x
 non-DP. ``--quick``: test_dpcap, batch 2, a smoke run (not a figure to quote).
@@ -43,6 +44,7 @@ from _machine import (  # benchmarks/ is on sys.path when a script here runs
     fmt_ratio,
     machine_info,
     machine_line,
+    peak_rss_growth_mib,
     print_header,
     ratio_summary,
     set_threads,
@@ -120,7 +122,7 @@ def check_modes(base: nn.Module, img: torch.Tensor, tok: torch.Tensor, max_grad_
 
 
 def peak_bytes(fn: Callable[[], None], device: torch.device) -> int:
-    """Peak bytes in use during ``fn()`` above those in use before it (CPU: resident set; -1: not measurable)."""
+    """Peak bytes in use during ``fn()`` above those in use before it (CPU: the resident set)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
@@ -128,23 +130,7 @@ def peak_bytes(fn: Callable[[], None], device: torch.device) -> int:
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
-    # Linux: writing 5 to clear_refs resets the peak resident set (VmHWM) to the current one.
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return -1
-    before = _status_kib("VmRSS")
-    fn()
-    return (_status_kib("VmHWM") - before) * 1024
-
-
-def _status_kib(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
+    return int(peak_rss_growth_mib(fn) * 2**20)
 
 
 def markdown(rows: list[dict], threads: list[int]) -> str:

@@ -89,7 +89,8 @@ run crate_alpha_speed "$PY" benchmarks/crate_alpha_speed.py --threads 1 2 --json
 # VAR / M-VAR sampling at depth 16, widths 256 and 1024 (the real d16 width; about 7 min on an idle machine).
 run var_sampling "$PY" benchmarks/var_sampling.py --threads 1 2 --repeats 3 --json "$OUT/var_sampling.json"
 # DP-SGD step (ghost / hooks / functorch) vs the non-DP step, DP-Cap pico and tiny captioners (about 5 min idle).
-run dp_step "$PY" benchmarks/dp_step.py --threads 1 2 --repeats 5 --json "$OUT/dp_step.json"
+run dp_step env MALLOC_MMAP_THRESHOLD_=131072 "$PY" benchmarks/dp_step.py --threads 1 2 --repeats 5 \
+  --json "$OUT/dp_step.json"
 # Thread count under oversubscription (docs/benchmarks.md "Threads"; the default of `ratelab train --threads`).
 run threads_oversubscription "$PY" benchmarks/threads_oversubscription.py --repeats 5 \
   --json "$OUT/threads_oversubscription.json"
