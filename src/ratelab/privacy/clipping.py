@@ -250,8 +250,11 @@ def _ghost_class() -> type:
                 # (see _ghost_backward); the tensor hook hands the output gradient to opacus' per-sample hook.
                 outs = _forward_output if isinstance(_forward_output, (tuple, list)) else (_forward_output,)
                 outs = [t for t in outs if isinstance(t, torch.Tensor) and t.requires_grad]
-                if not outs:
-                    module.activations.pop()  # nothing to differentiate: no per-sample gradient flows here
+                if not outs:  # nothing to differentiate (a non-tensor output): no per-sample gradient flows here
+                    module.activations.pop()
+                    for p in module.parameters(recurse=False):
+                        if p.requires_grad:
+                            p._forward_counter -= 1
                     return
                 outs[0].register_hook(partial(self._output_grad_hook, module))
                 self.layer_outputs.append(outs[0])
