@@ -80,7 +80,9 @@ def swiglu_lean(mlp: nn.Module, v: torch.Tensor) -> torch.Tensor:
     ``SiLU(g) * x`` and fc2's input are recomputed (two elementwise passes) instead of kept (3 hidden-width tensors).
     Same values and gradients as ``mlp(v)``."""
     g, x = mlp.fc1_g(v), mlp.fc1_x(v)
-    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+    if not torch.is_grad_enabled():  # inference: the gate in place in g's fresh buffer (two fewer allocations)
+        return F.linear(F.silu(g, inplace=True).mul_(x), mlp.fc2.weight, mlp.fc2.bias)
+    if torch.compiler.is_compiling():
         return _gate_fc2(g, x, mlp.fc2.weight, mlp.fc2.bias)
     return checkpoint(_gate_fc2, g, x, mlp.fc2.weight, mlp.fc2.bias, use_reentrant=False, preserve_rng_state=False)
 
@@ -120,7 +122,8 @@ class AdventurerBlock(nn.Module):
         self.memory_efficient = memory_efficient
 
     def _mlp(self, v: torch.Tensor) -> torch.Tensor:
-        return swiglu_lean(self.mlp, v) if self.memory_efficient else self.mlp(v)
+        lean = self.memory_efficient or not torch.is_grad_enabled()  # (swiglu_lean's no-grad path works in place)
+        return swiglu_lean(self.mlp, v) if lean else self.mlp(v)
 
     def _mixer_input(self, h: torch.Tensor) -> torch.Tensor:
         """RMSNorm, flip, heading token: (B, N+1, D) -> (B, N+2, D) (or N+1 without the heading average)."""
