@@ -144,9 +144,13 @@ _MVAR_KEY_MAP: dict[str, str] = {
     **{f"blocks.{{i}}.mamba.{k}": f"blocks.{{i}}.mixer.{k}" for k in _MAMBA_KEYS},
     "blocks.{i}.attn.patch_nums": _BUFFER + "blocks.{i}.attn.patch_nums",
 }
-VAR_KEY_MAP = KeyMap(_VAR_KEY_MAP, ratelab_signature=("pos_embed", "blocks.0.attn.qkv.weight"),
+# The ratelab signatures name VAR's own embeddings: "pos_embed" + "blocks.0.attn.qkv.weight" alone is also every timm
+# ViT, and a ViT file would then be called a VAR checkpoint.
+VAR_KEY_MAP = KeyMap(_VAR_KEY_MAP, ratelab_signature=("class_emb.weight", "lvl_embed.weight",
+                                                       "blocks.0.attn.qkv.weight"),
                      official_signature=("pos_1LC", "blocks.0.attn.mat_qkv.weight"))
-MVAR_KEY_MAP = KeyMap(_MVAR_KEY_MAP, ratelab_signature=("pos_embed", "blocks.0.mixer.in_proj.weight"),
+MVAR_KEY_MAP = KeyMap(_MVAR_KEY_MAP, ratelab_signature=("class_emb.weight", "lvl_embed.weight",
+                                                         "blocks.0.mixer.in_proj.weight"),
                       official_signature=("pos_1LC", "blocks.0.mamba.in_proj.weight"))
 
 
