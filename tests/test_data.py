@@ -31,8 +31,8 @@ def _find_shift(aug: torch.Tensor, raw: torch.Tensor, max_shift: int, fill: floa
 
 
 def test_registry_lists_and_rejects_bad_names():
-    assert list_datasets() == ["cifar10", "cifar100", "coco", "digits", "imagefolder", "shapes", "shapes_cluttered",
-                               "voc"]
+    assert list_datasets() == ["caption_folder", "caption_wds", "cifar10", "cifar100", "coco", "digits", "imagefolder",
+                               "shapes", "shapes_captions", "shapes_cluttered", "voc"]
     with pytest.raises(UnknownNameError, match="nosuchdata.*digits"):
         build_dataset("nosuchdata", "train")
     with pytest.raises(UnknownNameError, match="did you mean 'digits'"):
