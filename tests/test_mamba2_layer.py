@@ -185,3 +185,24 @@ def test_recompute_mixer_equals_kept_activations():
     for a, b in zip(res[True][1], res[False][1], strict=True):
         torch.testing.assert_close(a, b, **TOL[torch.float64])
     assert "recompute=True" in repr(m)
+
+
+def test_chunk_continues_a_sequence_like_the_full_scan_and_steps():
+    """Mamba2.chunk (M-VAR's state carry across scales): chunks of 1..5 tokens from carried states give the full
+    scan's outputs and the token-by-token step's states."""
+    torch.manual_seed(0)
+    mix = Mamba2(16, d_state=8, headdim=8, chunk_size=4).eval()
+    u = torch.randn(2, 11, 16)
+    with torch.no_grad():
+        full = mix(u)
+        conv, ssm = mix.allocate_inference_cache(2)
+        outs = []
+        for lo, hi in ((0, 1), (1, 5), (5, 6), (6, 11)):  # chunks of 1, 4, 1, 5 tokens
+            o, conv, ssm = mix.chunk(u[:, lo:hi], conv, ssm)
+            outs.append(o)
+        torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-5, atol=1e-5)
+        conv2, ssm2 = mix.allocate_inference_cache(2)
+        for t in range(11):  # the token-by-token step reaches the same states
+            _, conv2, ssm2 = mix.step(u[:, t], conv2, ssm2)
+        torch.testing.assert_close(conv, conv2)
+        torch.testing.assert_close(ssm, ssm2, rtol=1e-5, atol=1e-5)

@@ -16,9 +16,8 @@ import torch.nn.functional as F
 from test_var_model import RefAttn, RefFFN, _codec, _randomized
 
 from ratelab.core.errors import CheckpointError
-from ratelab.layers.mamba2 import Mamba2
 from ratelab.models.var.convert import convert_mvar_checkpoint
-from ratelab.models.var.mvar import MVAR, mamba2_chunk, mvar_d12, mvar_d16, mvar_d20, mvar_d24, mvar_d32
+from ratelab.models.var.mvar import MVAR, mvar_d12, mvar_d16, mvar_d20, mvar_d24, mvar_d32
 
 PN = (1, 2, 3)
 TINY = dict(depth=2, embed_dim=32, num_heads=2, patch_nums=PN, vocab_size=24, num_classes=5, d_state=8,
@@ -161,25 +160,6 @@ def test_official_layout_errors():
     deeper = RefMVAR(3, 48, 3, PN, 24, 5, N=8, P=16).state_dict()  # e.g. a depth-30 file for mvar_d32
     with pytest.raises(CheckpointError, match="depth 3 and width 48"):
         convert_mvar_checkpoint(deeper, _tiny())
-
-
-def test_mamba2_chunk_equals_full_scan_and_steps():
-    torch.manual_seed(0)
-    mix = Mamba2(16, d_state=8, headdim=8, chunk_size=4).eval()
-    u = torch.randn(2, 11, 16)
-    with torch.no_grad():
-        full = mix(u)
-        conv, ssm = mix.allocate_inference_cache(2)
-        outs = []
-        for lo, hi in ((0, 1), (1, 5), (5, 6), (6, 11)):  # chunks of 1, 4, 1, 5 tokens
-            o, conv, ssm = mamba2_chunk(mix, u[:, lo:hi], conv, ssm)
-            outs.append(o)
-        torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-5, atol=1e-5)
-        conv2, ssm2 = mix.allocate_inference_cache(2)
-        for t in range(11):  # the token-by-token step reaches the same states
-            _, conv2, ssm2 = mix.step(u[:, t], conv2, ssm2)
-        torch.testing.assert_close(conv, conv2)
-        torch.testing.assert_close(ssm, ssm2, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("cfg", [0.0, 2.5])

@@ -347,6 +347,34 @@ class Mamba2(nn.Module):
         out = self._gate_out(y.flatten(-2), z)
         return (out[:, None] if squeeze else out), conv_state, ssm_state
 
+    def chunk(
+        self, u: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """n >= 1 tokens continuing a sequence whose recurrent state is given: ``u`` (B, n, d_model) ->
+        ``(out (B, n, d_model), new_conv_state, new_ssm_state)``.
+
+        The states are those of :meth:`step` / :meth:`allocate_inference_cache` (zeros at the start). With the states
+        after a prefix, ``out`` equals ``forward(cat([prefix, u]))[:, -n:]`` up to rounding: the conv sees the real
+        previous inputs instead of zero padding and the scan starts from ``ssm_state``. M-VAR carries the state of
+        each block across scales with it, so sampling scans each new token once (O(L) instead of O(L^2/n)).
+        """
+        from ratelab.kernels.ssd import ssd
+
+        if u.ndim != 3 or u.shape[1] < 1:
+            raise ValueError(f"Mamba2.chunk: u must be (B, n >= 1, D), got {tuple(u.shape)}")
+        z, xbc, dt = self._split_proj(self.in_proj(u))
+        W = self.d_conv
+        window = torch.cat([conv_state[:, :, 1:].transpose(1, 2).to(xbc.dtype), xbc], dim=1)  # (B, W - 1 + n, conv)
+        xbc = causal_conv1d(window, self.conv1d.weight, self.conv1d.bias, activation="silu")[:, W - 1:]
+        new_conv = window[:, -W:].transpose(1, 2).to(conv_state.dtype)
+        x, B, C = self._split_xbc(xbc)
+        y, new_ssm = ssd(
+            x, dt, self._A(), B, C, self._D(),
+            dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit, chunk_size=self.chunk_size,
+            initial_state=ssm_state, return_final_state=True, backend=self.backend,
+        )  # fmt: skip
+        return self._gate_out(y.flatten(-2), z), new_conv, new_ssm
+
     def extra_repr(self) -> str:
         return (
             f"d_model={self.d_model}, d_inner={self.d_inner}, heads={self.nheads}x{self.headdim}, "

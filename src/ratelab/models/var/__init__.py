@@ -11,7 +11,7 @@ from ratelab.models.var.config import (
            VARConfig,
            VQVAEConfig,
 )
-from ratelab.models.var.mvar import MVAR, MVARBlock, mamba2_chunk
+from ratelab.models.var.mvar import MVAR, MVARBlock
 from ratelab.models.var.quant import MultiScaleQuantizer, phi_schedule
 from ratelab.models.var.sampling import Generation, ResidualCodec, generate
 from ratelab.models.var.var import VAR, VARBlock
@@ -20,4 +20,4 @@ from ratelab.models.var.vqvae import VQVAE, VQVAEOutput
 __all__ = ["VAR_PATCH_NUMS_256", "VAR_PATCH_NUMS_512", "VQVAE", "VQVAE_VARIANTS", "MultiScaleQuantizer",
            "VQVAEConfig", "VQVAEOutput", "phi_schedule"]
 __all__ += ["MVAR", "MVARBlock", "MVARConfig", "MVAR_VARIANTS", "VAR", "VARBlock", "VARConfig", "VAR_VARIANTS",
-            "Generation", "ResidualCodec", "generate", "mamba2_chunk"]
+            "Generation", "ResidualCodec", "generate"]

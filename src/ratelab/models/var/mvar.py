@@ -17,11 +17,10 @@ whose scan is :func:`ratelab.kernels.ssd.ssd`.
 
 Generation runs one scale per step. Attention needs no cache (it never leaves the scale). For the mixer,
 ``state_carry=True`` keeps per block the recurrent state across scales - the last ``d_conv`` conv inputs and the SSM
-state (H, P, N) - and scans only the p_k^2 new tokens from it (:func:`mamba2_chunk`): O(L) Mamba work in total.
+state (H, P, N) - and scans only the p_k^2 new tokens from it (:meth:`Mamba2.chunk`): O(L) Mamba work in total.
 ``state_carry=False`` is the official algorithm: every block keeps the prefix of its post-attention hidden states
 and re-runs Mamba-2 on all of it at every scale (sum_k cum_k = 1710 token-steps instead of 680 at 256^2). Both equal
-the teacher-forced forward up to float rounding (tests/test_mvar_model.py). :func:`mamba2_chunk` is built from
-Mamba2's public pieces; it may move into ``ratelab.layers.mamba2`` later.
+the teacher-forced forward up to float rounding (tests/test_mvar_model.py).
 
 Sizes (``mvar_d12 ... mvar_d32``): 198M / 464M / 901M / 1.55B / 3.66B. The paper lists d32 as "3.0B", the size of a
 depth-30 model; ``mvar_d32`` is built as the code builds it (width 2048), and the converter reports the depth and
@@ -46,7 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ratelab.core.registry import register_model
-from ratelab.layers.mamba2 import Mamba2, causal_conv1d
+from ratelab.layers.mamba2 import Mamba2
 from ratelab.models.var.config import MVAR_VARIANTS, MVARConfig
 from ratelab.models.var.var import (
     ScaleAR,
@@ -59,42 +58,7 @@ from ratelab.models.var.var import (
     modulate,
 )
 
-__all__ = ["MVAR", "MVARBlock", "mamba2_chunk"]
-
-
-def mamba2_chunk(
-    mixer: Mamba2, u: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Run ``mixer`` on a chunk ``u`` (B, n, D) that continues a sequence whose recurrent state is given.
-
-    Args:
-        mixer: the Mamba-2 layer.
-        u: (B, n, d_model) the next n >= 1 tokens.
-        conv_state: (B, conv_dim, d_conv) the last ``d_conv`` pre-conv inputs, oldest first (the format of
-            :meth:`Mamba2.step` / :meth:`Mamba2.allocate_inference_cache`; zeros at the start of a sequence).
-        ssm_state: (B, H, P, N) the SSM state after the previous token.
-
-    Returns:
-        ``(out (B, n, d_model), conv_state, ssm_state)`` after the chunk. ``mixer(cat([prefix, u]))[:, -n:]`` equals
-        ``out`` up to rounding when the states are those after ``prefix``: the conv sees the real previous inputs
-        instead of zero padding, and :func:`ratelab.kernels.ssd.ssd` starts from ``ssm_state``.
-    """
-    from ratelab.kernels.ssd import ssd
-
-    if u.ndim != 3 or u.shape[1] < 1:
-        raise ValueError(f"mamba2_chunk: u must be (B, n >= 1, D), got {tuple(u.shape)}")
-    z, xbc, dt = mixer._split_proj(mixer.in_proj(u))
-    W = mixer.d_conv
-    window = torch.cat([conv_state[:, :, 1:].transpose(1, 2).to(xbc.dtype), xbc], dim=1)  # (B, W - 1 + n, conv)
-    xbc = causal_conv1d(window, mixer.conv1d.weight, mixer.conv1d.bias, activation="silu")[:, W - 1:]
-    new_conv = window[:, -W:].transpose(1, 2).to(conv_state.dtype)
-    x, B, C = mixer._split_xbc(xbc)
-    y, new_ssm = ssd(
-        x, dt, mixer._A(), B, C, mixer._D(),
-        dt_bias=mixer.dt_bias, dt_softplus=True, dt_limit=mixer.dt_limit, chunk_size=mixer.chunk_size,
-        initial_state=ssm_state, return_final_state=True, backend=mixer.backend,
-    )  # fmt: skip
-    return mixer._gate_out(y.flatten(-2), z), new_conv, new_ssm
+__all__ = ["MVAR", "MVARBlock"]
 
 
 class MVARBlock(nn.Module):
@@ -139,7 +103,7 @@ class MVARBlock(nn.Module):
         g1, g2, g3, s1, s2, s3, b1, b2, b3 = self.chunks(cond)
         x = x + self.attn(modulate(x, self.ln, s1, b1)) * g1  # every token is of this scale: no mask
         if "ssm" in state:
-            m, state["conv"], state["ssm"] = mamba2_chunk(self.mixer, modulate(x, self.ln, s2, b2), state["conv"],
+            m, state["conv"], state["ssm"] = self.mixer.chunk(modulate(x, self.ln, s2, b2), state["conv"],
                                                           state["ssm"])
         else:
             prefix = x if state.get("prefix") is None else torch.cat([state["prefix"], x], dim=1)
