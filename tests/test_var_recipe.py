@@ -1,21 +1,15 @@
 """Recipe ``var`` (tokenizer + VAR + M-VAR at equal depth) at smoke scale, and its measurement helpers.
 
-The recipe is not in the demo's recipe list yet (that needs a README record regeneration), and importing its module
-registers it: the smoke run therefore happens in a fresh subprocess, so that this pytest process's registry -- which
-tests/test_readme.py compares with the record -- stays as it is.
+The smoke run is shared through tests/_recipe_fixtures.smoke_run, as for the other recipes.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
+from _recipe_fixtures import smoke_run
 
 from ratelab.recipes.var.measure import (
     fd_difference,
@@ -26,23 +20,11 @@ from ratelab.recipes.var.measure import (
     time_interleaved,
 )
 
-_SMOKE = textwrap.dedent("""
-    import sys
-    import ratelab.recipes.var.recipe as recipe
-    from ratelab.recipes import get_recipe, run_recipe
-    assert get_recipe("var").scales == recipe.SCALES
-    run_recipe("var", sys.argv[1], "smoke", device="cpu", progress=False)
-""")
-
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    out = tmp_path_factory.mktemp("var-smoke")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", _SMOKE, str(out)], capture_output=True, text=True, env=env,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out, json.loads((out / "results.json").read_text())
+    run = smoke_run("var", tmp_path_factory)
+    return run.out_dir, run.saved
 
 
 def test_smoke_run_reports_every_measure(smoke):
@@ -78,12 +60,6 @@ def test_smoke_run_writes_figures_and_report(smoke):
     html = (out / "report.html").read_text()
     assert "not comparable with published FID" in html and "M-VAR (state carry)" in html
     assert html.count("<img") >= 2
-
-
-def test_smoke_subprocess_leaves_this_registry_alone(smoke):
-    from ratelab.recipes import _RECIPES
-
-    assert "var" not in _RECIPES
 
 
 # ---- measurement helpers ----------------------------------------------------------------------------------------

@@ -41,6 +41,9 @@ _RECIPE_MODULES = (
     "ratelab.recipes.mcr2.label_noise",
     "ratelab.recipes.wrong_line.recipe",
     "ratelab.recipes.icl.calibration",
+    "ratelab.recipes.segmentation.recipe",
+    "ratelab.recipes.dpcap.recipe",
+    "ratelab.recipes.var.recipe",
 )
 
 
