@@ -87,7 +87,7 @@ run adventurer_vs_vit_avx2 env ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=
   --skip-train --no-memory --json "$OUT/adventurer_vs_vit_avx2.json"
 run crate_alpha_speed "$PY" benchmarks/crate_alpha_speed.py --threads 1 2 --json "$OUT/crate_alpha_speed.json"
 # VAR / M-VAR sampling at depth 16, widths 256 and 1024 (the real d16 width; about 7 min on an idle machine).
-run var_sampling "$PY" benchmarks/var_sampling.py --threads 1 2 --repeats 3 --json "$OUT/var_sampling.json"
+run var_sampling "$PY" benchmarks/var_sampling.py --threads 1 2 --repeats 5 --json "$OUT/var_sampling.json"
 # DP-SGD step (ghost / hooks / functorch) vs the non-DP step, DP-Cap pico and tiny captioners (about 5 min idle).
 run dp_step env MALLOC_MMAP_THRESHOLD_=131072 "$PY" benchmarks/dp_step.py --threads 1 2 --repeats 5 \
   --json "$OUT/dp_step.json"

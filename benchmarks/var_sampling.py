@@ -10,7 +10,7 @@ Three measurements per width and thread count:
 
 * ``generate``: a whole ``generate()`` call per contender, seconds per image;
 * ``mamba work``: one M-VAR block's Mamba-2 calls over the ten scales of one sampling run, with the state carried
-  (:func:`ratelab.models.var.mvar.mamba2_chunk` on the p_k^2 new tokens) vs re-run on the whole prefix (the
+  (:meth:`ratelab.layers.mamba2.Mamba2.chunk` on the p_k^2 new tokens) vs re-run on the whole prefix (the
   official algorithm: 1710 token-steps instead of 680);
 * before timing, the equivalence of the two M-VAR paths (same tokens from the same seed, logits max abs diff).
 
@@ -49,7 +49,7 @@ from _machine import (  # noqa: E402
 )
 
 from ratelab.models.var.config import VAR_PATCH_NUMS_256, VAR_PATCH_NUMS_512  # noqa: E402
-from ratelab.models.var.mvar import mamba2_chunk, mvar_d16  # noqa: E402
+from ratelab.models.var.mvar import mvar_d16  # noqa: E402
 from ratelab.models.var.sampling import ResidualCodec  # noqa: E402
 from ratelab.models.var.var import var_d16  # noqa: E402
 
@@ -109,7 +109,7 @@ def mamba_calls(mixer, width: int, batch2: int, seed: int, patch_nums) -> dict:
     def carry():
         conv, ssm = mixer.allocate_inference_cache(batch2)
         for u in chunks:
-            _, conv, ssm = mamba2_chunk(mixer, u, conv, ssm)
+            _, conv, ssm = mixer.chunk(u, conv, ssm)
 
     @torch.no_grad()
     def rescan():
@@ -123,7 +123,7 @@ def mamba_calls(mixer, width: int, batch2: int, seed: int, patch_nums) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    add_protocol_args(ap, repeats=3)
+    add_protocol_args(ap)  # the protocol's 5 repeats (docs/benchmarks.md: medians of >= 5)
     ap.add_argument("--widths", type=int, nargs="+", default=[256, 1024], help="model widths (default 256 1024)")
     ap.add_argument("--depth", type=int, default=16, help="blocks of every model (default 16)")
     ap.add_argument("--batch", type=int, default=1, help="images per generate() call (default 1)")
