@@ -31,7 +31,7 @@ Commands (scales in ``SCALES``)::
     ratelab reproduce dpcap --scale full --out runs/dpcap-full    # epsilon 1, 3, 8, inf; T = 1000, 32 px (not run)
 
 Measured (quick, 1 thread, seed 0, deterministic: the DP noise and batches come from the recipe's seed; 114 s wall
-on a 2-core machine shared with other jobs, 51 s of it training, so the lead's quiet re-run sets the time; N = 30,000,
+on a 2-core machine shared with other jobs, 36 s on the quiet one (docs/records/demo_quick.json); N = 30,000,
 B = 480 accounted, B' = 16 trained, T = 120; sigma = 1.167 at epsilon 1 and 0.502 at epsilon 8; spent RDP 0.997 /
 7.999, PRV 0.759 / 6.500; TAN simulation, no guarantee). Held-out caption loss 0.909 (epsilon 1), 0.875 (8), 0.737
 (inf): it orders with the budget. Linear probes, epsilon 1 / 8 / inf: colour 0.610 / 0.637 / 0.803 against 0.510 at
@@ -195,7 +195,7 @@ def _privacy(eps: float, row: Scale, n: int, seed: int) -> dict[str, Any]:
                 "features (shape, colour, position) against random init, a non-private captioner and a DP "
                 "supervised classifier; zero-shot accuracy; captions; epsilon spent (RDP, PRV)",
     scales=SCALES,
-    quick_seconds=150,
+    quick_seconds=40,
 )
 def run(out_dir: Path, *, scale: str, seed: int, device: str, progress: bool) -> RecipeResult:
     import ratelab

@@ -22,14 +22,15 @@ epochs, 0.72 after 40; a ViT of the same shape 0.71 after 15). Quick therefore u
 cheaper per image) and still leaves every model under 0.55 accuracy, which the report flags; full is the study at
 patch 4 (8 x 8), 40 epochs, 3 seeds, with CRATE-α (about an hour on one core; not yet run here).
 
-Measured (quick, seeds 0-2, 1 thread, 433 s on a loaded machine): accuracy CRATE 0.408, ViT 0.330, CRATE-MLP 0.404,
-CRATE-MHSA 0.500; mIoU CRATE 0.188 (untrained 0.141: +0.047, 95% ±0.006, emerges), ViT 0.145 at its last layer
-(untrained: -0.012, ±0.016, does not), CRATE above the ViT by +0.043 (±0.019) at the ViT's last layer and +0.045
-(±0.009) at its penultimate one (holds); CRATE-MLP 0.180 above the ViT by +0.034 (±0.016; holds, as Table 2's MSSA
-gain); CRATE-MHSA 0.173; CRATE's mIoU per layer 0.169 / 0.182 / 0.188 / 0.187 (rises with depth). MaskCut mask AP50
-is near zero for every model on a 4 x 4 grid (CRATE 0.021, CRATE-MLP 0.005, CRATE-MHSA 0.015, ViT 0.009): "MaskCut
-needs MSSA and ISTA" does not separate at this scale. Caveat: CRATE is also the more accurate of CRATE and the ViT
-here (0.41 vs 0.33), so part of its mIoU edge may be accuracy, not architecture.
+Measured (quick, seeds 0-2, 1 thread, 315 s on the quiet machine; docs/records/demo_quick.json): accuracy CRATE
+0.408, ViT 0.330, CRATE-MLP 0.404, CRATE-MHSA 0.500; mIoU CRATE 0.188 (untrained 0.141: +0.047, 95% ±0.006,
+emerges), ViT 0.145 at its last layer (untrained: -0.012, ±0.016, does not), CRATE above the ViT by +0.043 (±0.019)
+at the ViT's last layer and +0.045 (±0.009) at its penultimate one (holds); CRATE-MLP 0.180 above the ViT by +0.034
+(±0.016; holds, as Table 2's MSSA gain); CRATE-MHSA 0.173; CRATE's mIoU per layer 0.169 / 0.182 / 0.188 / 0.187
+(rises with depth). MaskCut mask AP50 is near zero for every model on a 4 x 4 grid (CRATE 0.021, CRATE-MLP 0.005,
+CRATE-MHSA 0.015, ViT 0.009): "MaskCut needs MSSA and ISTA" does not separate at this scale. Caveat: CRATE is also
+the more accurate of CRATE and the ViT here (0.41 vs 0.33), so part of its mIoU edge may be accuracy, not
+architecture.
 
 Commands (scales in ``SCALES``)::
 
@@ -174,7 +175,7 @@ def _measure(model: torch.nn.Module, ds: Any, n_eval: int, depth: int, patch: in
     "segmentation",
     paper="Emergence of Segmentation with Minimalistic White-Box Transformers (Yu, Chu et al., CPAL 2024)",
     description="[CLS]-attention mIoU, MaskCut AP50 and layer-wise curves of supervised CRATE, ViT, CRATE-MLP, "
-                "CRATE-MHSA and CRATE-α on cluttered shapes with exact masks",
+                "CRATE-MHSA (and CRATE-α at full scale) on cluttered shapes with exact masks",
     scales=SCALES,
     quick_seconds=300,
 )

@@ -37,26 +37,26 @@ Commands (scales in ``SCALES``)::
     ratelab reproduce var --scale full --out runs/var-full   # 3 seeds, width 128, 1500 steps (not run)
 
 Measured (quick, seed 0 = training seeds 0 and 1, 1 thread; 109 s wall / 105 s process CPU on the 2-core machine
-shared with other jobs, load average ~2; crate-digits run beside it took 41 s against its 31.7 s quiet record, so
-about 82 s on the quiet machine): tokenizer 275,233 parameters, held-out MSE 0.0111 / PSNR 19.5 dB on [0, 1], 97% of
-the 64 codes used (3 / 25 / 23 / 62 codes at the four scales); the classifier (0.986 on held-out images) recognises
-0.933 of the reconstructions, so the tokenizer alone costs 5.3 points (the 5-point check fails). VAR 315,012 vs M-VAR
-502,172 parameters (1.59x, as the paper's ~1.5x). Held-out token loss VAR 2.192 vs M-VAR 1.986 (-0.205, 2 SE
-0.035), token accuracy 0.356 vs 0.393. Samples (300 per model and seed): class accuracy VAR 0.698 vs M-VAR 0.858
-(+0.160, 2 SE 0.134; chance 0.10); offline FD (not comparable with published FID) VAR 3.05 vs M-VAR 2.12 (-0.93, 2 SE
-0.65; tokenizer reconstructions 0.82, training images 0.08). Sampling without decoding, batch 50 with CFG: VAR 0.98,
-M-VAR with state carry 2.54, M-VAR re-scanning 2.93 ms/img; M-VAR is 0.39x VAR's speed (quartiles 0.38-0.40) and the
-state carry 1.16x faster than the re-scan (quartiles 1.15-1.18; 30 instead of 50 Mamba token-steps) with identical
-tokens; decoding 0.31 ms/img. 5 of 7 checks hold: conditioning above chance, M-VAR no worse, M-VAR better in FD and
-in token loss, state carry faster than re-scan; the tokenizer check and M-VAR faster than VAR do not. The same run
-with ``--seed 2`` (seeds 2, 3) gives the same verdicts: token loss -0.209 (2 SE 0.014), class accuracy 0.692 vs 0.835,
-FD 3.71 vs 2.47 (-1.24, 2 SE 0.43), speed 0.39x, state carry 1.27x. A tuning run with a 250-step tokenizer also had
-M-VAR ahead (FD 3.35 vs 2.46, class accuracy 0.725 vs 0.865) but within 2 SE (1.08 and 0.15): VAR's samples vary
-much between seeds at this budget (class accuracy 0.79 / 0.66), so "better in FD" is a 2-seed result, not a firm one.
-Why M-VAR samples slower here: at width 64 every block adds a Mamba-2 call per scale (projections, conv, a scan from
-the carried state, gated norm) to the same attention and FFN, while VAR's KV-cached attention over 30 tokens costs
-almost nothing; ``benchmarks/var_sampling.py`` measures 0.57x at the d16 width, where the per-token work counts more.
-"""
+shared with other jobs, load average ~2; 114 s on the quiet machine in the demo record,
+docs/records/demo_quick.json, with the same figures): tokenizer 275,233 parameters, held-out MSE 0.0111 / PSNR 19.5
+dB on [0, 1], 97% of the 64 codes used (3 / 25 / 23 / 62 codes at the four scales); the classifier (0.986 on
+held-out images) recognises 0.933 of the reconstructions, so the tokenizer alone costs 5.3 points (the 5-point check
+fails). VAR 315,012 vs M-VAR 502,172 parameters (1.59x, as the paper's ~1.5x). Held-out token loss VAR 2.192 vs
+M-VAR 1.986 (-0.205, 2 SE 0.035), token accuracy 0.356 vs 0.393. Samples (300 per model and seed): class accuracy
+VAR 0.698 vs M-VAR 0.858 (+0.160, 2 SE 0.134; chance 0.10); offline FD (not comparable with published FID) VAR 3.05
+vs M-VAR 2.12 (-0.93, 2 SE 0.65; tokenizer reconstructions 0.82, training images 0.08). Sampling without decoding,
+batch 50 with CFG: VAR 0.98, M-VAR with state carry 2.54, M-VAR re-scanning 2.93 ms/img; M-VAR is 0.39x VAR's speed
+(quartiles 0.38-0.40) and the state carry 1.16x faster than the re-scan (quartiles 1.15-1.18; 30 instead of 50 Mamba
+token-steps) with identical tokens; decoding 0.31 ms/img. 5 of 7 checks hold: conditioning above chance, M-VAR no
+worse, M-VAR better in FD and in token loss, state carry faster than re-scan; the tokenizer check and M-VAR faster
+than VAR do not. The same run with ``--seed 2`` (seeds 2, 3) gives the same verdicts: token loss -0.209 (2 SE
+0.014), class accuracy 0.692 vs 0.835, FD 3.71 vs 2.47 (-1.24, 2 SE 0.43), speed 0.39x, state carry 1.27x. A tuning
+run with a 250-step tokenizer also had M-VAR ahead (FD 3.35 vs 2.46, class accuracy 0.725 vs 0.865) but within 2 SE
+(1.08 and 0.15): VAR's samples vary much between seeds at this budget (class accuracy 0.79 / 0.66), so "better in
+FD" is a 2-seed result, not a firm one. Why M-VAR samples slower here: at width 64 every block adds a Mamba-2 call
+per scale (projections, conv, a scan from the carried state, gated norm) to the same attention and FFN, while VAR's
+KV-cached attention over 30 tokens costs almost nothing; ``benchmarks/var_sampling.py`` measures 0.57x at the d16
+width, where the per-token work counts more. """
 
 from __future__ import annotations
 
@@ -167,7 +167,7 @@ def _features(clf: torch.nn.Module, x: torch.Tensor, dev: torch.device, bs: int 
                 "Fréchet distance and class accuracy of samples, per-class sample grids, sampling time (KV cache, "
                 "state carry, re-scan)",
     scales=SCALES,
-    quick_seconds=85,
+    quick_seconds=115,
 )
 def run(out_dir: Path, *, scale: str, seed: int, device: str, progress: bool) -> RecipeResult:
     import ratelab
