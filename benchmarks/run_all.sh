@@ -74,7 +74,7 @@ run rate_speed env PYTHONPATH="$MCR2_PATH" "$PY" benchmarks/rate_speed.py --thre
   --sizes 1000,128,10 5000,512,50 --json "$OUT/rate_speed.json"
 run mcr2_gap env PYTHONPATH="$MCR2_PATH" "$PY" benchmarks/mcr2_gap.py --threads 1 2 --repeats 5 \
   --json "$OUT/mcr2_gap.json"
-run ssd_speed "$PY" benchmarks/ssd_speed.py --threads 1 2 --repeats 5 --lengths 196 1024 4096 \
+run ssd_speed "$PY" benchmarks/ssd_speed.py --threads 1 2 --repeats 5 --lengths 256 1024 4096 \
   --json "$OUT/ssd_speed.json"
 run crate_speed "$PY" benchmarks/crate_speed.py --threads 1 2 --repeats 5 --batch-size 32 \
   --json "$OUT/crate_speed.json"
