@@ -57,7 +57,14 @@ def check_private_module(model: nn.Module, clipping: str = "ghost") -> None:
 
     problems = []
     for name, m in model.named_modules():
+        # By isinstance, not by exact type (opacus' own lookup): a BatchNorm subclass, e.g. timm's BatchNormAct2d,
+        # mixes examples just the same.
         validator = ModuleValidator.VALIDATORS.get(type(m))
+        if validator is None:
+            validator = next((v for t, v in ModuleValidator.VALIDATORS.items() if isinstance(m, t)), None)
+        if validator is None and isinstance(m, nn.modules.batchnorm._BatchNorm):
+            problems.append(f"{name or '<model>'} ({type(m).__name__}): BatchNorm mixes the examples of a batch")
+            continue
         if validator is None:
             continue
         for err in validator(m):

@@ -70,8 +70,9 @@ class PrivacyConfig:
 
     @property
     def has_guarantee(self) -> bool:
-        """Whether the reported epsilon is a formal guarantee of this run (Poisson sampling, no TAN simulation)."""
-        return self.poisson and self.tan_batch_size is None
+        """Whether the reported epsilon is a formal guarantee of this run: Poisson sampling, no TAN simulation, and no
+        known ``dp_seed`` (with the seed anyone can regenerate every noise draw and batch, and subtract them)."""
+        return self.poisson and self.tan_batch_size is None and self.dp_seed is None
 
     def guarantee_note(self) -> str:
         """One line saying what the reported epsilon means for this run."""
@@ -81,4 +82,7 @@ class PrivacyConfig:
         if not self.poisson:
             return ("NO PRIVACY GUARANTEE: fixed-size shuffled batches; the epsilon assumes Poisson sampling, which "
                     "this run did not use")
+        if self.dp_seed is not None:
+            return (f"NO PRIVACY GUARANTEE: dp_seed={self.dp_seed} is known, so the noise and the Poisson batches can "
+                    "be recomputed (a test or reproduction setting)")
         return "(epsilon, delta)-DP for the released weights under Poisson sampling (example-level)"

@@ -170,6 +170,15 @@ class PrivacyPlugin(Plugin):
             raise ConfigError("plugins.privacy: the task configures several optimizers; DP-SGD here supports one")
         from opacus.optimizers import DPOptimizerFastGradientClipping
 
+        # A trainable parameter the optimizer steps but the wrapped model does not own would get no clipping (hooks
+        # and functorch leave its raw gradient in .grad): refuse it, as opacus' make_private does.
+        owned = {id(p) for p in model.parameters()}
+        foreign = [i for g in optimizer.param_groups for i, p in enumerate(g["params"])
+                   if p.requires_grad and id(p) not in owned]
+        if foreign:
+            raise ConfigError(f"plugins.privacy: the optimizer steps {len(foreign)} trainable parameter(s) that are "
+                              "not in the model (e.g. a task-owned scale); their gradients would not be clipped. "
+                              "Make them part of the model or freeze them.")
         # p.grad arrives holding the clipped SUM (clipped_backward, all-reduced): this optimizer only adds the noise
         # and divides by the expected batch size.
         self.optimizer = DPOptimizerFastGradientClipping(
