@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from ratelab.core.dist import all_reduce_sum, is_dist
-from ratelab.core.errors import ConfigError
+from ratelab.core.errors import CheckpointError, ConfigError
 from ratelab.train.tasks import EvalContext, OptimizerSpec, Task, TaskConfig, _dataset_kwargs, register_task
 
 __all__ = ["LPIPS", "PatchDiscriminator", "VQVAETask", "VQVAETaskConfig"]
@@ -208,10 +208,12 @@ class LPIPS(nn.Module):
 def _load_file(path: str | os.PathLike, option: str) -> dict[str, torch.Tensor]:
     if not os.path.isfile(path):
         raise ConfigError(f"{option}: file {str(path)!r} does not exist (ratelab downloads nothing)")
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's input error
-        raise ConfigError(f"{option}: cannot read {str(path)!r} as a torch state dict ({e})") from e
+    from ratelab.core.checkpoint import load_torch_file
+
+    try:  # the one weights-only loader (a code-running pickle is refused, saying why)
+        sd = load_torch_file(path, what=f"{option} state dict")
+    except CheckpointError as e:
+        raise ConfigError(f"{option}: {e}") from e
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict):
