@@ -25,6 +25,7 @@ __all__ = [
     "PoissonBatchSampler",
     "SeededItems",
     "ShardedBatchSampler",
+    "ToPM1",
     "collate_or_none",
     "derive_seed",
     "epoch_permutation",
@@ -216,3 +217,30 @@ class DeviceLoader:
     def __iter__(self) -> Iterator[Any]:
         for batch in self.loader:
             yield to_device(batch, self.device)
+
+
+class ToPM1:
+    """Dataset-normalized images back to [-1, 1], the range the VQ tokenizer and VAR work in.
+
+    Built from a dataset with ``mean``/``std`` attributes (the library's image datasets); without them images are
+    taken to be in [-1, 1] already and pass through unchanged.
+    """
+
+    def __init__(self, dataset: Any = None) -> None:
+        mean, std = getattr(dataset, "mean", None), getattr(dataset, "std", None)
+        if mean is None or std is None:
+            self.mean = self.std = None
+        else:
+            self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+            self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+
+    def to(self, device: torch.device | str) -> ToPM1:
+        if self.mean is not None:
+            self.mean, self.std = self.mean.to(device), self.std.to(device)
+        return self
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mean is None:
+            return x
+        return (x * self.std.to(x.device) + self.mean.to(x.device)) * 2 - 1
+

@@ -40,6 +40,7 @@ from torch.utils.data import Dataset
 
 from ratelab.core.dist import all_reduce_sum
 from ratelab.core.errors import ConfigError
+from ratelab.train.data import ToPM1
 from ratelab.train.tasks import EvalContext, OptimizerSpec, Task, TaskConfig, _dataset_kwargs, register_task
 
 __all__ = ["NO_DECAY_KEYS", "VARSchedule", "VARTask", "VARTaskConfig", "var_lr_factor", "var_param_groups"]
@@ -194,7 +195,7 @@ class VARTask(Task):
         self._given = train_dataset is not None
         self.train_dataset, self.val_dataset = train_dataset, val_dataset
         self.tokenizer = tokenizer
-        self._mean = self._std = None
+        self._pm1 = ToPM1()
         self.sample_seed = 0
 
     # ---- data, tokenizer, model -----------------------------------------------------------------------------
@@ -205,10 +206,7 @@ class VARTask(Task):
             common = _dataset_kwargs(cfg)
             self.train_dataset = build_dataset(cfg.dataset, "train", augment=cfg.augment, **common)
             self.val_dataset = build_dataset(cfg.dataset, "val", **common)
-        ds = self.train_dataset
-        if hasattr(ds, "mean") and hasattr(ds, "std"):
-            self._mean = torch.tensor(ds.mean, dtype=torch.float32).view(1, -1, 1, 1)
-            self._std = torch.tensor(ds.std, dtype=torch.float32).view(1, -1, 1, 1)
+        self._pm1 = ToPM1(self.train_dataset)
         self.sample_seed = cfg.seed
         return self.train_dataset, self.val_dataset
 
@@ -264,8 +262,7 @@ class VARTask(Task):
 
     def setup(self, device: torch.device, dist: Any) -> None:
         self.tokenizer = self.load_tokenizer().to(device)
-        if self._mean is not None:
-            self._mean, self._std = self._mean.to(device), self._std.to(device)
+        self._pm1.to(device)
 
     def configure_optimizers(self, model: nn.Module, cfg: Any) -> list[OptimizerSpec]:
         c = self.config
@@ -283,9 +280,7 @@ class VARTask(Task):
     # ---- training and evaluation ----------------------------------------------------------------------------
     def to_pm1(self, x: torch.Tensor) -> torch.Tensor:
         """Dataset-normalized images -> [-1, 1]."""
-        if self._mean is None:
-            return x
-        return (x * self._std + self._mean) * 2 - 1
+        return self._pm1(x)
 
     @torch.no_grad()
     def tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

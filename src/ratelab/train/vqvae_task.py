@@ -47,6 +47,7 @@ from torch.utils.data import Dataset
 
 from ratelab.core.dist import all_reduce_sum, is_dist
 from ratelab.core.errors import CheckpointError, ConfigError
+from ratelab.train.data import ToPM1
 from ratelab.train.tasks import EvalContext, OptimizerSpec, Task, TaskConfig, _dataset_kwargs, register_task
 
 __all__ = ["LPIPS", "PatchDiscriminator", "VQVAETask", "VQVAETaskConfig"]
@@ -247,7 +248,7 @@ class VQVAETask(Task):
         self.ema_updates = 0   # EMA updates of the usage buffer so far (its momentum depends on it)
         self.vae_calls = 0     # generator training_step calls (micro-batches)
         self._cache: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._mean = self._std = None
+        self._pm1 = ToPM1()
         self._disc_train: nn.Module | None = None
 
     # ---- data and model -------------------------------------------------------------------------------------
@@ -258,10 +259,7 @@ class VQVAETask(Task):
             common = _dataset_kwargs(cfg)
             self.train_dataset = build_dataset(cfg.dataset, "train", augment=cfg.augment, **common)
             self.val_dataset = build_dataset(cfg.dataset, "val", **common)
-        ds = self.train_dataset
-        if hasattr(ds, "mean") and hasattr(ds, "std"):
-            self._mean = torch.tensor(ds.mean, dtype=torch.float32).view(1, -1, 1, 1)
-            self._std = torch.tensor(ds.std, dtype=torch.float32).view(1, -1, 1, 1)
+        self._pm1 = ToPM1(self.train_dataset)
         return self.train_dataset, self.val_dataset
 
     def build_model(self, cfg: Any) -> nn.Module:
@@ -308,8 +306,7 @@ class VQVAETask(Task):
 
             ids = [device.index] if device.type == "cuda" else None
             self._disc_train = DistributedDataParallel(self.disc, device_ids=ids)
-        if self._mean is not None:
-            self._mean, self._std = self._mean.to(device), self._std.to(device)
+        self._pm1.to(device)
 
     def configure_optimizers(self, model: nn.Module, cfg: Any) -> list[OptimizerSpec] | None:
         if self.disc is None:
@@ -324,9 +321,7 @@ class VQVAETask(Task):
     # ---- helpers --------------------------------------------------------------------------------------------
     def to_pm1(self, x: torch.Tensor) -> torch.Tensor:
         """Dataset-normalized images -> [-1, 1]."""
-        if self._mean is None:
-            return x
-        return (x * self._std.to(x.device) + self._mean.to(x.device)) * 2 - 1
+        return self._pm1(x)
 
     def _step(self, cfg: Any) -> int:
         return self.vae_calls // max(1, int(getattr(cfg, "accum_steps", 1)))
