@@ -28,13 +28,12 @@ import json
 import os
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from ratelab.core.errors import DatasetError, DatasetNotFound
 from ratelab.data.common import resolve_split, sample_shift, shift
-from ratelab.data.folder import IMAGENET_MEAN, IMAGENET_STD, is_image_file, load_image
+from ratelab.data.folder import IMAGENET_MEAN, IMAGENET_STD, is_image_file, load_image, resize_center_crop
 from ratelab.data.registry import register_dataset
 from ratelab.data.shapes import COLORS, SHAPES, Shapes
 
@@ -71,17 +70,7 @@ class _CaptionBase(Dataset):
         return self.normalize(x)
 
     def _to_tensor(self, im: Any) -> torch.Tensor:
-        from PIL import Image
-
-        w, h = im.size
-        s = self.img_size / min(w, h)
-        nw, nh = max(self.img_size, round(w * s)), max(self.img_size, round(h * s))
-        if (nw, nh) != (w, h):
-            im = im.resize((nw, nh), Image.BILINEAR)
-        left, top = (nw - self.img_size) // 2, (nh - self.img_size) // 2
-        im = im.crop((left, top, left + self.img_size, top + self.img_size))
-        a = np.asarray(im, dtype=np.float32) / 255.0
-        return torch.from_numpy(a.reshape(self.img_size, self.img_size, 3)).permute(2, 0, 1).contiguous()
+        return resize_center_crop(im, self.img_size)
 
     def captions(self) -> list[str]:
         raise NotImplementedError

@@ -71,6 +71,22 @@ def load_image(path: str, mode: str) -> Image.Image:
         raise DatasetError(f"cannot read image file {path}: {e}") from e
 
 
+def resize_center_crop(im: Image.Image, size: int) -> torch.Tensor:
+    """PIL image -> float32 ``(C, size, size)`` in [0, 1]: shorter side resized to ``size`` (bilinear), then the
+    center crop (the evaluation transform of ImageNet-style pipelines)."""
+    from PIL import Image
+
+    w, h = im.size
+    s = size / min(w, h)
+    nw, nh = max(size, round(w * s)), max(size, round(h * s))
+    if (nw, nh) != (w, h):
+        im = im.resize((nw, nh), Image.BILINEAR)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    im = im.crop((left, top, left + size, top + size))
+    a = np.asarray(im, dtype=np.float32) / 255.0  # (H, W, 3) or (H, W)
+    return torch.from_numpy(a.reshape(size, size, -1)).permute(2, 0, 1).contiguous()
+
+
 def check_image_header(path: str) -> str | None:
     """Why ``path`` is not a readable image, from its header alone, or ``None`` when it looks fine.
 
@@ -196,20 +212,8 @@ class ImageFolder(ImageDataset):
             )
 
     def _raw(self, index: int) -> tuple[torch.Tensor, int]:
-        from PIL import Image
-
         path, label = self.samples[index]
-        im = load_image(path, self._mode)
-        w, h = im.size
-        s = self.img_size / min(w, h)
-        nw, nh = max(self.img_size, round(w * s)), max(self.img_size, round(h * s))
-        if (nw, nh) != (w, h):
-            im = im.resize((nw, nh), Image.BILINEAR)
-        left, top = (nw - self.img_size) // 2, (nh - self.img_size) // 2
-        im = im.crop((left, top, left + self.img_size, top + self.img_size))
-        a = np.asarray(im, dtype=np.float32) / 255.0  # (H, W, 3) or (H, W)
-        x = torch.from_numpy(a.reshape(self.img_size, self.img_size, -1)).permute(2, 0, 1).contiguous()
-        return x, label
+        return resize_center_crop(load_image(path, self._mode), self.img_size), label
 
     def labels(self) -> torch.Tensor:
         return torch.tensor([y for _, y in self.samples], dtype=torch.int64)
