@@ -386,7 +386,9 @@ def test_poisson_batch_sizes_follow_binomial(tmp_path):
 
     trainer = Trainer(_dp_cfg(tmp_path, poisson=True), ClassificationTask())
     sampler = trainer._batch_sampler(epoch=0, start_step=0)
-    n, q = len(trainer.train_dataset), sampler.q
+    # q from the config, not from the sampler: a sampler that computes its rate wrongly must fail here.
+    n = len(trainer.train_dataset)
+    q = trainer.cfg.batch_size / n
     sizes = torch.tensor([len(sampler.global_batch(s)) for s in range(1500)]).numpy()
     # Pool the tails so that every bin expects >= 20 draws, then chi-square against Binomial(N, q).
     lo, hi = int(stats.binom.ppf(0.02, n, q)), int(stats.binom.ppf(0.98, n, q))
@@ -405,6 +407,27 @@ def test_poisson_batch_sizes_follow_binomial(tmp_path):
     merged_e[-1] += acc_e
     assert stats.chisquare(merged_o, merged_e).pvalue > 1e-3
     assert abs(sizes.mean() - n * q) < 4 * math.sqrt(n * q * (1 - q) / len(sizes))
+
+
+def test_poisson_sampling_is_exact_at_tiny_rates():
+    """q = 1.5 / 2^24: a float32 uniform compared with q joins with probability 2 / 2^24 (33% too often, as
+    DP-Cap-like rates q = 128 / 233M would be 8.5% too often); the batch sizes must average N q."""
+    from ratelab.train.data import PoissonBatchSampler
+
+    n, q, steps = 2**24, 1.5 / 2**24, 400
+    sampler = PoissonBatchSampler(n, sample_rate=q, seed=3, steps=steps)
+    batches = [sampler.global_batch(s) for s in range(steps)]
+    total = sum(len(b) for b in batches)
+    assert abs(total - steps * n * q) < 4 * math.sqrt(steps * n * q)  # 600 +- 98; float32 draws give ~800
+    assert all(bool((b.diff() > 0).all()) and (len(b) == 0 or 0 <= int(b[0]) <= int(b[-1]) < n) for b in batches)
+    # Every example joins with the same probability q (the size is Binomial(N, q), the subset uniform).
+    small = PoissonBatchSampler(40, sample_rate=0.3, seed=5, steps=3000)
+    counts = torch.zeros(40)
+    for s in range(3000):
+        counts[small.global_batch(s)] += 1
+    assert (counts - 900).abs().max() < 5 * math.sqrt(3000 * 0.3 * 0.7)
+    full = PoissonBatchSampler(40, sample_rate=1.0, seed=5)
+    assert torch.equal(full.global_batch(0), torch.arange(40))
 
 
 def test_empty_batches_step_with_noise_and_count(tmp_path):

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import Sampler
 
@@ -119,6 +120,12 @@ class PoissonBatchSampler(Sampler[list[int]]):
     needs no saved RNG state and N ranks draw the same global batch (each keeps its contiguous share of it).
     An "epoch" is ``round(1 / q)`` steps (every example is expected once) unless ``steps`` says otherwise.
 
+    The draw is exact at any rate: the batch size m ~ Binomial(N, q), then a uniform m-subset without replacement
+    (numpy's ``binomial`` and ``choice(replace=False)``, in float64), which is the same distribution as N
+    independent Bernoulli(q) joins and costs O(m) instead of O(N) when q is small. (Comparing float32 uniforms
+    with q, the earlier draw, joins with probability ``ceil(q 2^24) / 2^24``: at q = 128 / 233M that is 8.5% more
+    than q, which the accountant does not know.)
+
     Args:
         n: dataset length.
         sample_rate: ``q`` in (0, 1]; ``global_batch / n`` gives the expected batch size ``global_batch``.
@@ -148,8 +155,11 @@ class PoissonBatchSampler(Sampler[list[int]]):
 
     def global_batch(self, step: int) -> torch.Tensor:
         """The (m,) indices of the whole batch ``step`` of this epoch (before the split over ranks)."""
-        g = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, step, 0x9015))
-        return torch.nonzero(torch.rand(self.n, generator=g) < self.q).flatten()
+        rng = np.random.default_rng(derive_seed(self.seed, self.epoch, step, 0x9015))
+        m = int(rng.binomial(self.n, self.q))
+        idx = rng.choice(self.n, size=m, replace=False, shuffle=False)
+        idx.sort()
+        return torch.from_numpy(idx.astype(np.int64, copy=False))
 
     def __iter__(self) -> Iterator[list[int]]:
         for s in range(self.start_step, self.steps):
