@@ -104,3 +104,89 @@ def test_zero_shot_scores_equal_the_captioners_own_losses(data):
     assert zero_shot_accuracy(m, tok, sub, pred, labels, batch_size=2) == 1.0
     with pytest.raises(ValueError, match="one prompt per class"):
         caption_scores(m, tok, imgs, prompts)
+
+
+# ---- the vocabulary under DP: released without noise, so it must come from public data -----------------------------
+
+
+class _FolderLike(torch.utils.data.Dataset):
+    """Captions with no public word list (a caption_folder / caption_wds stand-in): 24 random 8x8 images."""
+
+    def __init__(self, n: int = 24) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.images = torch.randn(n, 3, 8, 8, generator=g)
+        self.caps = [f"a photo of item {i % 5} near the door" for i in range(n)]
+
+    def __len__(self) -> int:
+        return len(self.caps)
+
+    def __getitem__(self, i: int):
+        return self.images[i], self.caps[i]
+
+    def captions(self) -> list[str]:
+        return list(self.caps)
+
+
+def _dp_caption_cfg(out, task_opts, dataset="shapes_captions", **privacy):
+    return TrainConfig(model="test_dpcap", dataset=dataset, img_size=8, batch_size=4, max_steps=1, lr=1e-3,
+                       progress=False, out_dir=str(out), device="cpu", eval_every=0, ckpt_every=0,
+                       model_kwargs={"max_text_len": 20},
+                       task={"name": "caption", "max_len": 12, "n_generate": 0, **task_opts},
+                       plugins={"privacy": {"noise_multiplier": 1.0, **privacy}})
+
+
+def test_dp_refuses_a_vocabulary_fit_on_the_private_captions(tmp_path):
+    from ratelab.core.errors import ConfigError
+
+    cfg = _dp_caption_cfg(tmp_path / "a", {})
+    with pytest.raises(ConfigError, match=r"task\.tokenizer_path: under DP.*the training captions.*"
+                                          r"task\.tokenizer_corpus.*tokenizer_from_private_data=true"):
+        Trainer(cfg, CaptionTask(cfg.task, train_dataset=_FolderLike()))
+    assert not (tmp_path / "a" / "tokenizer.json").exists()  # refused before the vocabulary is written
+    # A tokenizer object fit on the captions is refused the same way; without DP nothing is refused.
+    tok = CaptionTokenizer.train(_FolderLike().captions(), 100)
+    with pytest.raises(ConfigError, match="may not come from the captions given to CaptionTokenizer.train"):
+        Trainer(cfg, CaptionTask(cfg.task, train_dataset=_FolderLike(), tokenizer=tok))
+    plain = cfg.replace(plugins={}, out_dir=str(tmp_path / "b"))
+    assert not Trainer(plain, CaptionTask(plain.task, train_dataset=_FolderLike())).task.tokenizer.public
+
+
+def test_dp_opt_out_trains_but_reports_no_guarantee_and_why(tmp_path):
+    # No dp_seed: the vocabulary is the only reason the run has no guarantee.
+    cfg = _dp_caption_cfg(tmp_path, {"tokenizer_from_private_data": True})
+    res = Trainer(cfg, CaptionTask(cfg.task, train_dataset=_FolderLike())).fit()
+    assert res["dp_guarantee"] == 0.0 and res["dp_epsilon_rdp"] > 0
+    report = json.loads((tmp_path / "privacy.json").read_text())
+    assert report["formal_guarantee"] is False and len(report["no_guarantee_reasons"]) == 1
+    assert "vocabulary was built from the training captions" in report["guarantee"]
+    assert report["guarantee"].startswith("NO PRIVACY GUARANTEE")
+
+
+def test_public_vocabularies_keep_the_guarantee(tmp_path):
+    # A public corpus file, and shapes_captions' own word list (fixed by the generator's code, not by the draws).
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("a photo of item 0 near the door\nitem 1 2 3 4\n\n")
+    cfg = _dp_caption_cfg(tmp_path / "corpus", {"tokenizer_corpus": str(corpus)})
+    trainer = Trainer(cfg, CaptionTask(cfg.task, train_dataset=_FolderLike()))
+    assert trainer.task.tokenizer.public and "corpus.txt" in trainer.task.tokenizer.source
+    assert trainer.fit()["dp_guarantee"] == 1.0
+    cfg = _dp_caption_cfg(tmp_path / "shapes", {}, dataset="shapes_captions")
+    few = build_dataset("shapes_captions", "train", size=8, img_size=8)
+    other = build_dataset("shapes_captions", "train", size=40, img_size=8, seed=3, max_objects=3)
+    trainer = Trainer(cfg, CaptionTask(cfg.task, train_dataset=few))
+    res = trainer.fit()
+    assert res["dp_guarantee"] == 1.0 and json.loads((tmp_path / "shapes" / "privacy.json").read_text())[
+        "formal_guarantee"] is True
+    vocab = trainer.task.tokenizer.tokenizer.get_vocab()
+    # The same vocabulary whatever scenes were drawn, and it covers every caption the generator can write
+    # (8 drawn captions alone hold only a few of its words).
+    again = CaptionTask(cfg.task)
+    again.build_tokenizer(other)
+    assert again.tokenizer.tokenizer.get_vocab() == vocab
+    drawn = CaptionTokenizer.train(few.captions(), 1000).tokenizer.get_vocab()
+    assert set(drawn) < set(vocab)
+    for c in other.captions():
+        ids = again.tokenizer.encode_ids(c)
+        assert again.tokenizer.unk_id not in ids and len(ids) == len(c.replace(",", " ,").split()) + 2
+    with pytest.raises(Exception, match="tokenizer corpus file not found"):
+        CaptionTokenizer.from_corpus(tmp_path / "missing.txt")

@@ -5,7 +5,8 @@ Every dataset here yields ``(image, caption)``: a normalized float32 ``(C, H, W)
 
 * ``shapes_captions`` -- the ``shapes`` generator's scenes with their captions ("a large red circle in the top
   left"); :meth:`ShapesCaptions.attribute_labels` gives the main object's shape, colour and position as labels for
-  linear probes and zero-shot evaluation.
+  linear probes and zero-shot evaluation; :meth:`ShapesCaptions.public_vocabulary_text` the generator's own word
+  list (public: fixed by code), which the ``caption`` task builds its vocabulary from.
 * ``caption_folder`` -- images with captions from a sidecar ``<stem>.txt`` next to each image, or from an index file
   (``index=``: a CSV with columns ``image,caption`` or a JSONL with keys ``image`` and ``caption``; image paths
   relative to ``root``).
@@ -35,9 +36,10 @@ from ratelab.core.errors import DatasetError, DatasetNotFound
 from ratelab.data.common import resolve_split, sample_shift, shift
 from ratelab.data.folder import IMAGENET_MEAN, IMAGENET_STD, is_image_file, load_image, resize_center_crop
 from ratelab.data.registry import register_dataset
-from ratelab.data.shapes import COLORS, SHAPES, Shapes
+from ratelab.data.shapes import COLORS, SHAPES, SIZE_BANDS, ShapeObject, Shapes
 
-__all__ = ["ATTRIBUTES", "POSITIONS", "CaptionFolder", "CaptionShards", "ShapesCaptions", "TokenizedCaptions"]
+__all__ = ["ATTRIBUTES", "POSITIONS", "CaptionFolder", "CaptionShards", "ShapesCaptions", "TokenizedCaptions",
+           "shapes_vocabulary_text"]
 
 POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
 ATTRIBUTES = {"shape": SHAPES, "color": tuple(COLORS), "position": POSITIONS}
@@ -77,6 +79,18 @@ class _CaptionBase(Dataset):
 
 
 # ---------------------------------------------------------------------------------------------- shapes_captions
+def shapes_vocabulary_text() -> list[str]:
+    """Every phrase the ``shapes`` generator can write (each size, colour, shape and position through
+    :meth:`ShapeObject.phrase`), and one caption joining three of them as :meth:`Shapes.caption` does.
+
+    Public: a function of the generator's code alone, not of any drawn scene, so a vocabulary built from it says
+    nothing about the training captions (what DP training needs, see ``ratelab.train.caption_task``).
+    """
+    phrases = [ShapeObject(shape, k, color, COLORS[color], size, 0.0, (0.0, 0.0), where).phrase()
+               for k, shape in enumerate(SHAPES) for color in COLORS for size in SIZE_BANDS for where in POSITIONS]
+    return [*phrases, f"{phrases[0]}, {phrases[1]} and {phrases[2]}"]
+
+
 @register_dataset("shapes_captions")
 class ShapesCaptions(_CaptionBase):
     """The ``shapes`` scenes with their captions: items ``(image, caption)``.
@@ -112,6 +126,11 @@ class ShapesCaptions(_CaptionBase):
 
     def captions(self) -> list[str]:
         return [self.shapes.caption(i) for i in range(len(self))]
+
+    def public_vocabulary_text(self) -> list[str]:
+        """Text whose vocabulary covers every caption this dataset can hold, fixed by code (public):
+        :func:`shapes_vocabulary_text`."""
+        return shapes_vocabulary_text()
 
     def attribute_labels(self, attribute: str) -> torch.Tensor:
         """(n,) int64 labels of the main object's ``"shape"``, ``"color"`` or ``"position"`` (indices into

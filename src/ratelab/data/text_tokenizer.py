@@ -2,12 +2,20 @@
 
 DP-Cap tokenizes with ``bert-base-uncased``: lower-casing BERT normalizer, BERT pre-tokenizer, WordPiece with ``##``
 continuations; a caption is ``[CLS] w_1 .. w_n [SEP]`` padded with ``[PAD]`` = 0, [CLS] serving as BOS and [SEP] as
-EOS. :class:`CaptionTokenizer` builds that pipeline two ways and never downloads anything:
+EOS. :class:`CaptionTokenizer` builds that pipeline three ways and never downloads anything:
 
 * :meth:`CaptionTokenizer.train` builds a WordPiece vocabulary from the captions at hand (special tokens first:
   ``[PAD]`` 0, ``[UNK]`` 1, ``[CLS]`` 2, ``[SEP]`` 3, ``[MASK]`` 4; then characters and frequent whole words);
+* :meth:`CaptionTokenizer.from_corpus` does the same from a local public text file (one sentence a line);
 * :meth:`CaptionTokenizer.from_file` reads a local ``vocab.txt`` (e.g. bert-base-uncased's, where [CLS] is 101 and
   [SEP] 102) or a ``tokenizer.json`` written by :meth:`save`.
+
+Provenance: a vocabulary is itself a release (a word that only one training caption holds names that caption), so
+every tokenizer says where its vocabulary came from (``source``) and whether that is public (``public``). A file is
+taken as public (the user's statement; a ``tokenizer.json`` a private run saved is not, and must not be passed back
+as one); :meth:`train` is public only when the caller says its text is (``public=True``: a public corpus, a word
+list fixed by code). DP training (the ``caption`` task under the ``privacy`` plugin) refuses a non-public one unless
+told otherwise, and then reports no guarantee.
 """
 
 from __future__ import annotations
@@ -42,16 +50,20 @@ class CaptionTokenizer:
 
     Args:
         tokenizer: a ``tokenizers.Tokenizer`` whose vocabulary holds ``[PAD]``, ``[UNK]``, ``[CLS]`` and ``[SEP]``.
+        public: whether the vocabulary comes from public data only (see the module docstring).
+        source: where the vocabulary came from, in words (for messages and reports).
 
     Attributes:
         pad_id, bos_id, eos_id, unk_id: ids of [PAD], [CLS], [SEP], [UNK].
         vocab_size: size of the vocabulary (the captioner's embedding and head).
+        public, source: the provenance of the vocabulary.
     """
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, *, public: bool = False, source: str = "unknown") -> None:
         from tokenizers.processors import TemplateProcessing
 
         self.tokenizer = tokenizer
+        self.public, self.source = bool(public), str(source)
         vocab = tokenizer.get_vocab()
         missing = [t for t in SPECIAL_TOKENS[:4] if t not in vocab]
         if missing:
@@ -68,8 +80,12 @@ class CaptionTokenizer:
     # ---- construction ---------------------------------------------------------------------------------------
     @classmethod
     def train(cls, captions: Iterable[str], vocab_size: int = 1000, *, min_frequency: int = 1,
-              lowercase: bool = True) -> CaptionTokenizer:
+              lowercase: bool = True, public: bool = False,
+              source: str = "the captions given to CaptionTokenizer.train") -> CaptionTokenizer:
         """A WordPiece vocabulary of at most ``vocab_size`` entries (special tokens included) from ``captions``.
+
+        ``public=True`` declares ``captions`` public text (a public corpus, a word list fixed by code); the
+        default treats them as the private training captions. ``source`` says what they are.
 
         Entries, in id order: the special tokens; every character seen, as a word start and as a ``##``
         continuation (so any caption over these characters encodes without [UNK]); then whole words by
@@ -104,11 +120,37 @@ class CaptionTokenizer:
                         key=lambda w: (-words[w], w))
         vocab += ranked[: vocab_size - len(vocab)]
         model = models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]")
-        return cls(_pipeline(model, lowercase))
+        return cls(_pipeline(model, lowercase), public=public, source=source)
+
+    @classmethod
+    def from_corpus(cls, path: str | os.PathLike, vocab_size: int = 1000, *, min_frequency: int = 1,
+                    lowercase: bool = True) -> CaptionTokenizer:
+        """:meth:`train` on a local PUBLIC text file (UTF-8, one sentence or caption a line), ``public=True``.
+
+        Raises:
+            DatasetNotFound: no such file. DatasetError: unreadable, or no text (the message names the file).
+        """
+        p = Path(path)
+        if not p.is_file():
+            raise DatasetNotFound(f"tokenizer corpus file not found: {path} (give a UTF-8 text file, one sentence a "
+                                  "line)")
+        try:
+            lines = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise DatasetError(f"cannot read tokenizer corpus {p}: {e}") from e
+        lines = [ln for ln in lines if ln]
+        if not lines:
+            raise DatasetError(f"tokenizer corpus {p} holds no text")
+        try:
+            return cls.train(lines, vocab_size, min_frequency=min_frequency, lowercase=lowercase, public=True,
+                             source=f"the public corpus {p}")
+        except ValueError as e:
+            raise DatasetError(f"tokenizer corpus {p}: {e}") from e
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, *, lowercase: bool = True) -> CaptionTokenizer:
-        """A local ``vocab.txt`` (one WordPiece entry a line, BERT's format) or a ``tokenizer.json``.
+        """A local ``vocab.txt`` (one WordPiece entry a line, BERT's format) or a ``tokenizer.json``, taken as a public
+        vocabulary (``public=True``).
 
         Raises:
             DatasetNotFound: no such file. DatasetError: a file that is neither (the message names it).
@@ -125,8 +167,9 @@ class CaptionTokenizer:
             raise DatasetNotFound(f"tokenizer file not found: {path} (give a vocab.txt or a tokenizer.json)")
         try:
             if p.suffix == ".json":
-                return cls(Tokenizer.from_file(str(p)))
-            return cls(_pipeline(models.WordPiece.from_file(str(p), unk_token="[UNK]"), lowercase))
+                return cls(Tokenizer.from_file(str(p)), public=True, source=f"the file {p}")
+            return cls(_pipeline(models.WordPiece.from_file(str(p), unk_token="[UNK]"), lowercase), public=True,
+                       source=f"the file {p}")
         except DatasetError as e:
             raise DatasetError(f"{p}: {e}") from e
         except Exception as e:  # tokenizers raises plain Exceptions for unreadable files
@@ -188,4 +231,4 @@ class CaptionTokenizer:
 
     def __repr__(self) -> str:
         return (f"CaptionTokenizer(vocab_size={self.vocab_size}, pad={self.pad_id}, bos={self.bos_id}, "
-                f"eos={self.eos_id})")
+                f"eos={self.eos_id}, public={self.public})")

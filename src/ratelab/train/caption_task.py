@@ -10,9 +10,18 @@ pair only (no batch statistics), which is what DP-SGD clips per sample. :meth:`t
 micro-batch, or the vector itself with ``per_sample=True`` (the ``privacy`` plugin's contract: the class declares
 ``per_sample_loss = True``).
 
-Tokenizer (``task.tokenizer_path``): a local ``vocab.txt`` (bert-base-uncased's, say) or ``tokenizer.json``; when
-unset, a WordPiece vocabulary of at most ``task.vocab_size`` entries is built from the training split's captions
-(deterministic, so a resumed run rebuilds the same one). It is saved as ``out_dir/tokenizer.json``.
+Tokenizer, the first that applies: ``task.tokenizer_path`` (a local ``vocab.txt``, bert-base-uncased's say, or a
+``tokenizer.json``); ``task.tokenizer_corpus`` (a WordPiece vocabulary of at most ``task.vocab_size`` entries built
+from a local public text file); the dataset's own public word list when it has one (``shapes_captions``: every word
+its generator can write, fixed by code); else a vocabulary built from the training split's captions. Building is
+deterministic, so a resumed run rebuilds the same one. It is saved as ``out_dir/tokenizer.json``.
+
+Privacy: the vocabulary is released with the model (its embedding rows, ``tokenizer.json``) without noise, so one
+fit on the private training captions is not covered by DP-SGD's guarantee (a word one caption alone holds names
+that caption). Under the ``privacy`` plugin such a tokenizer is refused with a ConfigError naming
+``task.tokenizer_path`` and the alternatives, unless ``task.tokenizer_from_private_data=true`` accepts it; the run
+then reports no guarantee (``dp_guarantee = 0`` and the reason in ``privacy.json``). The plugin asks through
+:meth:`CaptionTask.check_private_release`.
 
 Evaluation: ``val_loss`` (mean per-caption loss over the validation set, all ranks) and, on the first
 ``n_generate`` validation images, greedy captions: ``val_exact_match`` (share identical to the reference caption
@@ -40,8 +49,11 @@ class CaptionTaskConfig(TaskConfig):
     """Options of the ``caption`` task (``--task caption --task.max_len 40 ...``).
 
     Attributes:
-        tokenizer_path: a local ``vocab.txt`` / ``tokenizer.json`` (or a folder holding one); None = build a
-            WordPiece vocabulary from the training captions.
+        tokenizer_path: a local ``vocab.txt`` / ``tokenizer.json`` (or a folder holding one), taken as a public
+            vocabulary; None = build one (see the module docstring).
+        tokenizer_corpus: a local public text file (one sentence a line) to build the vocabulary from.
+        tokenizer_from_private_data: under the ``privacy`` plugin, accept a vocabulary built from the private
+            training captions; the run then carries no privacy guarantee (reported so). Without DP: no effect.
         vocab_size: size of the built vocabulary (ignored with ``tokenizer_path``).
         max_len: captions padded / truncated to this many tokens, BOS and EOS included (DP-Cap's command: 40).
         n_generate: validation images captioned greedily at each evaluation (0 = none).
@@ -49,6 +61,8 @@ class CaptionTaskConfig(TaskConfig):
 
     name: str = "caption"
     tokenizer_path: str | None = None
+    tokenizer_corpus: str | None = None
+    tokenizer_from_private_data: bool = False
     vocab_size: int = 1000
     max_len: int = 40
     n_generate: int = 16
@@ -60,6 +74,8 @@ class CaptionTaskConfig(TaskConfig):
             raise ValueError(f"vocab_size: must be >= 6 (five special tokens and a word), got {self.vocab_size!r}")
         if self.n_generate < 0:
             raise ValueError(f"n_generate: must be >= 0, got {self.n_generate!r}")
+        if self.tokenizer_path is not None and self.tokenizer_corpus is not None:
+            raise ValueError("tokenizer_corpus: give tokenizer_path or tokenizer_corpus, not both")
 
 
 @register_task("caption", config=CaptionTaskConfig)
@@ -71,7 +87,7 @@ class CaptionTask(Task):
         train_dataset, val_dataset: caption datasets (items ``(image, caption str)``) to use instead of building
             ``cfg.dataset``.
         tokenizer: a :class:`ratelab.data.text_tokenizer.CaptionTokenizer` to use (overrides
-            ``task.tokenizer_path``).
+            ``task.tokenizer_path``); under DP it must be ``public`` (or ``task.tokenizer_from_private_data``).
     """
 
     per_sample_loss = True
@@ -88,14 +104,51 @@ class CaptionTask(Task):
         self.val_dataset: Dataset | None = None
 
     # ---- data and model -------------------------------------------------------------------------------------
-    def build_tokenizer(self, captions: list[str]) -> Any:
+    def build_tokenizer(self, dataset: Any) -> Any:
+        """The task's tokenizer (see the module docstring for the order of sources), built once."""
         from ratelab.data.text_tokenizer import CaptionTokenizer
 
-        if self.tokenizer is None:
-            c = self.config
-            self.tokenizer = (CaptionTokenizer.from_file(c.tokenizer_path) if c.tokenizer_path is not None
-                              else CaptionTokenizer.train(captions, c.vocab_size))
+        if self.tokenizer is not None:
+            return self.tokenizer
+        c = self.config
+        if c.tokenizer_path is not None:
+            self.tokenizer = CaptionTokenizer.from_file(c.tokenizer_path)
+        elif c.tokenizer_corpus is not None:
+            self.tokenizer = CaptionTokenizer.from_corpus(c.tokenizer_corpus, c.vocab_size)
+        elif callable(getattr(dataset, "public_vocabulary_text", None)):
+            name = getattr(dataset, "name", type(dataset).__name__)
+            self.tokenizer = CaptionTokenizer.train(dataset.public_vocabulary_text(), c.vocab_size, public=True,
+                                                    source=f"the {name} generator's word list (fixed by code)")
+        elif hasattr(dataset, "captions"):
+            self.tokenizer = CaptionTokenizer.train(dataset.captions(), c.vocab_size, public=False,
+                                                    source="the training captions")
+        else:
+            from ratelab.core.errors import ConfigError
+
+            raise ConfigError(f"dataset: {type(dataset).__name__} has no captions; the caption task trains on "
+                              "shapes_captions, caption_folder or caption_wds (or give task.tokenizer_path)")
         return self.tokenizer
+
+    def check_private_release(self) -> list[str]:
+        """What DP training asks of the task: raise ConfigError when the vocabulary, released without noise, was
+        built from the private training captions and nobody accepted that; else return the notes of what was
+        accepted (``task.tokenizer_from_private_data``), each voiding the run's guarantee."""
+        from ratelab.core.errors import ConfigError
+
+        t = self.tokenizer
+        if t is None or getattr(t, "public", False):
+            return []
+        source = getattr(t, "source", "unknown")
+        if self.config.tokenizer_from_private_data:
+            return [f"the caption vocabulary was built from {source} (task.tokenizer_from_private_data=true) and is "
+                    "released without noise"]
+        raise ConfigError(
+            f"task.tokenizer_path: under DP (plugins.privacy) the caption vocabulary may not come from {source}: it "
+            "is released with the model without noise, so it is not covered by the guarantee. Give "
+            "task.tokenizer_path (a public vocab.txt / tokenizer.json, e.g. bert-base-uncased's), "
+            "task.tokenizer_corpus (a public text file, one sentence a line), a dataset with a public word list "
+            "(shapes_captions), or a CaptionTokenizer marked public=True; or set "
+            "task.tokenizer_from_private_data=true to train without a privacy guarantee (reported so)")
 
     def build_datasets(self, cfg: Any) -> tuple[Dataset, Dataset | None]:
         from ratelab.data.captions import TokenizedCaptions
@@ -106,13 +159,9 @@ class CaptionTask(Task):
             common = _dataset_kwargs(cfg)
             self.raw_train = build_dataset(cfg.dataset, "train", augment=cfg.augment, **common)
             self.raw_val = build_dataset(cfg.dataset, "val", **common)
-        if self.tokenizer is None:
-            if not hasattr(self.raw_train, "captions"):
-                from ratelab.core.errors import ConfigError
-
-                raise ConfigError(f"dataset: {cfg.dataset!r} has no captions; the caption task trains on "
-                                  "shapes_captions, caption_folder or caption_wds")
-            self.build_tokenizer(self.raw_train.captions() if self.config.tokenizer_path is None else [])
+        self.build_tokenizer(self.raw_train)
+        if "privacy" in (getattr(cfg, "plugins", None) or {}):
+            self.check_private_release()  # before tokenizer.json is written
         out = getattr(cfg, "out_dir", None)
         if out:
             self.tokenizer.save(Path(out) / "tokenizer.json")
