@@ -326,6 +326,8 @@ def test_dp_run_reports_epsilon_per_epoch_and_never_raw_gradients(dp_run):
     report = json.loads((out / "privacy.json").read_text())
     assert [e["epoch"] for e in report["per_epoch"]] == [1, 2] and report["formal_guarantee"] is False
     assert report["history"] == [[1.0, 240 / n, 12]] and report["epsilon_rdp"] == res["dp_epsilon_rdp"]
+    assert report["no_guarantee_reasons"] == [PrivacyConfig(noise_multiplier=1.0, dp_seed=7).no_guarantee_reasons()[0]]
+    assert not any(k.startswith("tan_") for k in res)
     for row in read_rows(out):
         assert not any("grad" in k or "norm" in k for k in row), row  # no raw gradient statistics, ever
     assert plugin.optimizer.noise_multiplier == 1.0 and plugin.optimizer.expected_batch_size == 240
@@ -469,8 +471,16 @@ def test_tan_simulation_scales_sigma_and_says_no_guarantee(tmp_path):
     assert trainer._batch_sampler(epoch=0, start_step=0).q == pytest.approx(60 / n)
     res = trainer.fit()
     assert res["dp_guarantee"] == 0.0 and res["dp_tan_noise_multiplier"] == pytest.approx(0.25)
-    assert res["dp_epsilon_rdp"] == pytest.approx(compute_epsilon(1.0, 240 / n, 6, 1 / n))  # the simulated run's
-    assert json.loads((tmp_path / "privacy.json").read_text())["guarantee"].startswith("NO PRIVACY GUARANTEE")
+    # The simulated run's epsilon, named so that nothing reads as this run's guarantee: no dp_epsilon* anywhere.
+    assert res["tan_simulated_epsilon_rdp"] == pytest.approx(compute_epsilon(1.0, 240 / n, 6, 1 / n))
+    assert res["tan_simulated_epsilon"] == res["tan_simulated_epsilon_rdp"] and res["tan_simulated_epsilon_prv"] > 0
+    report = json.loads((tmp_path / "privacy.json").read_text())
+    assert report["guarantee"].startswith("NO PRIVACY GUARANTEE") and "TAN simulation" in report["guarantee"]
+    assert report["tan_simulated_epsilon_rdp"] == res["tan_simulated_epsilon_rdp"]
+    assert set(report["per_epoch"][0]) == {"epoch", "step", "tan_simulated_epsilon_rdp", "tan_simulated_epsilon_prv"}
+    outputs = [res, report, *report["per_epoch"], json.loads((tmp_path / "final_metrics.json").read_text()),
+               *read_rows(tmp_path)]
+    assert not [k for o in outputs for k in o if k.startswith(("dp_epsilon", "epsilon"))]
 
 
 def test_target_epsilon_solves_sigma_for_the_run(tmp_path):
@@ -506,10 +516,13 @@ class _Captions(torch.utils.data.Dataset):
 def test_caption_task_dp_step_equals_hand_computed_dp_sgd(tmp_path):
     # One trainer step of the caption task under the plugin == Poisson batch -> oracle clipped sum (per-caption
     # mean CE) -> + the same N(0, (sigma C)^2) draw -> / B -> AdamW, computed here by hand.
+    from ratelab.data.text_tokenizer import CaptionTokenizer
     from ratelab.train.caption_task import CaptionTask
 
     data = _Captions()
-    task = CaptionTask(train_dataset=data, max_len=8, vocab_size=48, n_generate=0)
+    # The vocabulary from the dataset's word list (code, public): one fit on the captions would be refused under DP.
+    tok = CaptionTokenizer.train([" ".join(_Captions.WORDS)], 48, public=True, source="the test's word list")
+    task = CaptionTask(train_dataset=data, tokenizer=tok, max_len=8, vocab_size=48, n_generate=0)
     cfg = TrainConfig(model="test_dpcap", task=task.config, batch_size=12, max_steps=1, lr=1e-3, warmup_steps=0,
                       weight_decay=0.0, progress=False, out_dir=str(tmp_path), device="cpu", eval_every=0,
                       img_size=8, plugins={"privacy": {"noise_multiplier": 0.9, "max_grad_norm": 0.7, "dp_seed": 4,

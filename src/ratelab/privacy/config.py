@@ -7,6 +7,7 @@ the trainer.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ratelab.core.config import config_field
@@ -34,8 +35,9 @@ class PrivacyConfig:
                                               "max_grad_norm; give this or target_epsilon.")
     max_grad_norm: float = _f(1.0, "C: every example's gradient (all parameters together) is clipped to this L2 "
                                    "norm.")
-    accountant: str = _f("rdp", "Accountant that solves sigma for target_epsilon and gives 'dp_epsilon'; both RDP and "
-                                "PRV epsilons are always reported.", choices=ACCOUNTANTS)
+    accountant: str = _f("rdp", "Accountant that solves sigma for target_epsilon and gives 'dp_epsilon' (TAN: "
+                                "'tan_simulated_epsilon'); both RDP and PRV epsilons are always reported.",
+                         choices=ACCOUNTANTS)
     poisson: bool = _f(True, "Poisson sampling (each example joins a batch with probability q; variable and empty "
                              "batches). False: fixed-size shuffled batches, which the accountants do NOT cover "
                              "(results are flagged as carrying no guarantee).")
@@ -46,7 +48,8 @@ class PrivacyConfig:
                                 "vmap per-sample gradients).", choices=CLIPPING_MODES)
     tan_batch_size: int | None = _f(None, "TAN simulation (Sander et al. 2023): train with this expected batch B' "
                                           "and sigma' = sigma * B'/B at the same steps; carries NO privacy "
-                                          "guarantee (every output says so).")
+                                          "guarantee (every output says so, and names the simulated run's epsilon "
+                                          "tan_simulated_epsilon_*, never dp_epsilon*).")
     dp_seed: int | None = _f(None, "Seed of the noise and of the Poisson batches (None: fresh OS entropy, kept only "
                                    "in the checkpoints). A known seed lets anyone recompute both: use one for tests "
                                    "and reproductions, not for a release.")
@@ -68,21 +71,30 @@ class PrivacyConfig:
             if v is not None and v < 1:
                 raise ValueError(f"{name}: must be >= 1, got {v}")
 
+    def no_guarantee_reasons(self) -> list[str]:
+        """Why the reported epsilon is not a formal guarantee of this run, from these settings alone (empty: it is,
+        given Poisson sampling with fresh noise; a task can add reasons of its own, see ``guarantee_note``)."""
+        out = []
+        if self.tan_batch_size is not None:
+            out.append(f"TAN simulation (trained with expected batch {self.tan_batch_size} and sigma' = sigma * B'/B); "
+                       "its tan_simulated_epsilon_* are those of the simulated full-batch run, not of this one")
+        if not self.poisson:
+            out.append("fixed-size shuffled batches; the epsilon assumes Poisson sampling, which this run did not use")
+        if self.dp_seed is not None:
+            out.append(f"dp_seed={self.dp_seed} is known, so the noise and the Poisson batches can be recomputed (a "
+                       "test or reproduction setting)")
+        return out
+
     @property
     def has_guarantee(self) -> bool:
         """Whether the reported epsilon is a formal guarantee of this run: Poisson sampling, no TAN simulation, and no
         known ``dp_seed`` (with the seed anyone can regenerate every noise draw and batch, and subtract them)."""
-        return self.poisson and self.tan_batch_size is None and self.dp_seed is None
+        return not self.no_guarantee_reasons()
 
-    def guarantee_note(self) -> str:
-        """One line saying what the reported epsilon means for this run."""
-        if self.tan_batch_size is not None:
-            return (f"NO PRIVACY GUARANTEE: TAN simulation (trained with expected batch {self.tan_batch_size} and "
-                    "sigma' = sigma * B'/B); the epsilon is that of the simulated full-batch run")
-        if not self.poisson:
-            return ("NO PRIVACY GUARANTEE: fixed-size shuffled batches; the epsilon assumes Poisson sampling, which "
-                    "this run did not use")
-        if self.dp_seed is not None:
-            return (f"NO PRIVACY GUARANTEE: dp_seed={self.dp_seed} is known, so the noise and the Poisson batches can "
-                    "be recomputed (a test or reproduction setting)")
+    def guarantee_note(self, extra_reasons: Sequence[str] = ()) -> str:
+        """One line saying what the reported epsilon means for this run; ``extra_reasons`` (e.g. a vocabulary built
+        from the private data, from the task) void the guarantee too."""
+        reasons = [*self.no_guarantee_reasons(), *extra_reasons]
+        if reasons:
+            return "NO PRIVACY GUARANTEE: " + "; ".join(reasons)
         return "(epsilon, delta)-DP for the released weights under Poisson sampling (example-level)"

@@ -14,11 +14,16 @@ Enable with ``TrainConfig(plugins={"privacy": {"target_epsilon": 8}})`` or ``--s
    batch B (not the realised size: that is what the analysis assumes) and steps the wrapped optimizer. Every
    rank draws the same noise from a generator with the same seed and state: exactly one draw per logical step.
 5. The ledger records the step (sigma, q); epsilon (RDP and PRV) is reported at every evaluation (``dp_*`` keys,
-   in ``metrics.jsonl`` eval rows and ``final_metrics.json``), per epoch in ``out_dir/privacy.json``.
+   in ``metrics.jsonl`` eval rows and ``final_metrics.json``), per epoch in ``out_dir/privacy.json``. A TAN
+   simulation reports the simulated full-batch run's epsilon as ``tan_simulated_epsilon*`` (never ``dp_epsilon*``,
+   which would read as this run's guarantee).
 
 Task contract: ``Task.per_sample_loss = True`` and ``training_step(model, batch, cfg, per_sample=True)`` returns a
 ``(n,)`` vector, entry i depending on example i only (classification: cross-entropy per image; captioning: mean
-cross-entropy over the caption's non-pad tokens). A task without it is refused at construction.
+cross-entropy over the caption's non-pad tokens). A task without it is refused at construction. A task that
+releases something computed from the training data besides the weights (the caption task's vocabulary) defines
+``check_private_release() -> list[str]``: it raises ConfigError for what it refuses, and returns a note for each
+such release the user accepted; every note voids the guarantee (``dp_guarantee = 0``, said in ``privacy.json``).
 
 Resumption: the checkpoint holds the ledger, the noise generator's state and the secret seed the Poisson batches are
 drawn from (a batch is a pure function of that seed, the epoch and the step), so a killed and resumed run draws the
@@ -92,8 +97,24 @@ class PrivacyPlugin(Plugin):
         self._seed: int | None = None
         self.generator: torch.Generator | None = None
         self._eps_cache: dict[str, Any] = {}
+        self.release_notes: list[str] = []  # the task's accepted un-noised releases (each voids the guarantee)
 
     # ---- derived settings ---------------------------------------------------------------------------------------
+    @property
+    def has_guarantee(self) -> bool:
+        """Whether this run's epsilon is a formal guarantee: the settings allow one and the task released nothing
+        un-noised (:meth:`PrivacyConfig.has_guarantee`, ``release_notes``)."""
+        return self.config.has_guarantee and not self.release_notes
+
+    @property
+    def guarantee_note(self) -> str:
+        return self.config.guarantee_note(self.release_notes)
+
+    @property
+    def epsilon_key(self) -> str:
+        """``dp_epsilon``, or ``tan_simulated_epsilon`` under TAN: the simulated run's epsilon is not this run's."""
+        return "tan_simulated_epsilon" if self.config.tan_batch_size is not None else "dp_epsilon"
+
     def _expected_batch(self, global_batch: int) -> int:
         return self.config.tan_batch_size or global_batch
 
@@ -118,6 +139,8 @@ class PrivacyPlugin(Plugin):
         c, cfg = self.config, trainer.cfg
         if trainer.strategy.name == "fsdp":
             raise ConfigError("plugins.privacy: strategy 'fsdp' is not supported under DP; use ddp or single")
+        check = getattr(trainer.task, "check_private_release", None)
+        self.release_notes = list(check()) if callable(check) else []
         self.trainer = trainer
         self.n = len(trainer.train_dataset)
         self.batch_size = cfg.batch_size
@@ -138,7 +161,7 @@ class PrivacyPlugin(Plugin):
             print(f"[privacy] DP-SGD: sigma={self.noise_multiplier:.4g} (applied {self.applied_noise_multiplier:.4g}),"
                   f" C={c.max_grad_norm:g}, q={self.sample_rate:.4g} (B={cfg.batch_size} of N={self.n}), "
                   f"T={self.total_steps} steps, delta={self.delta:.3g}, clipping={c.clipping}, accountant="
-                  f"{c.accountant}: {c.guarantee_note()}", flush=True)
+                  f"{c.accountant}: {self.guarantee_note}", flush=True)
 
     def _initial_seed(self, trainer: Any) -> int:
         if self.config.dp_seed is not None:
@@ -211,15 +234,16 @@ class PrivacyPlugin(Plugin):
 
     def epoch_metrics(self, trainer: Any) -> dict[str, float]:
         eps = self._epsilons()
+        k = self.epsilon_key
         out = {
-            "dp_epsilon": eps[self.config.accountant],
-            "dp_epsilon_rdp": eps["rdp"],
-            "dp_epsilon_prv": eps["prv"],
+            k: eps[self.config.accountant],
+            f"{k}_rdp": eps["rdp"],
+            f"{k}_prv": eps["prv"],
             "dp_delta": self.delta,
             "dp_noise_multiplier": self.noise_multiplier,
             "dp_sample_rate": self.sample_rate,
             "dp_steps": float(self.ledger.steps),
-            "dp_guarantee": 1.0 if self.config.has_guarantee else 0.0,
+            "dp_guarantee": 1.0 if self.has_guarantee else 0.0,
         }
         if self.config.tan_batch_size is not None:
             out["dp_tan_noise_multiplier"] = self.applied_noise_multiplier
@@ -228,16 +252,22 @@ class PrivacyPlugin(Plugin):
         return out
 
     def report(self, eps: dict[str, float] | None = None) -> dict[str, Any]:
-        """Everything ``privacy.json`` holds: epsilon by accountant and by epoch, the history, what it means."""
+        """Everything ``privacy.json`` holds: epsilon by accountant and by epoch, the history, what it means.
+
+        Under TAN the epsilon keys are ``tan_simulated_epsilon*`` (here and in ``per_epoch``), else ``epsilon*``."""
         c = self.config
         eps = eps if eps is not None else self._epsilons()
+        k = "tan_simulated_epsilon" if c.tan_batch_size is not None else "epsilon"
+        per_epoch = [{(f"{k}{key[len('epsilon'):]}" if key.startswith("epsilon") else key): v for key, v in e.items()}
+                     for e in self.per_epoch]
         return {
-            "guarantee": c.guarantee_note(),
-            "formal_guarantee": c.has_guarantee,
+            "guarantee": self.guarantee_note,
+            "formal_guarantee": self.has_guarantee,
+            "no_guarantee_reasons": [*c.no_guarantee_reasons(), *self.release_notes],
             "accountant": c.accountant,
-            "epsilon": eps[c.accountant],
-            "epsilon_rdp": eps["rdp"],
-            "epsilon_prv": eps["prv"],
+            k: eps[c.accountant],
+            f"{k}_rdp": eps["rdp"],
+            f"{k}_prv": eps["prv"],
             "delta": self.delta,
             "target_epsilon": c.target_epsilon,
             "noise_multiplier": self.noise_multiplier,
@@ -253,7 +283,7 @@ class PrivacyPlugin(Plugin):
             "poisson": c.poisson,
             "tan_batch_size": c.tan_batch_size,
             "history": self.ledger.history,
-            "per_epoch": self.per_epoch,
+            "per_epoch": per_epoch,
         }
 
     def _write_report(self, trainer: Any, eps: dict[str, float]) -> None:
