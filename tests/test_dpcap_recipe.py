@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import torch
 
 import ratelab
+from ratelab.data import build_dataset
 from ratelab.recipes import run_recipe
 from ratelab.recipes.dpcap import recipe
-from ratelab.recipes.dpcap.recipe import SCALES, EncoderClassifier
+from ratelab.recipes.dpcap.recipe import SCALES, EncoderClassifier, _privacy
+from ratelab.train import CaptionTask
 
 
 def test_encoder_classifier_features_are_the_captioners_mean_encoder_token():
@@ -36,9 +39,13 @@ def test_smoke_run(tmp_path):
     for e in row.epsilons:
         for kind in ("captioner", "DP classifier"):
             a = r["arms"][f"{kind} eps={e:g}"]
-            assert a["dp_epsilon_rdp"] <= e * 1.01 and 0 < a["dp_epsilon_prv"] <= a["dp_epsilon_rdp"]
-            assert a["dp_guarantee"] == 0  # TAN simulation: flagged
-    assert "dp_epsilon_rdp" not in r["arms"]["captioner eps=inf"]
+            # TAN simulation: flagged, and its epsilon named as the simulated run's (no dp_epsilon* key)
+            assert a["tan_simulated_epsilon_rdp"] <= e * 1.01
+            assert 0 < a["tan_simulated_epsilon_prv"] <= a["tan_simulated_epsilon_rdp"]
+            assert a["dp_guarantee"] == 0 and not any(k.startswith("dp_epsilon") for k in a)
+    assert not any(k.startswith(("dp_", "tan_")) for k in r["arms"]["captioner eps=inf"])
+    assert r["tokenizer_vocab_size"] == CaptionTask(vocab_size=1000).build_tokenizer(
+        build_dataset("shapes_captions", "train", size=4, img_size=8)).vocab_size  # the generator's word list
     for a in r["arms"].values():
         assert set(a["probe"]) == {"shape", "color", "position"} and all(0 <= v <= 1 for v in a["probe"].values())
     assert set(r["arms"]["captioner eps=inf"]["zero_shot"]) == {"shape", "color"}
@@ -47,3 +54,15 @@ def test_smoke_run(tmp_path):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["summary"]["guarantee"] == r["summary"]["guarantee"]
     assert "NO privacy guarantee" in (tmp_path / "report.html").read_text()
+
+
+def test_only_simulations_use_the_recipes_seed():
+    """A TAN arm (no guarantee to lose) draws its noise and batches from the recipe's seed, for exact repeats; an
+    accounted arm leaves dp_seed unset, so the plugin draws a secret one and the run keeps its guarantee."""
+    from ratelab.privacy import PrivacyConfig
+
+    row = SCALES["smoke"]
+    tan = _privacy(8.0, row, 96, seed=3)
+    assert tan["dp_seed"] == 3 and tan["tan_batch_size"] == row.tan_batch
+    real = _privacy(8.0, replace(row, tan_batch=None), 96, seed=3)
+    assert "dp_seed" not in real and "tan_batch_size" not in real and PrivacyConfig(**real).has_guarantee
