@@ -191,7 +191,7 @@ class PrivacyPlugin(Plugin):
     def wrap_optimizer(self, optimizer: Any, model: nn.Module) -> Any:
         if self.optimizer is not None:
             raise ConfigError("plugins.privacy: the task configures several optimizers; DP-SGD here supports one")
-        from opacus.optimizers import DPOptimizerFastGradientClipping
+        from ratelab.privacy.noise import make_dp_optimizer
 
         # A trainable parameter the optimizer steps but the wrapped model does not own would get no clipping (hooks
         # and functorch leave its raw gradient in .grad): refuse it, as opacus' make_private does.
@@ -204,7 +204,7 @@ class PrivacyPlugin(Plugin):
                               "Make them part of the model or freeze them.")
         # p.grad arrives holding the clipped SUM (clipped_backward, all-reduced): this optimizer only adds the noise
         # and divides by the expected batch size.
-        self.optimizer = DPOptimizerFastGradientClipping(
+        self.optimizer = make_dp_optimizer(  # opacus' DPOptimizerFastGradientClipping, noise added in place
             optimizer, noise_multiplier=self.applied_noise_multiplier, max_grad_norm=self.config.max_grad_norm,
             expected_batch_size=self.expected_batch, loss_reduction="mean", generator=self.generator)
         return self.optimizer
