@@ -6,29 +6,39 @@ decay-weighted inputs, the chunk and entering states, the read-outs -- about 8x 
 backward is some forty autograd nodes, most of them broadcasting multiplies whose gradients need a reduction.
 
 :class:`SSDRecomputeFn` keeps what mamba_ssm's fused kernel keeps: its inputs and the state entering every *segment*
-(``segment_chunks`` chunks, ``(b, h, p, n)`` each). The forward runs the chunked code without autograd (its in-place
-inference variant). The backward walks the segments from last to first; per segment it rebuilds the chunk tensors
-from the inputs and the entering state, then applies the chain rule written out below (``i >= j`` positions in a
-chunk, ``s`` the in-chunk cumulative log-decay, ``e_i = exp(s_i)``, ``L_ij = exp(s_i - s_j)``, ``w_j = exp(s_Q -
-s_j)``, ``X = x dt``, ``S_k`` the state entering chunk ``k``)::
+(``segment_chunks`` chunks, ``(b, h, p, n)`` each). The forward runs segment by segment without autograd, writing
+``y`` (with the ``D`` skip) straight into the output. The backward walks the segments from last to first; per
+segment it rebuilds the chunk tensors from the inputs and the entering state (:class:`_Chunks`), then applies the
+chain rule written out below (``i >= j`` positions in a chunk, ``s`` the in-chunk cumulative log-decay, ``e_i =
+exp(s_i)``, ``L_ij = exp(s_i - s_j)``, ``w_j = exp(s_Q - s_j)``, ``X = x dt``, ``S_k`` the state entering chunk
+``k``, ``G_k`` the gradient of ``S_k``)::
 
-    y_i      = sum_j L_ij (C_i.B_j) X_j  +  e_i S_k C_i             (diagonal block + state read-out)
+    y_i      = sum_j L_ij (C_i.B_j) X_j  +  e_i S_k C_i  +  D x_i    (diagonal block + state read-out + skip)
     S_{k+1}  = e_Q S_k + sum_j w_j X_j B_j^T                         (chunk recurrence)
 
-    gM  = gy X^T (masked i >= j)      gX  = M^T gy + w (B G_{k+1})     M = L o (C B^T)
-    gC  = (gM o L) B + (e gy) S_k     gB  = (gM o L)^T C + (w X) G_{k+1}^T
-    G_k = (e gy)^T C + e_Q G_{k+1}    (G: gradient of the state entering each chunk, a loop over the chunks)
-    gs  = row sums - column sums of gM o M, + e sum_p gy o (S_k C), - w sum_p X o (B G), + end terms
-    ga  = reverse cumsum of gs;  gdt = A ga + sum_p x o gX;  gA = sum dt o ga;  gx = dt gX
+    gM  = gy X^T (i >= j)             gX  = M^T gy + w (B G_{k+1})     M = L o (C B^T)
+    gC  = (sum_h gM o L) B + (e gy) S_k       gB = (sum_h gM o L)^T C + (w X) G_{k+1}^T
+    G_k = (e gy)^T C + e_Q G_{k+1}    (a loop over the chunks)
+    gs  = row sums of gM o M - X.(M^T gy) + e gy.(S_k C) - w X.(B G) (+ end terms at s_Q)
+    ga  = reverse cumsum of gs;  gdt = A ga + x.gX;  gA = sum dt ga;  gx = dt gX + D gy;  gD = sum gy x
 
-so the segment's working set is a handful of ``(Q, Q)`` blocks per head, and nothing of the forward outlives it. The
-``dt`` preprocessing (bias, softplus, clamp) and the ``D`` skip stay outside, under autograd (elementwise, cheap).
+(the column sums of ``gM o M`` are ``X_j . (M^T gy)_j``, so they come from a ``p``-long dot, not a ``(Q, Q)``
+reduction). The segment's working set is a few ``(Q, Q)`` blocks per head, and nothing of the forward outlives it.
+The ``dt`` preprocessing (bias, softplus, clamp) stays outside, under autograd (elementwise on ``(b, L, h)``).
 
-Numerics as the chunked forward: exponents are differences ``<= 0`` floored at ``log(finfo.tiny)``; entries above
-the diagonal are zeroed after ``exp`` (so the floor never leaks into them). Gradients through a floored exponent are
-taken as if unfloored: the difference is below ``finfo.tiny``. Segments are whole chunks, so the chunk boundaries are
-those of one :func:`~ratelab.kernels.ssd.chunked.ssd_chunked` call; with a single segment (``L <= Q *
-segment_chunks``) the forward is bitwise that of ``ssd_chunked`` under ``no_grad``.
+Layouts: the per-head ``(Q, Q)`` products (``M X``, ``M^T gy``, ``gy X^T``) run on head-major ``(b, c, h, Q, p)``
+copies of ``x dt`` and ``gy`` (contiguous batches of ``(Q, p)`` blocks, one bmm); the state products (``B^T (w X)``,
+``C S``, ``(e gy)^T C``, ``B G``, ...) run chunk-major, where with ``g = 1`` all heads form one ``(Q, h p)`` matrix
+(one bmm per group with ``N`` or ``K`` = 512 at Adventurer-T's shapes). Each head-major copy is fused with the
+multiply it needs anyway (``x dt``), and head-major results come back through the strided read of the next fused
+elementwise op (``y``, ``gx``), so no separate permute copies.
+
+Numerics as the chunked forward: exponents are differences ``<= 0`` floored at ``log(finfo.tiny)``; a decay that
+hits the floor (and every entry above the diagonal) is then set to exactly 0 (``threshold``), so no product with it
+is subnormal (CPU multiplies and exps on subnormals are 5-40x slower; the term it drops is below ``finfo.tiny``).
+Gradients through a floored exponent are taken as if unfloored: the difference is below ``finfo.tiny``. Segments are
+whole chunks (only the last one is padded, with ``dt = 0`` rows), so the chunk boundaries are those of one
+:func:`~ratelab.kernels.ssd.chunked.ssd_chunked` call.
 """
 
 from __future__ import annotations
@@ -39,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from ratelab.kernels.ssd.chunked import balanced_chunk, ssd_chunked
-from ratelab.kernels.ssd.ref import DEFAULT_DT_LIMIT, check_inputs, compute_dtype, prepare_dt, skip_term
+from ratelab.kernels.ssd.ref import DEFAULT_DT_LIMIT, check_inputs, compute_dtype, prepare_dt
 
 SEGMENT_CHUNKS = 4  # 256 tokens at the CPU chunk of 64: the backward's working set is one such segment
 
@@ -49,148 +59,229 @@ def _segments(length: int, q: int, segment_chunks: int) -> list[tuple[int, int]]
     return [(s, min(s + step, length)) for s in range(0, length, step)]
 
 
-def _segment_backward(x, dt, A, B, C, S0, gy, g_end, q: int, need_state: bool):
-    """Gradients of one segment (see the module docstring). Shapes: x/gy (b, l, h, p), dt (b, l, h), B/C (b, l, g,
-    n), S0/g_end (b, h, p, n) or None. Returns gx, gdt, gA, gB, gC, g_S0 (None when not ``need_state``)."""
-    b, length, h, p = x.shape
-    g, n = B.shape[-2:]
-    hg = h // g
-    pad = (-length) % q
-    if pad:  # dt = 0 rows: no decay, no input (their gradients are cut off below)
-        x, gy = F.pad(x, (0, 0, 0, 0, 0, pad)), F.pad(gy, (0, 0, 0, 0, 0, pad))
-        dt = F.pad(dt, (0, 0, 0, pad))
-        B, C = F.pad(B, (0, 0, 0, 0, 0, pad)), F.pad(C, (0, 0, 0, 0, 0, pad))
-    c = (length + pad) // q
-    ct = x.dtype
-    floor = float(math.ceil(math.log(torch.finfo(ct).tiny)))
-    x6 = x.view(b, c, q, g, hg, p)
-    dt5 = dt.view(b, c, q, g, hg)
-    X = x6 * dt5[..., None]  # (b, c, Q, g, hg, p)
-    s = (dt5 * A.view(g, hg)).cumsum(2)  # (b, c, Q, g, hg)
-    s_end = s[:, :, -1]  # (b, c, g, hg)
-    Bc, Cc = B.view(b, c, q, g, n), C.view(b, c, q, g, n)
-    gy6 = gy.view(b, c, q, g, hg, p)
+def _pad_time(t: torch.Tensor, pad: int) -> torch.Tensor:
+    """``t (b, l, ...)`` with ``pad`` zero rows appended along the time axis."""
+    return F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) if pad else t
 
-    # rebuilt forward tensors: decays, the (Q, Q) blocks, the chunk states and the states entering each chunk
-    e = s.clamp(min=floor).exp()  # (b, c, Q, g, hg)
-    w = (s_end[:, :, None] - s).clamp(min=floor).exp()
-    dec = s_end.clamp(min=floor).exp()  # (b, c, g, hg)
-    sT = s.permute(0, 1, 3, 4, 2)  # (b, c, g, hg, Q)
-    tril = torch.ones(q, q, dtype=torch.bool, device=x.device).tril_()
-    # above the diagonal s_i - s_j > 0 may overflow exp: set to the floor first, zeroed after exp
-    Lm = (sT[..., :, None] - sT[..., None, :]).masked_fill_(~tril, floor).clamp_(min=floor).exp_().mul_(tril)
-    CB = torch.einsum("bcign,bcjgn->bcgij", Cc, Bc)  # (b, c, g, Q, Q); its upper triangle is multiplied by L = 0
-    M = Lm * CB[:, :, :, None]
-    Xw = X * w[..., None]
-    local = torch.einsum("bcjghp,bcjgn->bcghpn", Xw, Bc)  # (b, c, g, hg, p, n)
-    states = []  # S_k entering chunk k
-    st = S0.view(b, g, hg, p, n) if S0 is not None else x.new_zeros((b, g, hg, p, n))
-    dec6 = dec[..., None, None]
-    for k, (lk, dk) in enumerate(zip(local.unbind(1), dec6.unbind(1), strict=True)):
-        states.append(st)
-        if k < c - 1:
-            st = torch.addcmul(lk, st, dk)
-    S = torch.stack(states, 1)  # (b, c, g, hg, p, n)
+
+class _Chunks:
+    """The chunk tensors of one segment of whole chunks, built from its inputs without autograd.
+
+    ``x (b, l, h, p)``, ``dt (b, l, h)``, ``B``/``C (b, l, g, n)``, ``S0 (b, h, p, n)`` or None, ``l = c Q``.
+    Attributes: decays ``e``, ``w`` ``(b, c, Q, h)`` and ``dec`` ``(b, c, h)``; ``X`` = x dt head-major ``(b, c, h,
+    Q, p)``; ``Xw_g`` = x dt w chunk-major per group ``(b, c, g, Q, hg p)``; ``Bg``/``Cg`` ``(b, c, g, Q, n)``;
+    ``M`` ``(b, c, h, Q, Q)``; the states entering the chunks ``ent`` ``(b, c, g, n, hg p)`` and the final state
+    ``(b, h, p, n)``; with ``keep``, also ``L`` and the masked ``CB`` for the backward.
+    """
+
+    def __init__(self, x, dt, A, B, C, S0, q: int, *, keep: bool):
+        b, length, h, p = x.shape
+        g, n = B.shape[-2:]
+        hg, c = h // g, length // q
+        ct, dev = x.dtype, x.device
+        self.shape = (b, c, q, h, p, g, hg, n)
+        floor = float(math.ceil(math.log(torch.finfo(ct).tiny)))
+        zero_at = math.exp(floor)  # a decay floored to exp(floor) is set to 0 (see the module docstring)
+        x5, dt4 = x.view(b, c, q, h, p), dt.view(b, c, q, h)
+        s = (dt4 * A).cumsum_(2)  # (b, c, Q, h): log-decay since the chunk start
+        sT = s.transpose(2, 3).contiguous()  # (b, c, h, Q)
+        self.w = F.threshold_((s[:, :, -1:] - s).clamp_(min=floor).exp_(), zero_at, 0.0)
+        self.dec = F.threshold_(s[:, :, -1].clamp(min=floor).exp_(), zero_at, 0.0)
+        self.e = F.threshold_(s.clamp_(min=floor).exp_(), zero_at, 0.0)
+        self.X = torch.empty((b, c, h, q, p), dtype=ct, device=dev)
+        torch.mul(x5.transpose(2, 3), dt4.transpose(2, 3)[..., None], out=self.X)
+        Xw = torch.mul(x5, (dt4 * self.w)[..., None])  # (b, c, Q, h, p), contiguous
+        self.Xw_g = Xw.view(b, c, q, g, hg * p).transpose(2, 3)  # a view when g == 1
+        self.Bg = B.view(b, c, q, g, n).transpose(2, 3).contiguous()
+        self.Cg = C.view(b, c, q, g, n).transpose(2, 3).contiguous()
+        upper = torch.ones(q, q, dtype=torch.bool, device=dev).triu_(1)
+        CB = (self.Cg @ self.Bg.transpose(-1, -2)).masked_fill_(upper, 0.0)  # (b, c, g, Q, Q), one per group
+        # above the diagonal the exponent is capped at the floor (no overflow), then zeroed with the floored ones
+        cap = torch.full((q, q), math.inf, dtype=ct, device=dev).masked_fill_(upper, floor)
+        Lm = torch.sub(sT[..., :, None], sT[..., None, :])  # (b, c, h, Q, Q)
+        torch.clamp(Lm, min=torch.tensor(floor, dtype=ct, device=dev), max=cap, out=Lm)
+        F.threshold_(Lm.exp_(), zero_at, 0.0)
+        self.M = torch.mul(Lm.view(b, c, g, hg, q, q), CB[:, :, :, None]).view(b, c, h, q, q)
+        local = self.Bg.transpose(-1, -2) @ self.Xw_g  # (b, c, g, n, hg p): each chunk's own end state
+        # states entering the chunks: c small steps, written into one buffer (views via unbind, never slices)
+        ent = torch.empty((b, c, g, n, hg, p), dtype=ct, device=dev)
+        ev, lv = ent.unbind(1), local.view(b, c, g, n, hg, p).unbind(1)
+        dv = self.dec.view(b, c, g, 1, hg, 1).unbind(1)
+        if S0 is None:
+            ev[0].zero_()
+        else:
+            ev[0].copy_(S0.view(b, g, hg, p, n).permute(0, 1, 4, 2, 3))
+        for k in range(c - 1):
+            torch.addcmul(lv[k], ev[k], dv[k], out=ev[k + 1])
+        self.final = torch.addcmul(lv[c - 1], ev[c - 1], dv[c - 1]).permute(0, 1, 3, 4, 2).reshape(b, h, p, n)
+        self.ent = ent.view(b, c, g, n, hg * p)
+        self.x5, self.dt4 = x5, dt4
+        if keep:
+            self.L, self.CB, self.upper = Lm, CB, upper
+
+
+def _write(dst: torch.Tensor, src: torch.Tensor, length: int) -> None:
+    """Copy the chunked ``src (b, c, Q, ...)`` into ``dst (b, length, ...)``, dropping the padded rows."""
+    b, c, q, *rest = src.shape
+    if c * q == length:
+        dst.view(src.shape).copy_(src)
+    else:
+        dst.copy_(src.reshape(b, c * q, *rest)[:, :length])
+
+
+def _d_view(D: torch.Tensor) -> torch.Tensor:
+    return D[:, None] if D.dim() == 1 else D
+
+
+def _forward_segment(x, dt, A, B, C, D, S0, q: int, y_out: torch.Tensor) -> torch.Tensor:
+    """Write one segment's ``y`` into ``y_out (b, l, h, p)``; return the state after it."""
+    length = x.shape[1]
+    pad = (-length) % q
+    if pad:
+        x, dt, B, C = (_pad_time(t, pad) for t in (x, dt, B, C))
+    ch = _Chunks(x, dt, A, B, C, S0, q, keep=False)
+    b, c, q, h, p, g, hg, n = ch.shape
+    yd = ch.M @ ch.X  # (b, c, h, Q, p)
+    yo = (ch.Cg @ ch.ent).transpose(2, 3).reshape(b, c, q, h, p)  # a view when g == 1
+    out = y_out.view(b, c, q, h, p) if not pad else torch.empty((b, c, q, h, p), dtype=x.dtype, device=x.device)
+    torch.addcmul(yd.transpose(2, 3), yo, ch.e[..., None], out=out)
+    if D is not None:
+        out.addcmul_(ch.x5, _d_view(D))
+    if pad:
+        y_out.copy_(out.view(b, c * q, h, p)[:, :length])
+    return ch.final
+
+
+def _backward_segment(x, dt, A, B, C, D, S0, gy, g_end, q: int, outs: dict, need: dict):
+    """Gradients of one segment (module docstring), written into the views ``outs["x" | "dt" | "B" | "C"]`` of the
+    full gradients; returns ``gA (h,)``, ``gD`` (None without ``D``) and the gradient of ``S0`` (None unless
+    ``need["state"]``)."""
+    length = x.shape[1]
+    pad = (-length) % q
+    if pad:  # dt = 0 rows: no decay, no input; their gradients are cut off below
+        x, dt, B, C, gy = (_pad_time(t, pad) for t in (x, dt, B, C, gy))
+    ch = _Chunks(x, dt, A, B, C, S0, q, keep=True)
+    b, c, q, h, p, g, hg, n = ch.shape
+    ct, dev = x.dtype, x.device
+    gy5 = gy.view(b, c, q, h, p)
+    gy_hm = gy5.transpose(2, 3).contiguous()  # (b, c, h, Q, p)
+    ge = gy5 * ch.e[..., None]  # (b, c, Q, h, p)
+    ge_g = ge.view(b, c, q, g, hg * p).transpose(2, 3)  # (b, c, g, Q, hg p)
 
     # diagonal blocks
-    XT = X.permute(0, 1, 3, 4, 2, 5)  # (b, c, g, hg, Q, p)
-    gyT = gy6.permute(0, 1, 3, 4, 2, 5)
-    # (Q, Q) blocks are the working set's bulk: at most three alive at once, the products done in place
-    gX = (M.transpose(-1, -2) @ gyT).permute(0, 1, 4, 2, 3, 5)  # (b, c, Q, g, hg, p)
-    del M
-    gM = gyT @ XT.transpose(-1, -2)  # (b, c, g, hg, Q, Q); its upper triangle only ever meets L = 0
-    gL = gM.mul_(Lm)  # gM o L
-    del Lm
-    gCB = gL.sum(3)  # (b, c, g, Q, Q): summed over the heads sharing B and C
-    gC = torch.einsum("bcgij,bcjgn->bcign", gCB, Bc)
-    gB = torch.einsum("bcgij,bcign->bcjgn", gCB, Cc)
+    gX_hm = ch.M.transpose(-1, -2) @ gy_hm  # (b, c, h, Q, p): M^T gy
+    gM = gy_hm @ ch.X.transpose(-1, -2)  # (b, c, h, Q, Q)
+    del gy_hm
+    gMM = torch.mul(gM, ch.M)
+    del ch.M
+    gs = gMM.sum(-1).transpose(2, 3)  # (b, c, Q, h): row sums of gM o M
+    del gMM
+    gCB = gM.mul_(ch.L).view(b, c, g, hg, q, q).sum(3).masked_fill_(ch.upper, 0.0)  # (b, c, g, Q, Q)
+    del gM, ch.L
+    gC = gCB @ ch.Bg  # (b, c, g, Q, n)
+    gB = gCB.transpose(-1, -2) @ ch.Cg
     del gCB
-    gMM = gL.mul_(CB[:, :, :, None])  # gM o L o CB: the gradient of the exponent s_i - s_j
-    gs = gMM.sum(-1) - gMM.sum(-2)  # (b, c, g, hg, Q): rows i gain, columns j lose
-    del gMM, gL, gM, CB
 
-    # state read-out: y_off = e (S_k C)
-    ge = gy6 * e[..., None]  # (b, c, Q, g, hg, p)
-    SC = torch.einsum("bcghpn,bcign->bcighp", S, Cc)
-    gs = gs.permute(0, 1, 4, 2, 3) + SC.mul_(ge).sum(-1)  # (b, c, Q, g, hg)
+    # state read-out e_i S_k C_i
+    gC += ge_g @ ch.ent.transpose(-1, -2)
+    SC = ch.Cg @ ch.ent  # (b, c, g, Q, hg p): S_k C_i
+    gs += SC.mul_(ge_g).transpose(2, 3).reshape(b, c, q, h, p).sum(-1)
     del SC
-    gC += torch.einsum("bcighp,bcghpn->bcign", ge, S)
-    g_read = torch.einsum("bcighp,bcign->bcghpn", ge, Cc)  # (b, c, g, hg, p, n)
-    del ge, S
+    g_read = ch.Cg.transpose(-1, -2) @ ge_g  # (b, c, g, n, hg p)
+    del ge, ge_g
 
-    # chunk recurrence, backwards: G_k = g_read_k + dec_k G_{k+1}; G_c = g_end
-    G_next = g_end.view(b, g, hg, p, n) if g_end is not None else x.new_zeros((b, g, hg, p, n))
-    g_dec, g_local = [], []
-    for k in range(c - 1, -1, -1):
-        g_local.append(G_next)
-        g_dec.append((G_next * states[k]).sum((-1, -2)))
-        G_next = torch.addcmul(g_read[:, k], G_next, dec6[:, k])
-    g_local_t = torch.stack(g_local[::-1], 1)  # (b, c, g, hg, p, n)
-    g_dec_t = torch.stack(g_dec[::-1], 1)  # (b, c, g, hg)
+    # chunk recurrence backwards: G_k = g_read_k + dec_k G_{k+1}, G_c = g_end; gl[k] = G_{k+1}
+    gl = torch.empty((b, c, g, n, hg, p), dtype=ct, device=dev)
+    glv, rv = gl.unbind(1), g_read.view(b, c, g, n, hg, p).unbind(1)
+    dv = ch.dec.view(b, c, g, 1, hg, 1).unbind(1)
+    if g_end is None:
+        glv[c - 1].zero_()
+    else:
+        glv[c - 1].copy_(g_end.view(b, g, hg, p, n).permute(0, 1, 4, 2, 3))
+    for k in range(c - 1, 0, -1):
+        torch.addcmul(rv[k], glv[k], dv[k], out=glv[k - 1])
+    G0 = torch.addcmul(rv[0], glv[0], dv[0]) if need["state"] else None
+    del g_read, rv
+    g_dec = (gl * ch.ent.view(b, c, g, n, hg, p)).sum(-1).sum(3).view(b, c, h)  # <G_{k+1}, S_k> per head
+    gl = gl.view(b, c, g, n, hg * p)
 
     # chunk states: local = sum_j w_j X_j B_j^T
-    gWX = torch.einsum("bcghpn,bcjgn->bcjghp", g_local_t, Bc)
-    gB += torch.einsum("bcghpn,bcjghp->bcjgn", g_local_t, Xw)
-    del Xw
-    gX.addcmul_(gWX, w[..., None])
-    gw = gWX.mul_(X).sum(-1).mul_(w)  # (b, c, Q, g, hg): gradient of the exponent s_Q - s_j
-    del gWX, X
-    gs = gs - gw
-    gs_end = gw.sum(2) + g_dec_t * dec  # (b, c, g, hg)
-    gs[:, :, -1] += gs_end
-    ga = gs.flip(2).cumsum(2).flip(2)  # s = cumsum(a)
-    gdt = ga * A.view(g, hg) + (gX * x6).sum(-1)
-    gA = (ga * dt5).sum((0, 1, 2)).reshape(h)
-    gx = gX.mul_(dt5[..., None])
-
-    def cut(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-        return t.reshape(b, c * q, *shape)[:, :length]
-
-    g_S0 = G_next.reshape(b, h, p, n) if need_state else None
-    return cut(gx, (h, p)), cut(gdt, (h,)), gA, cut(gB, (g, n)), cut(gC, (g, n)), g_S0
+    gB += ch.Xw_g @ gl.transpose(-1, -2)
+    gWX = (ch.Bg @ gl).transpose(2, 3).reshape(b, c, q, h, p)  # (b, c, Q, h, p): B G_{k+1}
+    del gl
+    gXd = gX_hm.transpose(2, 3)  # (b, c, Q, h, p) view
+    v = (gXd * ch.x5).sum(-1)  # x.(M^T gy)
+    u = (gWX * ch.x5).sum(-1)  # x.(B G)
+    if need["x"]:
+        gX = torch.addcmul(gXd, gWX, ch.w[..., None])
+        gx = outs["x"].view(b, c, q, h, p) if not pad else torch.empty_like(gy5)
+        torch.mul(gX, ch.dt4[..., None], out=gx)
+        del gX
+        if D is not None:
+            gx.addcmul_(gy5, _d_view(D))
+        if pad:
+            outs["x"].copy_(gx.view(b, c * q, h, p)[:, :length])
+    del gWX, gXd, gX_hm
+    gw = u * ch.w  # d/d w, times w: the gradient of the exponent s_Q - s_j, over dt
+    gs -= ch.dt4 * (v + gw)  # - X.(M^T gy) - w X.(B G)
+    gs[:, :, -1] += (ch.dt4 * gw).sum(2) + g_dec * ch.dec
+    ga = gs.flip(2).cumsum_(2).flip(2)  # s = cumsum(a)
+    gdt = torch.addcmul(v, u, ch.w).add_(ga * A)  # (b, c, Q, h)
+    _write(outs["dt"], gdt, length)
+    gA = (ga * ch.dt4).sum((0, 1, 2))
+    _write(outs["B"], gB.transpose(2, 3), length)
+    _write(outs["C"], gC.transpose(2, 3), length)
+    gD = None
+    if D is not None and need["D"]:
+        gD = (gy5 * ch.x5).sum((0, 1, 2))  # (h, p); padded rows have gy = 0
+        if D.dim() == 1:
+            gD = gD.sum(-1)
+    g_S0 = G0.permute(0, 1, 3, 4, 2).reshape(b, h, p, n) if G0 is not None else None
+    return gA, gD, g_S0
 
 
 class SSDRecomputeFn(torch.autograd.Function):
-    """``(x, dt, A, B, C, initial_state) -> (y, final_state)`` on prepared operands (compute dtype, ``dt`` after
-    bias/softplus/clamp, no ``D``); backward recomputes per segment (module docstring)."""
+    """``(x, dt, A, B, C, D, initial_state) -> (y, final_state)`` on prepared operands (compute dtype, ``dt`` after
+    bias/softplus/clamp, ``D`` and ``initial_state`` optional); backward recomputes per segment (module
+    docstring)."""
 
     @staticmethod
-    def forward(ctx, chunk_size: int, segment_chunks: int, x, dt, A, B, C, initial_state):  # noqa: D102
+    def forward(ctx, chunk_size: int, segment_chunks: int, x, dt, A, B, C, D, initial_state):  # noqa: D102
         ctx.set_materialize_grads(False)
         q = balanced_chunk(x.shape[1], chunk_size)
         segs = _segments(x.shape[1], q, segment_chunks)
-        ys, entering = [], []
+        y = torch.empty_like(x)
+        entering = []
         state = initial_state
-        with torch.no_grad():
-            for s, e in segs:
-                entering.append(state)
-                y, state = ssd_chunked(x[:, s:e], dt[:, s:e], A, B[:, s:e], C[:, s:e], initial_state=state,
-                                       chunk_size=q, return_final_state=True)
-                state = state.clone()  # a view of all the segment's chunk states: keep only this one alive
-                ys.append(y)
+        for s, e in segs:
+            entering.append(state)
+            state = _forward_segment(x[:, s:e], dt[:, s:e], A, B[:, s:e], C[:, s:e], D, state, q, y[:, s:e])
         ctx.q, ctx.segs = q, segs
-        ctx.save_for_backward(x, dt, A, B, C, *entering)  # entering[0] is initial_state (or None)
-        return (ys[0] if len(ys) == 1 else torch.cat(ys, 1)), state
+        ctx.save_for_backward(x, dt, A, B, C, D, *entering)  # entering[0] is initial_state (or None)
+        return y, state
 
     @staticmethod
     def backward(ctx, gy, g_final):  # noqa: D102
-        x, dt, A, B, C, *entering = ctx.saved_tensors
-        need_x, need_dt, need_A, need_B, need_C, need_init = ctx.needs_input_grad[2:]
-        gx, gdt = torch.zeros_like(x), torch.zeros_like(dt)
-        gB, gC = torch.zeros_like(B), torch.zeros_like(C)
+        x, dt, A, B, C, D, *entering = ctx.saved_tensors
+        need_x, need_dt, need_A, need_B, need_C, need_D, need_init = ctx.needs_input_grad[2:]
+        gy = gy.contiguous() if gy is not None else torch.zeros_like(x)
+        outs = {"x": torch.empty_like(x), "dt": torch.empty_like(dt), "B": torch.empty_like(B),
+                "C": torch.empty_like(C)}
         gA = torch.zeros_like(A)
+        gD = torch.zeros_like(D) if D is not None else None
         g_state = g_final
         for i in range(len(ctx.segs) - 1, -1, -1):
             s, e = ctx.segs[i]
-            gy_s = gy[:, s:e] if gy is not None else x.new_zeros(x[:, s:e].shape)
-            out = _segment_backward(x[:, s:e], dt[:, s:e], A, B[:, s:e], C[:, s:e], entering[i], gy_s, g_state,
-                                    ctx.q, need_state=i > 0 or need_init)
-            gx[:, s:e], gdt[:, s:e] = out[0], out[1]
-            gB[:, s:e], gC[:, s:e] = out[3], out[4]
-            gA += out[2]
-            g_state = out[5]
-        return (None, None, gx if need_x else None, gdt if need_dt else None, gA if need_A else None,
-                gB if need_B else None, gC if need_C else None, g_state if need_init else None)
+            need = {"x": need_x, "D": need_D, "state": i > 0 or need_init}
+            gA_s, gD_s, g_state = _backward_segment(
+                x[:, s:e], dt[:, s:e], A, B[:, s:e], C[:, s:e], D, entering[i], gy[:, s:e], g_state, ctx.q,
+                {k: v[:, s:e] for k, v in outs.items()}, need)
+            gA += gA_s
+            if gD_s is not None:
+                gD += gD_s
+        return (None, None, outs["x"] if need_x else None, outs["dt"] if need_dt else None, gA if need_A else None,
+                outs["B"] if need_B else None, outs["C"] if need_C else None, gD if need_D else None,
+                g_state if need_init else None)
 
 
 def ssd_recompute(
@@ -229,11 +320,10 @@ def ssd_recompute(
     if not isinstance(segment_chunks, int) or segment_chunks < 1:
         raise ValueError(f"ssd: segment_chunks must be a positive int, got {segment_chunks!r}")
     ct = compute_dtype(x.dtype)
-    xc = x.to(ct)
     dtp = prepare_dt(dt, dt_bias, dt_softplus, dt_limit, ct)
     init = None if initial_state is None else initial_state.to(ct)
-    y, final = SSDRecomputeFn.apply(chunk_size, segment_chunks, xc, dtp, A.to(ct), B.to(ct), C.to(ct), init)
-    if D is not None:
-        y = y + skip_term(xc, D.to(ct))
+    Dc = None if D is None else D.to(ct)
+    y, final = SSDRecomputeFn.apply(chunk_size, segment_chunks, x.to(ct), dtp, A.to(ct), B.to(ct), C.to(ct), Dc,
+                                    init)
     y = y.to(x.dtype)
     return (y, final) if return_final_state else y
