@@ -554,9 +554,9 @@ def test_caption_task_dp_step_equals_hand_computed_dp_sgd(tmp_path):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_fp16_loss_scale_scales_the_threshold_and_poisons_overflow(mode):
+def test_fp16_loss_scale_scales_the_threshold(mode):
     # With a GradScaler the backward runs on scaled losses: p.grad must be S x the unscaled clipped sum (the
-    # scaler unscales it), and an overflowing example must make the sum non-finite so that the scaler skips.
+    # scaler unscales it). An overflowing example is dropped (tests/test_privacy_fast.py).
     class Scaler:
         def __init__(self, s):
             self.s = s
@@ -574,23 +574,6 @@ def test_fp16_loss_scale_scales_the_threshold_and_poisons_overflow(mode):
                      scaler=Scaler(1024.0))
     for name, p in m.named_parameters():
         assert torch.allclose(p.grad / 1024.0, ref[name], atol=1e-6, rtol=1e-4), name
-    # Example 0's gradient is finite (~1e20) but ghost's squared norm overflows float32: without the poison its
-    # coefficient would be 0 and the sum finite, so the scaler would never see the overflow. (hooks/functorch take
-    # the norm of the formed gradient, which torch computes without overflow here: nothing to poison.)
-    if mode != "ghost":
-        return
-    torch.manual_seed(0)
-    lin = nn.Sequential(nn.Linear(16, 8), nn.Linear(8, 3))  # no saturating activation: example 0 keeps a gradient
-    xl, yl = CASES["linear"][2]
-    for poisoned in (False, True):
-        m = copy.deepcopy(lin)
-        private = make_per_sample_module(m, mode)
-        xo = xl.clone()
-        if poisoned:
-            xo[0] = 1e20
-        clipped_backward(private, F.cross_entropy(private(xo), yl, reduction="none"), max_grad_norm=c,
-                         scaler=Scaler(2.0))
-        assert all(torch.isfinite(p.grad).all() for p in m.parameters()) is not poisoned
 
 
 def test_default_seed_is_fresh_entropy_and_checkpointed(tmp_path):
