@@ -183,6 +183,46 @@ def test_inference_path_matches_ref_backend():
     torch.testing.assert_close(out, ref.detach(), atol=1e-10, rtol=1e-8)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("flip,heading", [("alternate", True), ("none", True), ("alternate", False)])
+def test_fast_inference_blocks_equal_the_reference_blocks(dtype, flip, heading):
+    """Without autograd every block runs AdventurerBlock._forward_fast (norm weights folded into in_proj and fc1,
+    the gated norm's scale applied in the residual add, flip as gathers, fc2 accumulated into the residual): the
+    same logits as the op-by-op blocks (Mamba2.fast_inference = False), with non-trivial norm weights and biases."""
+    torch.manual_seed(0)
+    model = ratelab.create_model("test_adventurer", img_size=16, depth=3, flip=flip, heading_avg=heading)
+    model = model.to(dtype).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("norm1.weight", "norm2.weight", "norm.weight", "bias")):
+                p.copy_(1 + 0.3 * torch.randn_like(p) if "norm" in name else 0.3 * torch.randn_like(p))
+    x = images(model, dtype=dtype)
+    ran = []
+    for blk in model.blocks:
+        blk._forward_fast = lambda h, f=blk._forward_fast: ran.append(1) or f(h)
+    with torch.no_grad():
+        fast = model(x)
+        assert len(ran) == len(model.blocks)
+        for blk in model.blocks:
+            blk.mixer.fast_inference = False
+        ref = model(x)
+    assert len(ran) == len(model.blocks)  # the reference run took the op-by-op path
+    tol = dict(atol=1e-12, rtol=1e-10) if dtype == torch.float64 else dict(atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(fast, ref, **tol)
+    h0 = torch.randn(2, 17, 32, dtype=dtype)
+    with torch.no_grad():
+        h1 = h0.clone()
+        model.blocks[1](h1)
+    assert torch.equal(h1, h0)  # the block's input is not written in place
+    # it steps aside with autograd on, and for an active DropPath (random) in train mode
+    h = torch.zeros(1, 2, 32)
+    dp = ratelab.create_model("test_adventurer", img_size=16, depth=3, drop_path_rate=0.5).train()
+    assert not dp.eval().blocks[-1]._fast_applies(h)
+    with torch.no_grad():
+        assert dp.blocks[-1]._fast_applies(h)
+        assert not dp.train().blocks[-1]._fast_applies(h)
+
+
 def test_forward_intermediates_and_mixing_matrix():
     model = ratelab.create_model("test_adventurer", depth=3).double().eval()
     x = images(model, dtype=torch.float64)

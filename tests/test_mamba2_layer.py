@@ -206,3 +206,37 @@ def test_chunk_continues_a_sequence_like_the_full_scan_and_steps():
             _, conv2, ssm2 = mix.step(u[:, t], conv2, ssm2)
         torch.testing.assert_close(conv, conv2)
         torch.testing.assert_close(ssm, ssm2, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kw", [{}, {"ngroups": 2}, {"bias": True, "D_has_hdim": True}], ids=["one_group", "two_groups", "biases"]
+)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_fast_inference_path_equals_the_reference_path(kw, dtype):
+    """Under no_grad Mamba2.forward runs forward_infer_parts (split in_proj, in-place gate, folded norm weight,
+    scale after out_proj): the same function as the op-by-op path (fast_inference=False), also with an input
+    scale folded into in_proj (a preceding RMSNorm's weight)."""
+    m = small_mixer(dtype, **kw)
+    if kw.get("bias"):
+        with torch.no_grad():
+            m.in_proj.bias.normal_(0, 0.3)
+            m.out_proj.bias.normal_(0, 0.3)
+    u = torch.randn(2, 11, 16, dtype=dtype)
+    w = 1 + 0.3 * torch.randn(16, dtype=dtype)
+    tol = TOL[dtype]
+    with torch.no_grad():
+        assert m.fast_inference_applies(u)
+        fast = m(u)
+        o, r = m.forward_infer_parts(u / 2, in_scale=2 * w)
+        scaled = (o * r if r is not None else o) + (m.out_proj.bias if m.out_proj.bias is not None else 0)
+        assert (r is None) == (m.ngroups > 1)
+        m.fast_inference = False
+        assert not m.fast_inference_applies(u)
+        ref = m(u)
+        ref_scaled = m(u * w)
+    torch.testing.assert_close(fast, ref, **tol)
+    torch.testing.assert_close(scaled, ref_scaled, **tol)
+    m.fast_inference = True  # with autograd on, the reference path runs (the training path is untouched)
+    assert not m.fast_inference_applies(u)
+    ui = u.clone().requires_grad_()
+    torch.testing.assert_close(m(ui), ref, **tol)

@@ -61,6 +61,10 @@ def causal_conv1d(
     # is again sequence-major, so no transpose copy follows.
     # The conv pads both ends by W-1; the last W-1 outputs (which see the right padding) are dropped.
     L, W = x.shape[1], w.shape[-1]
+    if not x.is_contiguous():
+        # a strided input (the xBC columns of in_proj's output) sends oneDNN to a path about 10x slower than a copy
+        # followed by the channels-last kernel (measured at Adventurer-T's shapes: 15 ms vs 0.65 + 1.6 ms)
+        x = x.contiguous()
     y = F.conv2d(x.transpose(1, 2).unsqueeze(2), w, bias, padding=(0, W - 1), groups=C).squeeze(2).transpose(1, 2)
     y = y[:, :L]
     if activation != "silu":
@@ -91,6 +95,13 @@ def causal_conv1d_step(
     if bias is not None:
         y = y + bias
     return (F.silu(y) if activation == "silu" else y), state
+
+
+def _rsqrt_mean_square(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """``rsqrt(mean(x^2, -1) + eps)`` with a kept last dim: one vectorized reduction pass (``vector_norm``) and
+    ops on the (..., 1) result, where ``F.rms_norm`` on CPU runs pow, mean, rsqrt and two multiplies over x."""
+    n = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    return n.square_().div_(x.shape[-1]).add_(eps).rsqrt_()
 
 
 class RMSNormGated(nn.Module):
@@ -263,6 +274,10 @@ class Mamba2(nn.Module):
         """(B, L, d_model) -> (B, L, d_model)."""
         if u.ndim != 3 or u.shape[-1] != self.d_model:
             raise ValueError(f"Mamba2: expected input (B, L, {self.d_model}), got {tuple(u.shape)}")
+        if self.fast_inference_applies(u):
+            o, r = self.forward_infer_parts(u)
+            o = o.mul_(r) if r is not None else o
+            return o.add_(self.out_proj.bias) if self.out_proj.bias is not None else o
         if self.recompute and torch.is_grad_enabled() and not torch.compiler.is_compiling():
             # no RNG inside the mixer: nothing to replay; under torch.compile inductor plans recomputation itself.
             # out_proj stays outside: its input is kept (d_in floats a token) rather than its GEMM run again.
@@ -270,6 +285,62 @@ class Mamba2(nn.Module):
         else:
             y = self._gated(u)
         return self.out_proj(y)
+
+    # ---- inference fast path ------------------------------------------------------------------------------------
+    fast_inference = True  # class default; set False on an instance (or the class) to run the reference path
+
+    def fast_inference_applies(self, u: torch.Tensor) -> bool:
+        """The no-grad fast path of :meth:`forward_infer_parts` runs: no autograd, fp32/fp64, gated RMSNorm with
+        the gate first (mamba_ssm's default; Adventurer's and M-VAR's)."""
+        return (
+            self.fast_inference and self.rmsnorm and not self.norm.norm_before_gate and not torch.is_grad_enabled()
+            and u.dtype in (torch.float32, torch.float64) and self.in_proj.weight.dtype == u.dtype
+            and not torch.compiler.is_compiling()
+        )
+
+    def forward_infer_parts(
+        self, u: torch.Tensor, in_scale: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`forward` without autograd as ``(o, r)``: the mixer output is ``o * r + out_proj.bias``.
+
+        The same function as the reference path, regrouped so that the large tensors are touched fewer times:
+
+        * ``in_scale`` (D,) multiplies the input channels: a preceding RMSNorm's weight is folded into the in_proj
+          weight (``W diag(w)``, a (1160, 256) product) instead of a pass over the tokens;
+        * in_proj runs as three GEMMs on row blocks of its weight, so that z, xBC and dt are contiguous (the conv
+          and the SiLUs then read dense memory; a strided xBC slice costs a copy or a slow conv);
+        * the gate ``SiLU(z) * y`` is written in place in z's buffer;
+        * with one norm group, the RMSNorm weight is folded into out_proj's weight and the per-token
+          ``rsqrt(mean(g^2) + eps)`` is returned as ``r`` (B, L, 1), applied to the d_model-wide GEMM output
+          (half the work of scaling the d_in-wide input; the caller may fold it into its residual add). With
+          several groups the scaling is applied per group before out_proj and ``r`` is None.
+
+        Values equal :meth:`forward`'s up to rounding (``tests/test_mamba2_layer.py``).
+        """
+        from ratelab.kernels.ssd import ssd
+
+        W, bias = self.in_proj.weight, self.in_proj.bias
+        if in_scale is not None:
+            W = W * in_scale
+        sizes = [self.d_inner, self.conv_dim, self.nheads]
+        bs = bias.split(sizes) if bias is not None else (None, None, None)
+        z, xbc, dt = (F.linear(u, w, b) for w, b in zip(W.split(sizes), bs, strict=True))
+        xbc = causal_conv1d(xbc, self.conv1d.weight, self.conv1d.bias, activation="silu")
+        x, B, C = self._split_xbc(xbc)
+        y = ssd(
+            x, dt, self._A(), B, C, self._D(),
+            dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit,
+            chunk_size=self.chunk_size, backend=self.backend,
+        )  # fmt: skip
+        g = F.silu(z, inplace=True).mul_(y.flatten(-2))
+        norm = self.norm
+        gs = norm.group_size
+        r = _rsqrt_mean_square(g.unflatten(-1, (-1, gs)), norm.eps)  # (B, L, groups, 1)
+        w_out = self.out_proj.weight * norm.weight
+        if r.shape[-2] == 1:
+            return F.linear(g, w_out), r.squeeze(-1)
+        g = g.unflatten(-1, (-1, gs)).mul_(r).flatten(-2)
+        return F.linear(g, w_out), None
 
     def _gated(self, u: torch.Tensor) -> torch.Tensor:
         """in_proj, conv, scan, gate and norm: the input of out_proj, (B, L, d_in)."""

@@ -87,6 +87,12 @@ def swiglu_lean(mlp: nn.Module, v: torch.Tensor) -> torch.Tensor:
     return checkpoint(_gate_fc2, g, x, mlp.fc2.weight, mlp.fc2.bias, use_reentrant=False, preserve_rng_state=False)
 
 
+def _rsqrt_ms(x: torch.Tensor, eps: float | None) -> torch.Tensor:
+    """``rsqrt(mean(x^2) + eps)`` over the last dim, kept: nn.RMSNorm's scale (eps None: the dtype's eps)."""
+    n = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    return n.square_().div_(x.shape[-1]).add_(torch.finfo(x.dtype).eps if eps is None else eps).rsqrt_()
+
+
 def reverse_patches(t: torch.Tensor) -> torch.Tensor:
     """R: reverse the first N rows of (B, N+1, ...) and keep the last (class token) row in place. R = R^-1."""
     return torch.cat([t[:, :-1].flip(1), t[:, -1:]], dim=1)
@@ -144,10 +150,60 @@ class AdventurerBlock(nn.Module):
         idx = torch.cat([torch.arange(n - 2, first - 1, -1), torch.tensor([n - 1])]).to(m.device)
         return m.index_select(1, idx)
 
+    def _order(self, n: int, device: torch.device) -> torch.Tensor:
+        """R as an index over N+1 tokens: ``t[:, R] == reverse_patches(t)`` (the class token stays last)."""
+        return torch.cat([torch.arange(n - 2, -1, -1), torch.tensor([n - 1])]).to(device)
+
+    def _fast_applies(self, h: torch.Tensor) -> bool:
+        drop_on = self.training and not isinstance(self.drop_path, nn.Identity)
+        mlp_plain = isinstance(self.mlp.norm, nn.Identity) and self.mlp.drop1.p == 0 and self.mlp.drop2.p == 0
+        return not drop_on and mlp_plain and self.mixer.fast_inference_applies(h)
+
+    def _forward_fast(self, h: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` without autograd, regrouped (same function up to rounding; ``tests/test_adventurer.py``).
+
+        * norm1: the mixer input is ``x / rms(x)`` and norm1's weight is folded into in_proj's weight; the flip
+          gathers the tokens in the same pass, and the heading average is the mean of those rows (the weight is
+          linear, so ``W diag(w) mean(x^) = W mean(w x^)``);
+        * the mixer returns out_proj's output before the gated norm's per-token scale (``Mamba2.forward_infer_parts``)
+          and the residual add applies it: ``h + R(o) * R(r)`` in one ``addcmul`` on the un-flipped rows;
+        * norm2's weight is folded into the two fc1 weights, the gate is formed in place in the fc1_g output, and
+          fc2 accumulates straight into the residual buffer (``addmm_``, no bias copy, no separate add).
+        """
+        mx, n1, n2, mlp = self.mixer, self.norm1, self.norm2, self.mlp
+        b, t, d = h.shape
+        head = 1 if self.heading_avg else 0
+        order = self._order(t, h.device) if self.flip else None
+        s = h.new_empty((b, t + head, d))
+        body = s[:, head:]
+        hin = h.index_select(1, order) if self.flip else h
+        torch.mul(hin, _rsqrt_ms(hin, n1.eps), out=body)
+        if head:
+            torch.mean(body, 1, keepdim=True, out=s[:, :1])
+        o, r = mx.forward_infer_parts(s, in_scale=n1.weight)
+        if self.flip:
+            idx = order + head
+            o, r = o.index_select(1, idx), (r.index_select(1, idx) if r is not None else None)
+        elif head:
+            o, r = o[:, head:], (r[:, head:] if r is not None else None)
+        h = torch.addcmul(h, o, r) if r is not None else h + o
+        if mx.out_proj.bias is not None:
+            h.add_(mx.out_proj.bias)
+        v = h * _rsqrt_ms(h, n2.eps)
+        g = F.linear(v, mlp.fc1_g.weight * n2.weight, mlp.fc1_g.bias)
+        x = F.linear(v, mlp.fc1_x.weight * n2.weight, mlp.fc1_x.bias)
+        a = F.silu(g, inplace=True).mul_(x)
+        if mlp.fc2.bias is not None:
+            h.add_(mlp.fc2.bias)
+        h.view(-1, d).addmm_(a.view(-1, a.shape[-1]), mlp.fc2.weight.t())
+        return h
+
     def forward(
         self, h: torch.Tensor, *, return_attn: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """(B, N+1, D) -> (B, N+1, D), and with ``return_attn`` the canonical-order mixing matrix (B, H, N+1, N+1)."""
+        if not return_attn and self._fast_applies(h):
+            return self._forward_fast(h)
         s = self._mixer_input(h)
         h = h + self.drop_path(self._mixer_output(self.mixer(s)))
         h = h + self.drop_path(self._mlp(self.norm2(h)))
