@@ -66,3 +66,15 @@ def test_only_simulations_use_the_recipes_seed():
     assert tan["dp_seed"] == 3 and tan["tan_batch_size"] == row.tan_batch
     real = _privacy(8.0, replace(row, tan_batch=None), 96, seed=3)
     assert "dp_seed" not in real and "tan_batch_size" not in real and PrivacyConfig(**real).has_guarantee
+
+
+def test_docstring_sigmas_are_what_the_quick_scale_solves():
+    """The recorded sigmas (quick scale) are what find_noise_multiplier gives for its q, T and delta (0.502 at
+    epsilon 8 was a stale figure; 0.537 is solved)."""
+    import re
+
+    row = SCALES["quick"]
+    m = re.search(r"sigma = ([\d.]+) at epsilon 1 and ([\d.]+) at epsilon 8", " ".join(recipe.__doc__.split()))
+    assert m is not None
+    for eps, doc in zip((1.0, 8.0), m.groups()):
+        assert f"{_privacy(eps, row, row.n_train, seed=0)['noise_multiplier']:.3f}" == doc
