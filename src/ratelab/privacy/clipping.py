@@ -215,6 +215,11 @@ def _ghost_class() -> type:
             activations, backprops = self.rearrange_grad_samples(
                 module=module, backprops=forward_output[0].detach(), loss_reduction=loss_reduction,
                 batch_first=batch_first)
+            if backprops.dtype == torch.float16:
+                # fp16 (loss scaling): the per-sample work in float32, where a scaled gradient does not overflow
+                backprops = backprops.float()
+                activations = [a.float() if isinstance(a, torch.Tensor) and a.dtype == torch.float16 else a
+                               for a in activations]
             if type(module) is nn.Linear:
                 norms, entries = _linear_ghost(module, activations, backprops)
             elif type(module) is nn.Embedding:
@@ -302,8 +307,11 @@ def clipped_backward(module: nn.Module, losses: torch.Tensor, *, max_grad_norm: 
         losses: ``(n,)`` per-example losses, each a function of its own example only.
         max_grad_norm: C.
         scaler: a ``torch.amp.GradScaler`` (fp16) or None. The backward runs on the scaled losses, the threshold is
-            scaled alike, and ``p.grad`` holds the scaled clipped sum for the scaler to unscale. A non-finite
-            per-sample norm makes the sum non-finite so that the scaler skips the step and lowers its scale.
+            scaled alike, and ``p.grad`` holds the scaled clipped sum for the scaler to unscale. An example whose
+            per-sample norm is non-finite (its scaled backward overflowed) contributes zero, so the sum stays
+            finite: the scaler never skips a DP step nor lowers its scale because of the data (that event was
+            released without noise); its scale only grows on its schedule, so an example that overflows is
+            dropped, not retried (keep ``init_scale`` / growth modest, or prefer bf16, which needs no scaler).
 
     Raises:
         TrainingDiverged: a per-sample gradient norm is non-finite without a loss scaler.
@@ -343,14 +351,34 @@ def _total_norms(per_param: list[torch.Tensor], n: int, device: torch.device) ->
     return torch.stack([t.to(device=device, dtype=torch.float32) for t in per_param]).norm(2, dim=0)
 
 
-def _finite_or_poison(coef: torch.Tensor, norms: torch.Tensor, scaled: bool) -> torch.Tensor:
+def _finite_coefficients(norms: torch.Tensor, max_grad_norm: float, scale: float,
+                         scaled: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Clipping coefficients, and (only when some norm is non-finite) the mask of the examples that are kept.
+
+    Without a loss scaler a non-finite norm is a diverged run (TrainingDiverged). With one (fp16) the example is
+    dropped: coefficient 0 and, in the contraction, its rows zeroed (0 * inf would be NaN). Whether example i is
+    dropped depends on example i alone, and its contribution is then 0, within the bound C that the noise is
+    calibrated to; every other example's contribution is finite. So the clipped sum is always finite and the
+    scaler's inf check -- the skip / back-off decision, taken on this sum and then on the noised gradient -- sees
+    nothing that depends on the data (opacus' and our earlier behaviour, a non-finite sum that made the scaler skip
+    the step, released that event without noise).
+    """
+    coef = _clip_coefficients(norms, max_grad_norm, scale)
     bad = ~torch.isfinite(norms)
     if not bool(bad.any()):
-        return coef
+        return coef, None
     if not scaled:
         raise TrainingDiverged(f"privacy: {int(bad.sum())} per-sample gradient norm(s) are not finite", step=-1,
                                loss=float("nan"))
-    return coef * torch.where(bad, float("nan"), 1.0)
+    keep = ~bad
+    return torch.where(keep, coef, torch.zeros_like(coef)), keep
+
+
+def _zero_dropped(t: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    # Rows (dim 0 = example) of dropped examples to exact zeros; torch.where, not a product: inf * 0 is NaN.
+    if keep is None:
+        return t
+    return torch.where(keep.view(-1, *([1] * (t.dim() - 1))), t, torch.zeros((), dtype=t.dtype, device=t.device))
 
 
 def _ghost_backward(module: nn.Module, params: list[torch.Tensor], losses: torch.Tensor, max_grad_norm: float,
@@ -368,27 +396,37 @@ def _ghost_backward(module: nn.Module, params: list[torch.Tensor], losses: torch
     del outputs
     norms = _total_norms([p._norm_sample for p in params if getattr(p, "_norm_sample", None) is not None],
                          losses.shape[0], losses.device)
-    coef = _finite_or_poison(_clip_coefficients(norms, max_grad_norm, scale), norms, scaled)
+    coef, keep = _finite_coefficients(norms, max_grad_norm, scale, scaled)
     for p in params:
         p.grad = None
         if hasattr(p, "_norm_sample"):
             del p._norm_sample
     book, module.book = module.book, []
-    _book_keeping(book, coef)
+    _book_keeping(book, coef, keep)
 
 
-def _book_keeping(book: list[tuple[Any, ...]], coef: torch.Tensor) -> None:
-    """Write ``sum_i c_i g_i`` into ``p.grad`` from what the backward hooks kept (see GhostClippingModule)."""
+def _book_keeping(book: list[tuple[Any, ...]], coef: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+    """Write ``sum_i c_i g_i`` into ``p.grad`` from what the backward hooks kept (see GhostClippingModule).
+
+    ``keep``: the examples not dropped for a non-finite norm (None: all), see :func:`_finite_coefficients`. A Linear
+    layer's sum is the weight-gradient product with the coefficients folded into the narrower operand (the
+    activations for a 384 -> 30,522 head: 80x fewer multiplications than scaling its output gradients).
+    """
     for kind, p, *data in book:
+        data = [_zero_dropped(t, keep) if t.is_floating_point() else t for t in data]
         if kind == "sample":  # per-sample gradients (n, *shape)
             (gs,) = data
             g = torch.einsum("i,i...->...", coef.to(gs.dtype), gs)
         else:
             x, back = data  # layer input (n, ..., d_in) or token ids (n, ...); output gradients (n, ..., d_out)
-            cg = (back * coef.to(back.dtype).view(-1, *([1] * (back.dim() - 1)))).reshape(-1, back.shape[-1])
+            c = coef.to(back.dtype).view(-1, *([1] * (back.dim() - 1)))
             if kind == "linear":
-                g = cg.t() @ x.reshape(-1, x.shape[-1])
+                if x.shape[-1] < back.shape[-1]:
+                    g = back.reshape(-1, back.shape[-1]).t() @ (x * c).reshape(-1, x.shape[-1])
+                else:
+                    g = (back * c).reshape(-1, back.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
             else:  # embedding: every token's row receives its example's weighted output gradient
+                cg = (back * c).reshape(-1, back.shape[-1])
                 g = torch.zeros(p.shape, dtype=cg.dtype, device=cg.device).index_add_(0, x.reshape(-1), cg)
         g = g.to(p.dtype)
         p.grad = g if p.grad is None else p.grad + g
@@ -406,11 +444,14 @@ def _grad_sample_backward(params: list[torch.Tensor], losses: torch.Tensor, max_
         if isinstance(gs, list):  # opacus stacks the per-sample gradients of repeated calls (tied parameters)
             raise ConfigError("privacy: a module ran twice in one forward pass; its per-sample gradients were "
                               "stacked, not summed")
-    norms = _total_norms([gs.reshape(n, -1).norm(2, dim=1) for _, gs in samples], n, losses.device)
-    coef = _finite_or_poison(_clip_coefficients(norms, max_grad_norm, scale), norms, scaled)
+    norms = _total_norms([torch.linalg.vector_norm(gs.reshape(n, -1), dim=1, dtype=torch.float32)
+                          for _, gs in samples], n, losses.device)
+    coef, keep = _finite_coefficients(norms, max_grad_norm, scale, scaled)
     for p in params:
         p.grad = None
     for p, gs in samples:
-        # Under autocast the per-sample gradients come in the activations' dtype; the sum is the parameter's.
+        # Under autocast the per-sample gradients come in the activations' dtype; the sum is the parameter's (fp16:
+        # summed in float32, where a sum of n contributions of norm <= C * scale cannot overflow).
+        gs = _zero_dropped(gs.float() if gs.dtype == torch.float16 else gs, keep)
         p.grad = torch.einsum("i,i...->...", coef.to(gs.dtype), gs).to(p.dtype)
         p.grad_sample = None
