@@ -118,15 +118,10 @@ class CaptionTask(Task):
         elif callable(getattr(dataset, "public_vocabulary_text", None)):
             name = getattr(dataset, "name", type(dataset).__name__)
             self.tokenizer = CaptionTokenizer.train(dataset.public_vocabulary_text(), c.vocab_size, public=True,
-                                                    source=f"the {name} generator's word list (fixed by code)")
-        elif hasattr(dataset, "captions"):
+                                                    source=f"{name}'s public word list (fixed by code)")
+        else:
             self.tokenizer = CaptionTokenizer.train(dataset.captions(), c.vocab_size, public=False,
                                                     source="the training captions")
-        else:
-            from ratelab.core.errors import ConfigError
-
-            raise ConfigError(f"dataset: {type(dataset).__name__} has no captions; the caption task trains on "
-                              "shapes_captions, caption_folder or caption_wds (or give task.tokenizer_path)")
         return self.tokenizer
 
     def check_private_release(self) -> list[str]:
@@ -159,6 +154,11 @@ class CaptionTask(Task):
             common = _dataset_kwargs(cfg)
             self.raw_train = build_dataset(cfg.dataset, "train", augment=cfg.augment, **common)
             self.raw_val = build_dataset(cfg.dataset, "val", **common)
+        if self.tokenizer is None and not hasattr(self.raw_train, "captions"):
+            from ratelab.core.errors import ConfigError
+
+            raise ConfigError(f"dataset: {cfg.dataset!r} has no captions; the caption task trains on "
+                              "shapes_captions, caption_folder or caption_wds")
         self.build_tokenizer(self.raw_train)
         if "privacy" in (getattr(cfg, "plugins", None) or {}):
             self.check_private_release()  # before tokenizer.json is written
