@@ -95,7 +95,8 @@ class _Chunks:
         self.Bg = B.view(b, c, q, g, n).transpose(2, 3).contiguous()
         self.Cg = C.view(b, c, q, g, n).transpose(2, 3).contiguous()
         upper = torch.ones(q, q, dtype=torch.bool, device=dev).triu_(1)
-        CB = (self.Cg @ self.Bg.transpose(-1, -2)).masked_fill_(upper, 0.0)  # (b, c, g, Q, Q), one per group
+        self.tril = (~upper).to(ct)  # multiplying by a 0/1 mask is cheaper than masked_fill
+        CB = (self.Cg @ self.Bg.transpose(-1, -2)).mul_(self.tril)  # (b, c, g, Q, Q), one per group
         # above the diagonal the exponent is capped at the floor (no overflow), then zeroed with the floored ones
         cap = torch.full((q, q), math.inf, dtype=ct, device=dev).masked_fill_(upper, floor)
         Lm = torch.sub(sT[..., :, None], sT[..., None, :])  # (b, c, h, Q, Q)
@@ -103,21 +104,22 @@ class _Chunks:
         F.threshold_(Lm.exp_(), zero_at, 0.0)
         self.M = torch.mul(Lm.view(b, c, g, hg, q, q), CB[:, :, :, None]).view(b, c, h, q, q)
         local = self.Bg.transpose(-1, -2) @ self.Xw_g  # (b, c, g, n, hg p): each chunk's own end state
-        # states entering the chunks: c small steps, written into one buffer (views via unbind, never slices)
-        ent = torch.empty((b, c, g, n, hg, p), dtype=ct, device=dev)
+        # states entering the chunks 0..c-1 and the final one: c small steps into one buffer (unbound views)
+        ent = torch.empty((b, c + 1, g, n, hg, p), dtype=ct, device=dev)
         ev, lv = ent.unbind(1), local.view(b, c, g, n, hg, p).unbind(1)
         dv = self.dec.view(b, c, g, 1, hg, 1).unbind(1)
         if S0 is None:
             ev[0].zero_()
         else:
             ev[0].copy_(S0.view(b, g, hg, p, n).permute(0, 1, 4, 2, 3))
-        for k in range(c - 1):
+        for k in range(c):
             torch.addcmul(lv[k], ev[k], dv[k], out=ev[k + 1])
-        self.final = torch.addcmul(lv[c - 1], ev[c - 1], dv[c - 1]).permute(0, 1, 3, 4, 2).reshape(b, h, p, n)
-        self.ent = ent.view(b, c, g, n, hg * p)
+        self.final = ev[c].permute(0, 1, 3, 4, 2).reshape(b, h, p, n).contiguous()  # not a view of ent
+        self.ent = ent[:, :c].view(b, c, g, n, hg * p)
+        self.ent_next = ent[:, 1:]  # (b, c, g, n, hg, p): the state leaving each chunk
         self.x5, self.dt4 = x5, dt4
         if keep:
-            self.L, self.CB, self.upper = Lm, CB, upper
+            self.L, self.CB = Lm, CB
 
 
 def _write(dst: torch.Tensor, src: torch.Tensor, length: int) -> None:
@@ -176,7 +178,7 @@ def _backward_segment(x, dt, A, B, C, D, S0, gy, g_end, q: int, outs: dict, need
     del ch.M
     gs = gMM.sum(-1).transpose(2, 3)  # (b, c, Q, h): row sums of gM o M
     del gMM
-    gCB = gM.mul_(ch.L).view(b, c, g, hg, q, q).sum(3).masked_fill_(ch.upper, 0.0)  # (b, c, g, Q, Q)
+    gCB = gM.mul_(ch.L).view(b, c, g, hg, q, q).sum(3).mul_(ch.tril)  # (b, c, g, Q, Q)
     del gM, ch.L
     gC = gCB @ ch.Bg  # (b, c, g, Q, n)
     gB = gCB.transpose(-1, -2) @ ch.Cg
@@ -202,31 +204,30 @@ def _backward_segment(x, dt, A, B, C, D, S0, gy, g_end, q: int, outs: dict, need
         torch.addcmul(rv[k], glv[k], dv[k], out=glv[k - 1])
     G0 = torch.addcmul(rv[0], glv[0], dv[0]) if need["state"] else None
     del g_read, rv
-    g_dec = (gl * ch.ent.view(b, c, g, n, hg, p)).sum(-1).sum(3).view(b, c, h)  # <G_{k+1}, S_k> per head
+    # d/d s_Q of the state leaving chunk k, S_{k+1} = e_Q S_k + sum_j exp(s_Q - s_j) X_j B_j^T, is S_{k+1} itself
+    g_end_s = (gl * ch.ent_next).sum(-1).sum(3).view(b, c, h)  # <G_{k+1}, S_{k+1}> per head
     gl = gl.view(b, c, g, n, hg * p)
 
     # chunk states: local = sum_j w_j X_j B_j^T
     gB += ch.Xw_g @ gl.transpose(-1, -2)
     gWX = (ch.Bg @ gl).transpose(2, 3).reshape(b, c, q, h, p)  # (b, c, Q, h, p): B G_{k+1}
     del gl
-    gXd = gX_hm.transpose(2, 3)  # (b, c, Q, h, p) view
-    v = (gXd * ch.x5).sum(-1)  # x.(M^T gy)
-    u = (gWX * ch.x5).sum(-1)  # x.(B G)
+    gX = torch.addcmul(gX_hm.transpose(2, 3), gWX, ch.w[..., None])  # (b, c, Q, h, p): d/d X
+    del gWX, gX_hm
+    xgX = (gX * ch.x5).sum(-1)  # (b, c, Q, h)
     if need["x"]:
-        gX = torch.addcmul(gXd, gWX, ch.w[..., None])
         gx = outs["x"].view(b, c, q, h, p) if not pad else torch.empty_like(gy5)
         torch.mul(gX, ch.dt4[..., None], out=gx)
-        del gX
         if D is not None:
             gx.addcmul_(gy5, _d_view(D))
         if pad:
             outs["x"].copy_(gx.view(b, c * q, h, p)[:, :length])
-    del gWX, gXd, gX_hm
-    gw = u * ch.w  # d/d w, times w: the gradient of the exponent s_Q - s_j, over dt
-    gs -= ch.dt4 * (v + gw)  # - X.(M^T gy) - w X.(B G)
-    gs[:, :, -1] += (ch.dt4 * gw).sum(2) + g_dec * ch.dec
+    del gX
+    # the column sums of gM o M and the w_j terms of d/d s_j together are X_j . gX_j = dt_j x_j . gX_j
+    gs -= ch.dt4 * xgX
+    gs[:, :, -1] += g_end_s
     ga = gs.flip(2).cumsum_(2).flip(2)  # s = cumsum(a)
-    gdt = torch.addcmul(v, u, ch.w).add_(ga * A)  # (b, c, Q, h)
+    gdt = xgX.add_(ga * A)  # (b, c, Q, h)
     _write(outs["dt"], gdt, length)
     gA = (ga * ch.dt4).sum((0, 1, 2))
     _write(outs["B"], gB.transpose(2, 3), length)
