@@ -67,11 +67,12 @@ def _pad_time(t: torch.Tensor, pad: int) -> torch.Tensor:
 class _Chunks:
     """The chunk tensors of one segment of whole chunks, built from its inputs without autograd.
 
-    ``x (b, l, h, p)``, ``dt (b, l, h)``, ``B``/``C (b, l, g, n)``, ``S0 (b, h, p, n)`` or None, ``l = c Q``.
+    ``x (b, l, h, p)``, ``dt (b, l, h)``, ``B``/``C (b, l, g, n)``, ``S0`` or None in the state layout of
+    :func:`_to_states`, ``l = c Q``.
     Attributes: decays ``e``, ``w`` ``(b, c, Q, h)`` and ``dec`` ``(b, c, h)``; ``X`` = x dt head-major ``(b, c, h,
     Q, p)``; ``Xw_g`` = x dt w chunk-major per group ``(b, c, g, Q, hg p)``; ``Bg``/``Cg`` ``(b, c, g, Q, n)``;
     ``M`` ``(b, c, h, Q, Q)``; the states entering the chunks ``ent`` ``(b, c, g, n, hg p)`` and the final state
-    ``(b, h, p, n)``; with ``keep``, also ``L`` and the masked ``CB`` for the backward.
+    ``(b, g, n, hg, p)``; with ``keep``, also ``L`` and the masked ``CB`` for the backward.
     """
 
     def __init__(self, x, dt, A, B, C, S0, q: int, *, keep: bool):
@@ -94,14 +95,9 @@ class _Chunks:
         self.Xw_g = Xw.view(b, c, q, g, hg * p).transpose(2, 3)  # a view when g == 1
         self.Bg = B.view(b, c, q, g, n).transpose(2, 3).contiguous()
         self.Cg = C.view(b, c, q, g, n).transpose(2, 3).contiguous()
-        upper = torch.ones(q, q, dtype=torch.bool, device=dev).triu_(1)
-        self.tril = (~upper).to(ct)  # multiplying by a 0/1 mask is cheaper than masked_fill
+        self.tril = torch.ones(q, q, dtype=ct, device=dev).tril_()  # a 0/1 multiply is cheaper than masked_fill
         CB = (self.Cg @ self.Bg.transpose(-1, -2)).mul_(self.tril)  # (b, c, g, Q, Q), one per group
-        # above the diagonal the exponent is capped at the floor (no overflow), then zeroed with the floored ones
-        cap = torch.full((q, q), math.inf, dtype=ct, device=dev).masked_fill_(upper, floor)
-        Lm = torch.sub(sT[..., :, None], sT[..., None, :])  # (b, c, h, Q, Q)
-        torch.clamp(Lm, min=torch.tensor(floor, dtype=ct, device=dev), max=cap, out=Lm)
-        F.threshold_(Lm.exp_(), zero_at, 0.0)
+        Lm = _decay_blocks(sT, self.tril, floor)  # (b, c, h, Q, Q)
         self.M = torch.mul(Lm.view(b, c, g, hg, q, q), CB[:, :, :, None]).view(b, c, h, q, q)
         local = self.Bg.transpose(-1, -2) @ self.Xw_g  # (b, c, g, n, hg p): each chunk's own end state
         # states entering the chunks 0..c-1 and the final one: c small steps into one buffer (unbound views)
@@ -111,15 +107,27 @@ class _Chunks:
         if S0 is None:
             ev[0].zero_()
         else:
-            ev[0].copy_(S0.view(b, g, hg, p, n).permute(0, 1, 4, 2, 3))
+            ev[0].copy_(S0)
         for k in range(c):
             torch.addcmul(lv[k], ev[k], dv[k], out=ev[k + 1])
-        self.final = ev[c].permute(0, 1, 3, 4, 2).reshape(b, h, p, n).contiguous()  # not a view of ent
+        self.final = ev[c].clone()  # not a view of ent (it is saved for the backward)
         self.ent = ent[:, :c].view(b, c, g, n, hg * p)
         self.ent_next = ent[:, 1:]  # (b, c, g, n, hg, p): the state leaving each chunk
         self.x5, self.dt4 = x5, dt4
         if keep:
             self.L, self.CB = Lm, CB
+
+
+def _to_states(S: torch.Tensor, g: int) -> torch.Tensor:
+    """``(b, h, p, n)`` -> the kernel's state layout ``(b, g, n, hg, p)``: with ``g = 1`` a ``(n, h p)`` matrix per
+    sequence, the operand of the chunk-major state products; segment states stay in it between segments."""
+    b, h, p, n = S.shape
+    return S.view(b, g, h // g, p, n).permute(0, 1, 4, 2, 3).contiguous()
+
+
+def _from_states(S: torch.Tensor) -> torch.Tensor:
+    b, g, n, hg, p = S.shape
+    return S.permute(0, 1, 3, 4, 2).reshape(b, g * hg, p, n)
 
 
 def _write(dst: torch.Tensor, src: torch.Tensor, length: int) -> None:
@@ -129,6 +137,37 @@ def _write(dst: torch.Tensor, src: torch.Tensor, length: int) -> None:
         dst.view(src.shape).copy_(src)
     else:
         dst.copy_(src.reshape(b, c * q, *rest)[:, :length])
+
+
+FACTOR_SPAN = 60.0  # blocks whose log-decay spans at most this are built as an outer product (see _decay_blocks)
+
+
+def _exact_decay(sT: torch.Tensor, tril: torch.Tensor, floor: float) -> torch.Tensor:
+    """``exp(s_i - s_j)`` for ``i >= j``, else 0, from differences: exponents floored at ``floor``, above the
+    diagonal capped at the floor before ``exp`` (no overflow), and every floored entry then set to exactly 0."""
+    cap = torch.where(tril.bool(), math.inf, floor).to(sT.dtype)
+    Lm = torch.sub(sT[..., :, None], sT[..., None, :])
+    torch.clamp(Lm, min=torch.tensor(floor, dtype=sT.dtype, device=sT.device), max=cap, out=Lm)
+    return F.threshold_(Lm.exp_(), math.exp(floor), 0.0)
+
+
+def _decay_blocks(sT: torch.Tensor, tril: torch.Tensor, floor: float) -> torch.Tensor:
+    """The lower-triangular decay blocks ``L_ij = exp(s_i - s_j)`` (``i >= j``, else 0) of ``sT (..., Q)``.
+
+    Where a block's log-decay spans at most :data:`FACTOR_SPAN` (``max s - min s``), ``L`` is the outer product
+    ``exp(s_i - m) exp(m - s_j)`` around the midpoint ``m`` of the span: two passes over the block (product, mask)
+    instead of four (difference, clamp, exp, zeroing), and both factors lie in ``[e^-30, e^30]``, so nothing
+    overflows and no entry is subnormal. The other blocks (strong decays: some entries below the exponent floor)
+    take the difference form of :func:`_exact_decay`. The two forms agree to rounding (a few ulp).
+    """
+    lo, hi = sT.amin(-1, keepdim=True), sT.amax(-1, keepdim=True)
+    wide = (hi - lo <= FACTOR_SPAN).logical_not_().squeeze(-1)  # NaN spans are wide: they reach the exact path
+    mid = (lo + hi).mul_(0.5)
+    Lm = torch.mul((sT - mid).exp_()[..., :, None], (mid - sT).exp_()[..., None, :]).mul_(tril)
+    if wide.any():
+        flat, idx = Lm.view(-1, *Lm.shape[-2:]), wide.view(-1).nonzero().squeeze(1)
+        flat[idx] = _exact_decay(sT.reshape(-1, sT.shape[-1])[idx], tril, floor)
+    return Lm
 
 
 def _d_view(D: torch.Tensor) -> torch.Tensor:
@@ -199,7 +238,7 @@ def _backward_segment(x, dt, A, B, C, D, S0, gy, g_end, q: int, outs: dict, need
     if g_end is None:
         glv[c - 1].zero_()
     else:
-        glv[c - 1].copy_(g_end.view(b, g, hg, p, n).permute(0, 1, 4, 2, 3))
+        glv[c - 1].copy_(g_end)
     for k in range(c - 1, 0, -1):
         torch.addcmul(rv[k], glv[k], dv[k], out=glv[k - 1])
     G0 = torch.addcmul(rv[0], glv[0], dv[0]) if need["state"] else None
@@ -237,8 +276,7 @@ def _backward_segment(x, dt, A, B, C, D, S0, gy, g_end, q: int, outs: dict, need
         gD = (gy5 * ch.x5).sum((0, 1, 2))  # (h, p); padded rows have gy = 0
         if D.dim() == 1:
             gD = gD.sum(-1)
-    g_S0 = G0.permute(0, 1, 3, 4, 2).reshape(b, h, p, n) if G0 is not None else None
-    return gA, gD, g_S0
+    return gA, gD, G0
 
 
 class SSDRecomputeFn(torch.autograd.Function):
@@ -253,13 +291,13 @@ class SSDRecomputeFn(torch.autograd.Function):
         segs = _segments(x.shape[1], q, segment_chunks)
         y = torch.empty_like(x)
         entering = []
-        state = initial_state
+        state = None if initial_state is None else _to_states(initial_state, B.shape[2])
         for s, e in segs:
             entering.append(state)
             state = _forward_segment(x[:, s:e], dt[:, s:e], A, B[:, s:e], C[:, s:e], D, state, q, y[:, s:e])
         ctx.q, ctx.segs = q, segs
-        ctx.save_for_backward(x, dt, A, B, C, D, *entering)  # entering[0] is initial_state (or None)
-        return y, state
+        ctx.save_for_backward(x, dt, A, B, C, D, *entering)  # entering[0] is from initial_state (or None)
+        return y, _from_states(state)
 
     @staticmethod
     def backward(ctx, gy, g_final):  # noqa: D102
@@ -270,7 +308,7 @@ class SSDRecomputeFn(torch.autograd.Function):
                 "C": torch.empty_like(C)}
         gA = torch.zeros_like(A)
         gD = torch.zeros_like(D) if D is not None else None
-        g_state = g_final
+        g_state = None if g_final is None else _to_states(g_final, B.shape[2])
         for i in range(len(ctx.segs) - 1, -1, -1):
             s, e = ctx.segs[i]
             need = {"x": need_x, "D": need_D, "state": i > 0 or need_init}
@@ -282,7 +320,7 @@ class SSDRecomputeFn(torch.autograd.Function):
                 gD += gD_s
         return (None, None, outs["x"] if need_x else None, outs["dt"] if need_dt else None, gA if need_A else None,
                 outs["B"] if need_B else None, outs["C"] if need_C else None, gD if need_D else None,
-                g_state if need_init else None)
+                _from_states(g_state) if need_init else None)
 
 
 def ssd_recompute(
