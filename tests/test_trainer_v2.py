@@ -268,9 +268,14 @@ def test_variable_batches_weight_the_global_mean(tmp_path):
     y = torch.tensor([trainer.train_dataset[int(i)][1] for i in idx])
     opt = torch.optim.AdamW(fresh.parameters(), lr=1e-3, weight_decay=0.0)
     F.cross_entropy(fresh(x), y).backward()
+    grads = {k: p.grad.clone() for k, p in fresh.named_parameters()}
     opt.step()
     for k, v in fresh.state_dict().items():
-        assert torch.allclose(trainer.model.state_dict()[k], v, atol=1e-6), k
+        # AdamW's first step is lr g / (|g| + 1e-8): where |g| is near 1e-8, float rounding of the micro-batch sum
+        # moves the update by up to lr, so those few coordinates are left out.
+        keep = grads[k].abs() > 1e-6 if k in grads else torch.ones_like(v, dtype=torch.bool)
+        assert keep.float().mean() > 0.99, k
+        assert torch.allclose(trainer.model.state_dict()[k][keep], v[keep], atol=1e-6), k
 
 
 def test_empty_batches_skip_or_step(tmp_path):
