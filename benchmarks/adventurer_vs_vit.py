@@ -11,6 +11,8 @@ Three contenders, all fp32, built fresh (seeded) at every token count:
 * ``crate``: ratelab's CRATE-T (``crate_tiny_patch16_224``: 384 wide, 12 deep, 6 heads; SDPA attention, fused ISTA).
 * ``adventurer_keep``: the Adventurer with ``memory_efficient=False`` (every activation kept for the backward
   instead of recomputing the mixers: the training-speed / memory trade of the default).
+* ``adventurer_opbyop``: the Adventurer with its no-grad fast path off (``Mamba2.fast_inference = False``: the
+  op-by-op blocks also under ``inference_mode``); the same function, to show what the fast path gains.
 * with ``--compile``: ``adventurer+compile`` and ``vit+compile``, the same models through ``torch.compile``
   (inductor; C++/OpenMP on CPU). Compilation (minutes on 2 cores, once per shape and mode) happens in the warm-up
   calls and is not timed; the ratios of every contender are still to the eager ViT.
@@ -134,6 +136,13 @@ def _build_adventurer_keep(side: int, patch: int, args: argparse.Namespace, comm
     return m
 
 
+def _build_adventurer_opbyop(side: int, patch: int, args: argparse.Namespace, common: dict) -> nn.Module:
+    m = _build_adventurer(side, patch, args, common)
+    for blk in m.blocks:  # the reference path of every block, also without autograd (the fast path's twin)
+        blk.mixer.fast_inference = False
+    return m
+
+
 def _compiled(build: Callable) -> Callable:
     def builder(side: int, patch: int, args: argparse.Namespace, common: dict) -> nn.Module:
         import torch._inductor.config as inductor_config
@@ -153,6 +162,7 @@ BUILDERS: dict[str, Callable[[int, int, argparse.Namespace, dict], nn.Module]] =
     "vit": _build_vit,
     "crate": _build_crate,
     "adventurer_keep": _build_adventurer_keep,
+    "adventurer_opbyop": _build_adventurer_opbyop,
     "adventurer+compile": _compiled(_build_adventurer),
     "vit+compile": _compiled(_build_vit),
 }
