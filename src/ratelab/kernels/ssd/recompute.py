@@ -92,17 +92,18 @@ class _Chunks:
         self.X = torch.empty((b, c, h, q, p), dtype=ct, device=dev)
         torch.mul(x5.transpose(2, 3), dt4.transpose(2, 3)[..., None], out=self.X)
         Xw = torch.mul(x5, (dt4 * self.w)[..., None])  # (b, c, Q, h, p), contiguous
-        self.Xw_g = Xw.view(b, c, q, g, hg * p).transpose(2, 3)  # a view when g == 1
-        self.Bg = B.view(b, c, q, g, n).transpose(2, 3).contiguous()
-        self.Cg = C.view(b, c, q, g, n).transpose(2, 3).contiguous()
+        self.Xw_g = _by_group(Xw.view(b, c, q, g, hg * p))
+        self.Bg = _by_group(B.view(b, c, q, g, n)).contiguous()
+        self.Cg = _by_group(C.view(b, c, q, g, n)).contiguous()
         self.tril = torch.ones(q, q, dtype=ct, device=dev).tril_()  # a 0/1 multiply is cheaper than masked_fill
         CB = (self.Cg @ self.Bg.transpose(-1, -2)).mul_(self.tril)  # (b, c, g, Q, Q), one per group
         Lm = _decay_blocks(sT, self.tril, floor)  # (b, c, h, Q, Q)
         self.M = torch.mul(Lm.view(b, c, g, hg, q, q), CB[:, :, :, None]).view(b, c, h, q, q)
         local = self.Bg.transpose(-1, -2) @ self.Xw_g  # (b, c, g, n, hg p): each chunk's own end state
-        # states entering the chunks 0..c-1 and the final one: c small steps into one buffer (unbound views)
-        ent = torch.empty((b, c + 1, g, n, hg, p), dtype=ct, device=dev)
-        ev, lv = ent.unbind(1), local.view(b, c, g, n, hg, p).unbind(1)
+        # states entering the chunks: c small steps into one buffer (unbound views, never slices); the final state
+        # apart, so that the buffer is one contiguous batch of matmul operands
+        ent = torch.empty((b, c, g, n, hg, p), dtype=ct, device=dev)
+        ev, lv = [*ent.unbind(1), torch.empty_like(ent[:, 0])], local.view(b, c, g, n, hg, p).unbind(1)
         dv = self.dec.view(b, c, g, 1, hg, 1).unbind(1)
         if S0 is None:
             ev[0].zero_()
@@ -110,9 +111,8 @@ class _Chunks:
             ev[0].copy_(S0)
         for k in range(c):
             torch.addcmul(lv[k], ev[k], dv[k], out=ev[k + 1])
-        self.final = ev[c].clone()  # not a view of ent (it is saved for the backward)
-        self.ent = ent[:, :c].view(b, c, g, n, hg * p)
-        self.ent_next = ent[:, 1:]  # (b, c, g, n, hg, p): the state leaving each chunk
+        self.final = ev[c]  # (b, g, n, hg, p)
+        self.ent = ent.view(b, c, g, n, hg * p)
         self.x5, self.dt4 = x5, dt4
         if keep:
             self.L, self.CB = Lm, CB
@@ -128,6 +128,19 @@ def _to_states(S: torch.Tensor, g: int) -> torch.Tensor:
 def _from_states(S: torch.Tensor) -> torch.Tensor:
     b, g, n, hg, p = S.shape
     return S.permute(0, 1, 3, 4, 2).reshape(b, g * hg, p, n)
+
+
+def _by_group(t: torch.Tensor) -> torch.Tensor:
+    """``(b, c, Q, g, m)`` -> ``(b, c, g, Q, m)``; with one group a plain view (canonical strides: matmul folds its
+    batch dimensions without a copy, which it does not for a transposed size-1 dimension)."""
+    b, c, q, g, m = t.shape
+    return t.view(b, c, 1, q, m) if g == 1 else t.transpose(2, 3)
+
+
+def _from_group(t: torch.Tensor) -> torch.Tensor:
+    """``(b, c, g, Q, m)`` -> ``(b, c, Q, g, m)`` (inverse of :func:`_by_group`)."""
+    b, c, g, q, m = t.shape
+    return t.view(b, c, q, 1, m) if g == 1 else t.transpose(2, 3)
 
 
 def _write(dst: torch.Tensor, src: torch.Tensor, length: int) -> None:
@@ -183,7 +196,7 @@ def _forward_segment(x, dt, A, B, C, D, S0, q: int, y_out: torch.Tensor) -> torc
     ch = _Chunks(x, dt, A, B, C, S0, q, keep=False)
     b, c, q, h, p, g, hg, n = ch.shape
     yd = ch.M @ ch.X  # (b, c, h, Q, p)
-    yo = (ch.Cg @ ch.ent).transpose(2, 3).reshape(b, c, q, h, p)  # a view when g == 1
+    yo = _from_group(ch.Cg @ ch.ent).reshape(b, c, q, h, p)  # a view when g == 1
     out = y_out.view(b, c, q, h, p) if not pad else torch.empty((b, c, q, h, p), dtype=x.dtype, device=x.device)
     torch.addcmul(yd.transpose(2, 3), yo, ch.e[..., None], out=out)
     if D is not None:
@@ -207,7 +220,7 @@ def _backward_segment(x, dt, A, B, C, D, S0, gy, g_end, q: int, outs: dict, need
     gy5 = gy.view(b, c, q, h, p)
     gy_hm = gy5.transpose(2, 3).contiguous()  # (b, c, h, Q, p)
     ge = gy5 * ch.e[..., None]  # (b, c, Q, h, p)
-    ge_g = ge.view(b, c, q, g, hg * p).transpose(2, 3)  # (b, c, g, Q, hg p)
+    ge_g = _by_group(ge.view(b, c, q, g, hg * p))  # (b, c, g, Q, hg p)
 
     # diagonal blocks
     gX_hm = ch.M.transpose(-1, -2) @ gy_hm  # (b, c, h, Q, p): M^T gy
@@ -226,7 +239,7 @@ def _backward_segment(x, dt, A, B, C, D, S0, gy, g_end, q: int, outs: dict, need
     # state read-out e_i S_k C_i
     gC += ge_g @ ch.ent.transpose(-1, -2)
     SC = ch.Cg @ ch.ent  # (b, c, g, Q, hg p): S_k C_i
-    gs += SC.mul_(ge_g).transpose(2, 3).reshape(b, c, q, h, p).sum(-1)
+    gs += _from_group(SC.mul_(ge_g)).reshape(b, c, q, h, p).sum(-1)
     del SC
     g_read = ch.Cg.transpose(-1, -2) @ ge_g  # (b, c, g, n, hg p)
     del ge, ge_g
@@ -244,12 +257,15 @@ def _backward_segment(x, dt, A, B, C, D, S0, gy, g_end, q: int, outs: dict, need
     G0 = torch.addcmul(rv[0], glv[0], dv[0]) if need["state"] else None
     del g_read, rv
     # d/d s_Q of the state leaving chunk k, S_{k+1} = e_Q S_k + sum_j exp(s_Q - s_j) X_j B_j^T, is S_{k+1} itself
-    g_end_s = (gl * ch.ent_next).sum(-1).sum(3).view(b, c, h)  # <G_{k+1}, S_{k+1}> per head
+    g_end_s = torch.empty((b, c, g, hg), dtype=ct, device=dev)  # <G_{k+1}, S_{k+1}> per head
+    g_end_s[:, :-1] = (gl[:, :-1] * ch.ent.view(b, c, g, n, hg, p)[:, 1:]).sum(-1).sum(3)
+    g_end_s[:, -1] = (glv[c - 1] * ch.final).sum(-1).sum(2)
+    g_end_s = g_end_s.view(b, c, h)
     gl = gl.view(b, c, g, n, hg * p)
 
     # chunk states: local = sum_j w_j X_j B_j^T
     gB += ch.Xw_g @ gl.transpose(-1, -2)
-    gWX = (ch.Bg @ gl).transpose(2, 3).reshape(b, c, q, h, p)  # (b, c, Q, h, p): B G_{k+1}
+    gWX = _from_group(ch.Bg @ gl).reshape(b, c, q, h, p)  # (b, c, Q, h, p): B G_{k+1}
     del gl
     gX = torch.addcmul(gX_hm.transpose(2, 3), gWX, ch.w[..., None])  # (b, c, Q, h, p): d/d X
     del gWX, gX_hm
@@ -269,8 +285,8 @@ def _backward_segment(x, dt, A, B, C, D, S0, gy, g_end, q: int, outs: dict, need
     gdt = xgX.add_(ga * A)  # (b, c, Q, h)
     _write(outs["dt"], gdt, length)
     gA = (ga * ch.dt4).sum((0, 1, 2))
-    _write(outs["B"], gB.transpose(2, 3), length)
-    _write(outs["C"], gC.transpose(2, 3), length)
+    _write(outs["B"], _from_group(gB), length)
+    _write(outs["C"], _from_group(gC), length)
     gD = None
     if D is not None and need["D"]:
         gD = (gy5 * ch.x5).sum((0, 1, 2))  # (h, p); padded rows have gy = 0
