@@ -136,7 +136,7 @@ def _dp_caption_cfg(out, task_opts, dataset="shapes_captions", **privacy):
 
 
 def test_dp_refuses_a_vocabulary_fit_on_the_private_captions(tmp_path):
-    from ratelab.core.errors import ConfigError
+    from ratelab.core.errors import ConfigError, DatasetError
 
     cfg = _dp_caption_cfg(tmp_path / "a", {})
     with pytest.raises(ConfigError, match=r"task\.tokenizer_path: under DP.*the training captions.*"
@@ -149,6 +149,13 @@ def test_dp_refuses_a_vocabulary_fit_on_the_private_captions(tmp_path):
         Trainer(cfg, CaptionTask(cfg.task, train_dataset=_FolderLike(), tokenizer=tok))
     plain = cfg.replace(plugins={}, out_dir=str(tmp_path / "b"))
     assert not Trainer(plain, CaptionTask(plain.task, train_dataset=_FolderLike())).task.tokenizer.public
+    # That run's saved tokenizer.json keeps its provenance: passed back as task.tokenizer_path it is still refused.
+    again = _dp_caption_cfg(tmp_path / "c", {"tokenizer_path": str(tmp_path / "b" / "tokenizer.json")})
+    with pytest.raises(ConfigError, match=r"may not come from the training captions \(saved as .*b/tokenizer.json"):
+        Trainer(again, CaptionTask(again.task, train_dataset=_FolderLike()))
+    (tmp_path / "b" / "tokenizer.provenance.json").write_text('{"public": "yes", "source": "?"}')
+    with pytest.raises(DatasetError, match=r"tokenizer.provenance.json: 'public' must be true or false"):
+        CaptionTokenizer.from_file(tmp_path / "b")
 
 
 def test_dp_opt_out_trains_but_reports_no_guarantee_and_why(tmp_path):
@@ -178,6 +185,7 @@ def test_public_vocabularies_keep_the_guarantee(tmp_path):
     assert res["dp_guarantee"] == 1.0 and json.loads((tmp_path / "shapes" / "privacy.json").read_text())[
         "formal_guarantee"] is True
     vocab = trainer.task.tokenizer.tokenizer.get_vocab()
+    assert CaptionTokenizer.from_file(tmp_path / "shapes").public  # the saved provenance says so
     # The same vocabulary whatever scenes were drawn, and it covers every caption the generator can write
     # (8 drawn captions alone hold only a few of its words).
     again = CaptionTask(cfg.task)

@@ -11,11 +11,12 @@ EOS. :class:`CaptionTokenizer` builds that pipeline three ways and never downloa
   [SEP] 102) or a ``tokenizer.json`` written by :meth:`save`.
 
 Provenance: a vocabulary is itself a release (a word that only one training caption holds names that caption), so
-every tokenizer says where its vocabulary came from (``source``) and whether that is public (``public``). A file is
-taken as public (the user's statement; a ``tokenizer.json`` a private run saved is not, and must not be passed back
-as one); :meth:`train` is public only when the caller says its text is (``public=True``: a public corpus, a word
-list fixed by code). DP training (the ``caption`` task under the ``privacy`` plugin) refuses a non-public one unless
-told otherwise, and then reports no guarantee.
+every tokenizer says where its vocabulary came from (``source``) and whether that is public (``public``).
+:meth:`save` writes it beside the vocabulary (``tokenizer.provenance.json``) and :meth:`from_file` reads it back, so
+the ``tokenizer.json`` of a run whose vocabulary came from its captions stays non-public; any other file is taken as
+public (the user's statement). :meth:`train` is public only when the caller says its text is (``public=True``: a
+public corpus, a word list fixed by code). DP training (the ``caption`` task under the ``privacy`` plugin) refuses
+a non-public one unless told otherwise, and then reports no guarantee.
 """
 
 from __future__ import annotations
@@ -43,6 +44,29 @@ def _pipeline(model: Any, lowercase: bool) -> Any:
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece(prefix="##")
     return tok
+
+
+def _provenance_path(p: Path) -> Path:
+    return p.with_name(f"{p.stem}.provenance.json")
+
+
+def _read_provenance(p: Path) -> tuple[bool, str]:
+    """``(public, source)`` of a tokenizer file: from the provenance file :meth:`CaptionTokenizer.save` wrote beside
+    it, else public (a file the user gives is taken at its word)."""
+    import json
+
+    side = _provenance_path(p)
+    if not side.is_file():
+        return True, f"the file {p}"
+    try:
+        rec = json.loads(side.read_text(encoding="utf-8"))
+        public, source = rec["public"], str(rec["source"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DatasetError(f"tokenizer provenance file {side}: unreadable ({e}); expected {{\"public\": bool, "
+                           "\"source\": str}") from e
+    if not isinstance(public, bool):
+        raise DatasetError(f"tokenizer provenance file {side}: 'public' must be true or false, got {public!r}")
+    return public, f"{source} (saved as {p})"
 
 
 class CaptionTokenizer:
@@ -150,7 +174,7 @@ class CaptionTokenizer:
     @classmethod
     def from_file(cls, path: str | os.PathLike, *, lowercase: bool = True) -> CaptionTokenizer:
         """A local ``vocab.txt`` (one WordPiece entry a line, BERT's format) or a ``tokenizer.json``, taken as a public
-        vocabulary (``public=True``).
+        vocabulary (``public=True``) unless the provenance file :meth:`save` wrote beside it says otherwise.
 
         Raises:
             DatasetNotFound: no such file. DatasetError: a file that is neither (the message names it).
@@ -165,18 +189,23 @@ class CaptionTokenizer:
                     break
         if not p.is_file():
             raise DatasetNotFound(f"tokenizer file not found: {path} (give a vocab.txt or a tokenizer.json)")
+        public, source = _read_provenance(p)
         try:
             if p.suffix == ".json":
-                return cls(Tokenizer.from_file(str(p)), public=True, source=f"the file {p}")
-            return cls(_pipeline(models.WordPiece.from_file(str(p), unk_token="[UNK]"), lowercase), public=True,
-                       source=f"the file {p}")
+                return cls(Tokenizer.from_file(str(p)), public=public, source=source)
+            return cls(_pipeline(models.WordPiece.from_file(str(p), unk_token="[UNK]"), lowercase), public=public,
+                       source=source)
         except DatasetError as e:
             raise DatasetError(f"{p}: {e}") from e
         except Exception as e:  # tokenizers raises plain Exceptions for unreadable files
             raise DatasetError(f"cannot read tokenizer file {p}: {e}") from e
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write ``tokenizer.json`` atomically (a file path, or a directory to put ``tokenizer.json`` in)."""
+        """Write ``tokenizer.json`` atomically (a file path, or a directory to put ``tokenizer.json`` in), and its
+        provenance beside it (``tokenizer.provenance.json``: ``public``, ``source``), so that a vocabulary built from
+        private captions stays non-public when :meth:`from_file` reads it back."""
+        import json
+
         p = Path(path)
         if p.is_dir() or p.suffix != ".json":
             p.mkdir(parents=True, exist_ok=True)
@@ -185,6 +214,10 @@ class CaptionTokenizer:
         tmp = p.with_name(f"{p.name}.{os.getpid()}.tmp")  # per process: ranks may save the same file at once
         self.tokenizer.save(str(tmp))
         os.replace(tmp, p)
+        side = _provenance_path(p)
+        tmp = side.with_name(f"{side.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"public": self.public, "source": self.source}))
+        os.replace(tmp, side)
         return p
 
     # ---- use ----------------------------------------------------------------------------------------------------
