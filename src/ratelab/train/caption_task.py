@@ -14,7 +14,8 @@ Tokenizer, the first that applies: ``task.tokenizer_path`` (a local ``vocab.txt`
 ``tokenizer.json``); ``task.tokenizer_corpus`` (a WordPiece vocabulary of at most ``task.vocab_size`` entries built
 from a local public text file); the dataset's own public word list when it has one (``shapes_captions``: every word
 its generator can write, fixed by code); else a vocabulary built from the training split's captions. Building is
-deterministic, so a resumed run rebuilds the same one. It is saved as ``out_dir/tokenizer.json``.
+deterministic, so a resumed run rebuilds the same one. It is saved as ``out_dir/tokenizer.json`` (with its
+provenance, ``tokenizer.provenance.json``).
 
 Privacy: the vocabulary is released with the model (its embedding rows, ``tokenizer.json``) without noise, so one
 fit on the private training captions is not covered by DP-SGD's guarantee (a word one caption alone holds names
