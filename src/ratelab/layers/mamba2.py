@@ -61,9 +61,10 @@ def causal_conv1d(
     # is again sequence-major, so no transpose copy follows.
     # The conv pads both ends by W-1; the last W-1 outputs (which see the right padding) are dropped.
     L, W = x.shape[1], w.shape[-1]
-    if not x.is_contiguous():
-        # a strided input (the xBC columns of in_proj's output) sends oneDNN to a path about 10x slower than a copy
-        # followed by the channels-last kernel (measured at Adventurer-T's shapes: 15 ms vs 0.65 + 1.6 ms)
+    if not x.is_contiguous() and not (torch.is_grad_enabled() and x.requires_grad):
+        # a strided input (the xBC columns of in_proj's output) sends oneDNN to a path several times slower than a
+        # copy followed by the channels-last kernel (Adventurer-T's shapes, 1 thread: up to 15 ms vs 0.65 + 1.6 ms).
+        # Not under autograd: the copy would be what the conv keeps for its backward (memory of the training path)
         x = x.contiguous()
     y = F.conv2d(x.transpose(1, 2).unsqueeze(2), w, bias, padding=(0, W - 1), groups=C).squeeze(2).transpose(1, 2)
     y = y[:, :L]

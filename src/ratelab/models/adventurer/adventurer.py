@@ -156,7 +156,9 @@ class AdventurerBlock(nn.Module):
 
     def _fast_applies(self, h: torch.Tensor) -> bool:
         drop_on = self.training and not isinstance(self.drop_path, nn.Identity)
-        mlp_plain = isinstance(self.mlp.norm, nn.Identity) and self.mlp.drop1.p == 0 and self.mlp.drop2.p == 0
+        mlp = self.mlp  # timm SwiGLU as built here: no hidden norm, no dropout (what _forward_fast computes)
+        mlp_plain = isinstance(getattr(mlp, "norm", None), nn.Identity) and all(
+            getattr(getattr(mlp, d, None), "p", 1.0) == 0 for d in ("drop1", "drop2"))
         return not drop_on and mlp_plain and self.mixer.fast_inference_applies(h)
 
     def _forward_fast(self, h: torch.Tensor) -> torch.Tensor:
