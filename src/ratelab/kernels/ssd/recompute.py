@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from ratelab.kernels.ssd.chunked import balanced_chunk, ssd_chunked
 from ratelab.kernels.ssd.ref import DEFAULT_DT_LIMIT, check_inputs, compute_dtype, prepare_dt
 
-SEGMENT_CHUNKS = 4  # 256 tokens at the CPU chunk of 64: the backward's working set is one such segment
+SEGMENT_CHUNKS = 8  # 512 tokens at the CPU chunk of 64: the backward's working set is one such segment
 
 
 def _segments(length: int, q: int, segment_chunks: int) -> list[tuple[int, int]]:
@@ -97,7 +97,8 @@ class _Chunks:
         self.Cg = _by_group(C.view(b, c, q, g, n)).contiguous()
         self.tril = torch.ones(q, q, dtype=ct, device=dev).tril_()  # a 0/1 multiply is cheaper than masked_fill
         CB = (self.Cg @ self.Bg.transpose(-1, -2)).mul_(self.tril)  # (b, c, g, Q, Q), one per group
-        Lm = _decay_blocks(sT, self.tril, floor)  # (b, c, h, Q, Q)
+        # the forward only needs M = L o CB, whose upper triangle CB's mask zeroes: L's own is left unmasked
+        Lm = _decay_blocks(sT, self.tril, floor, masked=keep)  # (b, c, h, Q, Q)
         self.M = torch.mul(Lm.view(b, c, g, hg, q, q), CB[:, :, :, None]).view(b, c, h, q, q)
         local = self.Bg.transpose(-1, -2) @ self.Xw_g  # (b, c, g, n, hg p): each chunk's own end state
         # states entering the chunks: c small steps into one buffer (unbound views, never slices); the final state
@@ -164,19 +165,23 @@ def _exact_decay(sT: torch.Tensor, tril: torch.Tensor, floor: float) -> torch.Te
     return F.threshold_(Lm.exp_(), math.exp(floor), 0.0)
 
 
-def _decay_blocks(sT: torch.Tensor, tril: torch.Tensor, floor: float) -> torch.Tensor:
+def _decay_blocks(sT: torch.Tensor, tril: torch.Tensor, floor: float, *, masked: bool = True) -> torch.Tensor:
     """The lower-triangular decay blocks ``L_ij = exp(s_i - s_j)`` (``i >= j``, else 0) of ``sT (..., Q)``.
 
     Where a block's log-decay spans at most :data:`FACTOR_SPAN` (``max s - min s``), ``L`` is the outer product
     ``exp(s_i - m) exp(m - s_j)`` around the midpoint ``m`` of the span: two passes over the block (product, mask)
     instead of four (difference, clamp, exp, zeroing), and both factors lie in ``[e^-30, e^30]``, so nothing
     overflows and no entry is subnormal. The other blocks (strong decays: some entries below the exponent floor)
-    take the difference form of :func:`_exact_decay`. The two forms agree to rounding (a few ulp).
+    take the difference form of :func:`_exact_decay`. The two forms agree to rounding (a few ulp). Without
+    ``masked`` the outer-product blocks keep their upper triangle (finite: at most ``e^FACTOR_SPAN``), for a caller
+    that multiplies it by zeros anyway.
     """
     lo, hi = sT.amin(-1, keepdim=True), sT.amax(-1, keepdim=True)
     wide = (hi - lo <= FACTOR_SPAN).logical_not_().squeeze(-1)  # NaN spans are wide: they reach the exact path
     mid = (lo + hi).mul_(0.5)
-    Lm = torch.mul((sT - mid).exp_()[..., :, None], (mid - sT).exp_()[..., None, :]).mul_(tril)
+    Lm = torch.mul((sT - mid).exp_()[..., :, None], (mid - sT).exp_()[..., None, :])
+    if masked:
+        Lm.mul_(tril)
     if wide.any():
         flat, idx = Lm.view(-1, *Lm.shape[-2:]), wide.view(-1).nonzero().squeeze(1)
         flat[idx] = _exact_decay(sT.reshape(-1, sT.shape[-1])[idx], tril, floor)
@@ -295,6 +300,21 @@ def _backward_segment(x, dt, A, B, C, D, S0, gy, g_end, q: int, outs: dict, need
     return gA, gD, G0
 
 
+def _forward(chunk_size: int, segment_chunks: int, x, dt, A, B, C, D, initial_state):
+    """The segment-by-segment forward on prepared operands: ``y``, the final state ``(b, h, p, n)``, the states
+    entering the segments (kernel layout; the first is None without ``initial_state``), the chunk length and the
+    segments."""
+    q = balanced_chunk(x.shape[1], chunk_size)
+    segs = _segments(x.shape[1], q, segment_chunks)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    entering = []
+    state = None if initial_state is None else _to_states(initial_state, B.shape[2])
+    for s, e in segs:
+        entering.append(state)
+        state = _forward_segment(x[:, s:e], dt[:, s:e], A, B[:, s:e], C[:, s:e], D, state, q, y[:, s:e])
+    return y, _from_states(state), entering, q, segs
+
+
 class SSDRecomputeFn(torch.autograd.Function):
     """``(x, dt, A, B, C, D, initial_state) -> (y, final_state)`` on prepared operands (compute dtype, ``dt`` after
     bias/softplus/clamp, ``D`` and ``initial_state`` optional); backward recomputes per segment (module
@@ -303,17 +323,9 @@ class SSDRecomputeFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, chunk_size: int, segment_chunks: int, x, dt, A, B, C, D, initial_state):  # noqa: D102
         ctx.set_materialize_grads(False)
-        q = balanced_chunk(x.shape[1], chunk_size)
-        segs = _segments(x.shape[1], q, segment_chunks)
-        y = torch.empty_like(x)
-        entering = []
-        state = None if initial_state is None else _to_states(initial_state, B.shape[2])
-        for s, e in segs:
-            entering.append(state)
-            state = _forward_segment(x[:, s:e], dt[:, s:e], A, B[:, s:e], C[:, s:e], D, state, q, y[:, s:e])
-        ctx.q, ctx.segs = q, segs
+        y, final, entering, ctx.q, ctx.segs = _forward(chunk_size, segment_chunks, x, dt, A, B, C, D, initial_state)
         ctx.save_for_backward(x, dt, A, B, C, D, *entering)  # entering[0] is from initial_state (or None)
-        return y, _from_states(state)
+        return y, final
 
     @staticmethod
     def backward(ctx, gy, g_final):  # noqa: D102
@@ -361,14 +373,15 @@ def ssd_recompute(
         segment_chunks: chunks per recomputed segment (the backward's working set); results do not depend on it
             beyond rounding.
 
-    Without autograd (no input requires grad, or grad mode off) this is :func:`ssd_chunked` itself.
+    Without autograd (no input requires grad, or grad mode off) the same segment-by-segment forward runs and
+    nothing is kept; its working set is one segment (:func:`ssd_chunked` without autograd holds the chunk tensors
+    of the whole sequence at once, and is slower from about a thousand tokens at Adventurer-T's shapes).
     """
+    if x.dim() != 4 or x.shape[1] == 0:  # (ssd_chunked raises the shape errors, and returns the empty case)
+        return ssd_chunked(x, dt, A, B, C, D, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
+                           chunk_size=chunk_size, initial_state=initial_state, return_final_state=return_final_state)
     tensors = (x, dt, A, B, C, D, dt_bias, initial_state)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    kw = dict(dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit, chunk_size=chunk_size,
-              initial_state=initial_state, return_final_state=return_final_state)
-    if not grad or x.dim() != 4 or x.shape[1] == 0:
-        return ssd_chunked(x, dt, A, B, C, D, **kw)  # (it also raises the shape errors)
     check_inputs(x, dt, A, B, C, D, dt_bias, initial_state, step=False)
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"ssd: chunk_size must be a positive int, got {chunk_size!r}")
@@ -378,7 +391,10 @@ def ssd_recompute(
     dtp = prepare_dt(dt, dt_bias, dt_softplus, dt_limit, ct)
     init = None if initial_state is None else initial_state.to(ct)
     Dc = None if D is None else D.to(ct)
-    y, final = SSDRecomputeFn.apply(chunk_size, segment_chunks, x.to(ct), dtp, A.to(ct), B.to(ct), C.to(ct), Dc,
-                                    init)
+    operands = (x.to(ct), dtp, A.to(ct), B.to(ct), C.to(ct), Dc, init)
+    if grad:
+        y, final = SSDRecomputeFn.apply(chunk_size, segment_chunks, *operands)
+    else:
+        y, final = _forward(chunk_size, segment_chunks, *operands)[:2]
     y = y.to(x.dtype)
     return (y, final) if return_final_state else y
