@@ -20,10 +20,13 @@ Forward on u (B, L, d_model):
     out        = out_proj(RMSNorm(y * SiLU(z)) * w)         normalized over groups of d_in / g channels
 
 The scan itself is :func:`ratelab.kernels.ssd.ssd` (backend ``"auto"``/``"recompute"``/``"chunked"``/``"ref"``, fused
-``mamba_ssm`` kernels on CUDA when installed). Deviations from ``mamba_ssm``: no fused "memory-efficient" path
-(the same math is run op by op), no tensor-parallel or variable-length (``seq_idx``/``cu_seqlens``) support, the
-depthwise conv is ``F.conv1d`` on a left-padded input rather than the ``causal_conv1d`` CUDA extension, and the
-step API is functional (returns new caches instead of updating them in place).
+``mamba_ssm`` kernels on CUDA when installed). Without autograd :meth:`Mamba2.forward_infer_parts` runs the same
+function regrouped (in_proj as three GEMMs with contiguous outputs, gate in place, the norm's weight folded into
+out_proj); ``fast_inference = False`` gives the op-by-op path. Deviations from ``mamba_ssm``: no fused
+"memory-efficient" path (the same math is run op by op), no tensor-parallel or variable-length
+(``seq_idx``/``cu_seqlens``) support, the depthwise conv is ``F.conv2d`` on a channels-last view rather than the
+``causal_conv1d`` CUDA extension, and the step API is functional (returns new caches instead of updating them in
+place).
 """
 
 from __future__ import annotations

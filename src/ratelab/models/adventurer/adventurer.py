@@ -29,7 +29,9 @@ Deviations from the official code:
     official fine-tuning code treats the FIRST row as the extra token (so it folds the class token into the grid).
     Inputs of another size than the construction size are resampled on the fly.
   * The Mamba-2 scan runs through :func:`ratelab.kernels.ssd.ssd` (chunked SSD on CPU, chunk 64 by default instead
-    of 256: the result does not depend on it); no fused residual-add-norm (the same math, op by op); no
+    of 256: the result does not depend on it); no fused residual-add-norm (the same math, op by op; without
+    autograd :meth:`AdventurerBlock._forward_fast` regroups it: norm weights folded into the next GEMM, the flip
+    as gathers, fc2 accumulated into the residual); no
     ``residual_in_fp32`` (there is no half-precision residual to protect under fp32 or autocast weights).
   * ``forward_features`` returns the last block's tokens before the final RMSNorm (the CRATE convention of this
     library: ``forward_head`` applies the norm), and ``heading_avg``/``flip="none"`` switch the two ingredients off
