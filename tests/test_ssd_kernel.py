@@ -4,6 +4,7 @@ sequential reference."""
 from __future__ import annotations
 
 import functools
+import math
 import subprocess
 import sys
 
@@ -44,12 +45,15 @@ def _inputs(length, groups, dtype, *, d_per_channel=False, seed=0):
     )
 
 
-def _value_and_grads(fn, inputs, **kw):
+def _value_and_grads(fn, inputs, cot_dtype=None, **kw):
+    """Outputs and the gradients of a random projection of them; ``cot_dtype``: draw the projection in this dtype
+    (then cast), so that an fp64 run can share an fp32 run's cotangents."""
     leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
     y, final = fn(**leaves, dt_softplus=True, return_final_state=True, **kw)
     g = torch.Generator().manual_seed(1)
-    loss = (y * torch.randn(y.shape, generator=g, dtype=y.dtype)).sum()
-    loss = loss + (final * torch.randn(final.shape, generator=g, dtype=final.dtype)).sum()
+    cd = cot_dtype or y.dtype
+    loss = (y * torch.randn(y.shape, generator=g, dtype=cd).to(y.dtype)).sum()
+    loss = loss + (final * torch.randn(final.shape, generator=g, dtype=cd).to(final.dtype)).sum()
     grads = torch.autograd.grad(loss, list(leaves.values()))
     return y.detach(), final.detach(), dict(zip(leaves, grads))
 
@@ -109,6 +113,63 @@ def test_chunked_fp32_with_underflowing_decays(fast):
     torch.testing.assert_close(s_c, s_r, **TOL[torch.float32])
     for k in g_r:
         torch.testing.assert_close(g_c[k], g_r[k], **TOL[torch.float32], msg=lambda m, k=k: f"grad of {k}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("length,chunk,groups", CASES)
+def test_recompute_inference_path_matches_reference(length, chunk, groups, dtype):
+    # without autograd ssd_recompute (what auto runs) takes its own segment-by-segment forward, not ssd_chunked's
+    inputs = _inputs(length, groups, dtype, d_per_channel=(groups == 2))
+    kw = dict(dt_softplus=True, return_final_state=True)
+    y_r, s_r = ssd_ref(**inputs, **kw)
+    with torch.no_grad():
+        for segments in (1, 8):
+            y_c, s_c = ssd_recompute(**inputs, chunk_size=chunk, segment_chunks=segments, **kw)
+            torch.testing.assert_close(y_c, y_r, **TOL[dtype])
+            torch.testing.assert_close(s_c, s_r, **TOL[dtype])
+
+
+# longer sequences: several segments of several chunks, a padded last chunk, per-channel D, groups, chunk sizes of
+# the CPU default; decay rates from ones whose chunk blocks span far beyond the outer-product limit to ones that do not
+LONG = [(130, 64, 1, 1), (300, 16, 2, 3), (97, 32, 4, 2)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("length,chunk,groups,segments", LONG)
+def test_recompute_long_sequences_match_reference(length, chunk, groups, segments, dtype):
+    # fp32 is held against the fp64 reference on the same (fp32-rounded) inputs and cotangents: over hundreds of
+    # tokens with A = -40 two fp32 computations differ from each other by more than either does from the truth
+    inputs = _inputs(length, groups, dtype, d_per_channel=True)
+    inputs["A"] = torch.tensor([-40.0, -8.0, -1.0, -1e-3], dtype=dtype)
+    fn = functools.partial(ssd_recompute, segment_chunks=segments)
+    y_r, s_r, g_r = _value_and_grads(ssd_ref, {k: v.double() for k, v in inputs.items()}, cot_dtype=dtype)
+    y_c, s_c, g_c = _value_and_grads(fn, inputs, chunk_size=chunk)
+    tol = TOL[dtype]
+    assert y_c.dtype == dtype
+    torch.testing.assert_close(y_c.double(), y_r, **tol)
+    torch.testing.assert_close(s_c.double(), s_r, **tol)
+    for k in g_r:
+        torch.testing.assert_close(g_c[k].double(), g_r[k], **tol, msg=lambda m, k=k: f"grad of {k}: {m}")
+
+
+def test_decay_blocks_outer_product_equals_difference_form():
+    from ratelab.kernels.ssd import recompute as rc
+
+    g = torch.Generator().manual_seed(3)
+    q = 16
+    tril = torch.ones(q, q, dtype=torch.float64).tril_()
+    floor = float(math.ceil(math.log(torch.finfo(torch.float64).tiny)))
+    rate = torch.tensor([0.01, 0.5, 3.0, 10.0, 400.0], dtype=torch.float64)[:, None]  # spans ~0.1 to ~4000
+    s = -(torch.rand(5, q, generator=g, dtype=torch.float64) * rate).cumsum(-1)
+    s[0, 3] = s[0, 2] + 0.5  # a non-monotone block (negative dt without softplus)
+    exact = rc._exact_decay(s, tril, floor)
+    blocks = rc._decay_blocks(s, tril, floor)
+    span = s.amax(-1) - s.amin(-1)
+    assert (span <= rc.FACTOR_SPAN).any() and (span > rc.FACTOR_SPAN).any()  # both forms are exercised
+    torch.testing.assert_close(blocks, exact, rtol=1e-12, atol=0)
+    assert (blocks.triu(1) == 0).all() and (exact[-1] == 0).any()  # zero above the diagonal; deep decays are 0
+    s[1, 5] = float("nan")
+    assert rc._decay_blocks(s, tril, floor)[1].isnan().any()  # a NaN reaches the result, it is not masked
 
 
 def test_dispatch_backends_agree():
