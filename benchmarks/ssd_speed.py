@@ -3,8 +3,10 @@
 Contenders, all fp32, same inputs (``dt`` goes through ``dt_bias`` + softplus in each):
 
 * ``recompute``: ``ratelab.kernels.ssd.ssd_recompute`` (chunk size ``--chunk``), what ``ssd(backend="auto")`` runs
-  on CPU: the chunked forward without autograd and a hand-written backward that rebuilds the chunk tensors segment
-  by segment (it keeps only the inputs). The contender every ratio is taken against (``--main`` to change it).
+  on CPU: the chunked algorithm segment by segment without autograd (``D`` included) and a hand-written backward
+  that rebuilds the chunk tensors segment by segment (it keeps only the inputs and the segment states); without
+  autograd (the "fwd" rows) the same segment forward. The contender every ratio is taken against (``--main`` to
+  change it).
 * ``chunked``: ``ratelab.kernels.ssd.ssd_chunked``, the same forward differentiated op by op by autograd (it keeps
   every chunk-level intermediate).
 * ``compiled`` (``--compile``): ``ssd(backend="compiled")``, ``ssd_chunked`` through ``torch.compile`` (inductor

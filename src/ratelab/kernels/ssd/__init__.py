@@ -11,9 +11,11 @@ Backends, one contract (that of mamba_ssm's ``mamba_chunk_scan_combined`` withou
 * ``"ref"``: :func:`ssd_ref`, a readable per-token loop (the twin every other path is tested against);
 * ``"chunked"``: :func:`ssd_chunked`, the chunked SSD algorithm in pure PyTorch (CPU and GPU), differentiated op by
   op by autograd (which keeps every chunk-level intermediate for the backward);
-* ``"recompute"``: :func:`ssd_recompute`, the same forward with a hand-written backward that keeps only the inputs
-  and recomputes the chunk tensors segment by segment (about 1/5 of ``"chunked"``'s saved memory; identical to it
-  without autograd);
+* ``"recompute"``: :func:`ssd_recompute`, the same algorithm run segment by segment (512 tokens at the default
+  chunk) with a hand-written backward that keeps only the inputs and the segment states and recomputes the chunk
+  tensors (about 1/5 of ``"chunked"``'s saved memory); its layouts put the per-head ``(Q, Q)`` products and the
+  all-heads state products each in one bmm without permute copies. Without autograd it runs the same segment
+  forward (no states kept);
 * ``"compiled"``: :func:`ssd_chunked` through ``torch.compile`` (inductor fuses the elementwise work of the forward
   and the backward; compiled once per shape, slow first call);
 * ``"cuda"``: mamba_ssm's fused Triton kernel (optional dependency; raises if missing or not on CUDA);
