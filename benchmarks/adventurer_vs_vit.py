@@ -138,8 +138,7 @@ def _build_adventurer_keep(side: int, patch: int, args: argparse.Namespace, comm
 
 def _build_adventurer_opbyop(side: int, patch: int, args: argparse.Namespace, common: dict) -> nn.Module:
     m = _build_adventurer(side, patch, args, common)
-    for blk in m.blocks:  # the reference path of every block, also without autograd (the fast path's twin)
-        blk.mixer.fast_inference = False
+    m.set_fast_inference(False)  # the reference path of every block, also without autograd (the fast path's twin)
     return m
 
 

@@ -203,8 +203,8 @@ def test_fast_inference_blocks_equal_the_reference_blocks(dtype, flip, heading):
     with torch.no_grad():
         fast = model(x)
         assert len(ran) == len(model.blocks)
-        for blk in model.blocks:
-            blk.mixer.fast_inference = False
+        model.set_fast_inference(False)
+        assert not any(blk.mixer.fast_inference for blk in model.blocks)
         ref = model(x)
     assert len(ran) == len(model.blocks)  # the reference run took the op-by-op path
     tol = dict(atol=1e-12, rtol=1e-10) if dtype == torch.float64 else dict(atol=2e-5, rtol=2e-5)

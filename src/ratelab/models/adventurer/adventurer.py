@@ -332,6 +332,12 @@ class Adventurer(nn.Module):
             blk.memory_efficient = enable
             blk.mixer.recompute = enable
 
+    def set_fast_inference(self, enable: bool = True) -> None:
+        """Without autograd run each block's regrouped fast path (on by default; the same function up to rounding,
+        see :meth:`AdventurerBlock._forward_fast`); off runs the op-by-op blocks also under no_grad."""
+        for blk in self.blocks:
+            blk.mixer.fast_inference = enable
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
