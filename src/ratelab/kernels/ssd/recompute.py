@@ -277,8 +277,7 @@ def _backward_segment(x, dt, A, B, C, D, S0, gy, g_end, q: int, outs: dict, need
     del gl
     gX = torch.addcmul(gX_hm.transpose(2, 3), gWX, ch.w[..., None])  # (b, c, Q, h, p): d/d X
     del gX_hm
-    xgX = (gX * ch.x5).sum(-1)  # (b, c, Q, h)
-    gw = (gWX * ch.Xw_hp).sum(-1)  # (b, c, Q, h): gradient of the exponent s_Q - s_j
+    gw = gWX.mul_(ch.Xw_hp).sum(-1)  # (b, c, Q, h): gradient of the exponent s_Q - s_j
     del gWX
     if need["x"]:
         gx = outs["x"].view(b, c, q, h, p) if not pad else torch.empty_like(gy5)
@@ -287,6 +286,7 @@ def _backward_segment(x, dt, A, B, C, D, S0, gy, g_end, q: int, outs: dict, need
             gx.addcmul_(gy5, _d_view(D))
         if pad:
             outs["x"].copy_(gx.view(b, c * q, h, p)[:, :length])
+    xgX = gX.mul_(ch.x5).sum(-1)  # (b, c, Q, h); in place: gX is not needed after
     del gX
     # (the end terms below are the sums of the same floats that the positions lose: they cancel as in exact math)
     gs -= gw
