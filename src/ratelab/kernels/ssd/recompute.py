@@ -80,7 +80,7 @@ class _Chunks:
     ``(b, g, n, hg, p)``; with ``keep``, also ``L`` and the masked ``CB`` for the backward.
     """
 
-    def __init__(self, x, dt, A, B, C, S0, q: int, *, keep: bool):
+    def __init__(self, x, dt, A, B, C, S0, q: int, *, keep: bool, D: torch.Tensor | None = None):
         b, length, h, p = x.shape
         g, n = B.shape[-2:]
         hg, c = h // g, length // q
@@ -94,8 +94,14 @@ class _Chunks:
         self.w = F.threshold_((s[:, :, -1:] - s).clamp_(min=floor).exp_(), zero_at, 0.0)
         self.dec = F.threshold_(s[:, :, -1].clamp(min=floor).exp_(), zero_at, 0.0)
         self.e = F.threshold_(s.clamp_(min=floor).exp_(), zero_at, 0.0)
+        # right operand of the per-head products, head-major: x dt for the backward; for the forward x itself, with
+        # dt folded into the decay blocks' columns (free in the outer-product form) and a D of shape (h,) onto their
+        # diagonal, so that one bmm gives the diagonal block and the skip (M'' x = M X + D x)
         self.X = torch.empty((b, c, h, q, p), dtype=ct, device=dev)
-        torch.mul(x5.transpose(2, 3), dt4.transpose(2, 3)[..., None], out=self.X)
+        if keep:
+            torch.mul(x5.transpose(2, 3), dt4.transpose(2, 3)[..., None], out=self.X)
+        else:
+            self.X.copy_(x5.transpose(2, 3))
         Xw = torch.mul(x5, (dt4 * self.w)[..., None])  # (b, c, Q, h, p), contiguous
         self.Xw_g, self.Xw_hp = _by_group(Xw.view(b, c, q, g, hg * p)), Xw
         self.Bg = _by_group(B.view(b, c, q, g, n)).contiguous()
@@ -103,8 +109,11 @@ class _Chunks:
         self.tril = torch.ones(q, q, dtype=ct, device=dev).tril_()  # a 0/1 multiply is cheaper than masked_fill
         CB = (self.Cg @ self.Bg.transpose(-1, -2)).mul_(self.tril)  # (b, c, g, Q, Q), one per group
         # the forward only needs M = L o CB, whose upper triangle CB's mask zeroes: L's own is left unmasked
-        Lm = _decay_blocks(sT, self.tril, floor, masked=keep)  # (b, c, h, Q, Q)
-        self.M = torch.mul(Lm.view(b, c, g, hg, q, q), CB[:, :, :, None]).view(b, c, h, q, q)
+        Lm = _decay_blocks(sT, self.tril, floor, masked=keep, columns=None if keep else dt4.transpose(2, 3))
+        self.M = torch.mul(Lm.view(b, c, g, hg, q, q), CB[:, :, :, None]).view(b, c, h, q, q)  # (b, c, h, Q, Q)
+        self.d_folded = not keep and D is not None and D.dim() == 1
+        if self.d_folded:
+            self.M.diagonal(dim1=-2, dim2=-1).add_(D[:, None])
         local = self.Bg.transpose(-1, -2) @ self.Xw_g  # (b, c, g, n, hg p): each chunk's own end state
         # states entering the chunks: c small steps into one buffer (unbound views, never slices); the final state
         # apart, so that the buffer is one contiguous batch of matmul operands
@@ -170,7 +179,8 @@ def _exact_decay(sT: torch.Tensor, tril: torch.Tensor, floor: float) -> torch.Te
     return F.threshold_(Lm.exp_(), math.exp(floor), 0.0)
 
 
-def _decay_blocks(sT: torch.Tensor, tril: torch.Tensor, floor: float, *, masked: bool = True) -> torch.Tensor:
+def _decay_blocks(sT: torch.Tensor, tril: torch.Tensor, floor: float, *, masked: bool = True,
+                  columns: torch.Tensor | None = None) -> torch.Tensor:
     """The lower-triangular decay blocks ``L_ij = exp(s_i - s_j)`` (``i >= j``, else 0) of ``sT (..., Q)``.
 
     Where a block's log-decay spans at most :data:`FACTOR_SPAN` (``max s - min s``), ``L`` is the outer product
@@ -179,17 +189,24 @@ def _decay_blocks(sT: torch.Tensor, tril: torch.Tensor, floor: float, *, masked:
     overflows and no entry is subnormal. The other blocks (strong decays: some entries below the exponent floor)
     take the difference form of :func:`_exact_decay`. The two forms agree to rounding (a few ulp). Without
     ``masked`` the outer-product blocks keep their upper triangle (finite: at most ``e^FACTOR_SPAN``), for a caller
-    that multiplies it by zeros anyway.
+    that multiplies it by zeros anyway. ``columns`` (shaped as ``sT``): column ``j`` of every block is multiplied by
+    ``columns[..., j]`` (in the outer-product form, folded into the column factor).
     """
     lo, hi = sT.amin(-1, keepdim=True), sT.amax(-1, keepdim=True)
     wide = (hi - lo <= FACTOR_SPAN).logical_not_().squeeze(-1)  # NaN spans are wide: they reach the exact path
     mid = (lo + hi).mul_(0.5)
-    Lm = torch.mul((sT - mid).exp_()[..., :, None], (mid - sT).exp_()[..., None, :])
+    col = (mid - sT).exp_()
+    if columns is not None:
+        col.mul_(columns)
+    Lm = torch.mul((sT - mid).exp_()[..., :, None], col[..., None, :])
     if masked:
         Lm.mul_(tril)
     if wide.any():
         flat, idx = Lm.view(-1, *Lm.shape[-2:]), wide.view(-1).nonzero().squeeze(1)
-        flat[idx] = _exact_decay(sT.reshape(-1, sT.shape[-1])[idx], tril, floor)
+        exact = _exact_decay(sT.reshape(-1, sT.shape[-1])[idx], tril, floor)
+        if columns is not None:
+            exact.mul_(columns.reshape(-1, sT.shape[-1])[idx][:, None, :])
+        flat[idx] = exact
     return Lm
 
 
@@ -203,14 +220,14 @@ def _forward_segment(x, dt, A, B, C, D, S0, q: int, y_out: torch.Tensor) -> torc
     pad = (-length) % q
     if pad:
         x, dt, B, C = (_pad_time(t, pad) for t in (x, dt, B, C))
-    ch = _Chunks(x, dt, A, B, C, S0, q, keep=False)
+    ch = _Chunks(x, dt, A, B, C, S0, q, keep=False, D=D)
     b, c, q, h, p, g, hg, n = ch.shape
-    yd = ch.M @ ch.X  # (b, c, h, Q, p)
+    yd = ch.M @ ch.X  # (b, c, h, Q, p): the diagonal blocks (and D x when D is per head)
     yo = _from_group(ch.Cg @ ch.ent).reshape(b, c, q, h, p)  # a view when g == 1
     out = y_out.view(b, c, q, h, p) if not pad else torch.empty((b, c, q, h, p), dtype=x.dtype, device=x.device)
     torch.addcmul(yd.transpose(2, 3), yo, ch.e[..., None], out=out)
-    if D is not None:
-        out.addcmul_(ch.x5, _d_view(D))
+    if D is not None and not ch.d_folded:
+        out.addcmul_(ch.x5, D)
     if pad:
         y_out.copy_(out.view(b, c * q, h, p)[:, :length])
     return ch.final
