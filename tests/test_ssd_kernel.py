@@ -45,11 +45,11 @@ def _inputs(length, groups, dtype, *, d_per_channel=False, seed=0):
     )
 
 
-def _value_and_grads(fn, inputs, cot_dtype=None, **kw):
+def _value_and_grads(fn, inputs, cot_dtype=None, softplus=True, **kw):
     """Outputs and the gradients of a random projection of them; ``cot_dtype``: draw the projection in this dtype
     (then cast), so that an fp64 run can share an fp32 run's cotangents."""
     leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
-    y, final = fn(**leaves, dt_softplus=True, return_final_state=True, **kw)
+    y, final = fn(**leaves, dt_softplus=softplus, return_final_state=True, **kw)
     g = torch.Generator().manual_seed(1)
     cd = cot_dtype or y.dtype
     loss = (y * torch.randn(y.shape, generator=g, dtype=cd).to(y.dtype)).sum()
@@ -150,6 +150,30 @@ def test_recompute_long_sequences_match_reference(length, chunk, groups, segment
     torch.testing.assert_close(s_c.double(), s_r, **tol)
     for k in g_r:
         torch.testing.assert_close(g_c[k].double(), g_r[k], **tol, msg=lambda m, k=k: f"grad of {k}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("groups,d_per_channel,segments", [(1, False, 1), (2, True, 8), (1, False, 8)])
+def test_recompute_with_zero_and_tiny_steps(groups, d_per_channel, segments, dtype):
+    # the backward divides two of its sums by dt; steps of exactly 0 and below sqrt(tiny), and negative ones (no
+    # softplus: the default dt_limit does not clamp), take its direct path
+    inputs = _inputs(29, groups, dtype, d_per_channel=d_per_channel)
+    dt = (F.softplus(inputs["dt"]) * 0.3).to(dtype)
+    dt[0, 3, 1] = 0.0
+    dt[1, 10, :] = 0.0
+    dt[0, 17, 2] = 1e-30
+    dt[1, 20, 0] = -0.05
+    inputs["dt"] = dt
+    del inputs["dt_bias"]
+    fn = functools.partial(ssd_recompute, segment_chunks=segments)
+    y_r, s_r, g_r = _value_and_grads(ssd_ref, inputs, softplus=False)
+    y_c, s_c, g_c = _value_and_grads(fn, inputs, softplus=False, chunk_size=4)
+    tol = TOL[dtype]
+    torch.testing.assert_close(y_c, y_r, **tol)
+    torch.testing.assert_close(s_c, s_r, **tol)
+    assert g_r["dt"][1, 10].abs().max() > 0  # a zero step still has a gradient
+    for k in g_r:
+        torch.testing.assert_close(g_c[k], g_r[k], **tol, msg=lambda m, k=k: f"grad of {k}: {m}")
 
 
 def test_decay_blocks_outer_product_equals_difference_form():

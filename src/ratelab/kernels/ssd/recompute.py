@@ -94,14 +94,10 @@ class _Chunks:
         self.w = F.threshold_((s[:, :, -1:] - s).clamp_(min=floor).exp_(), zero_at, 0.0)
         self.dec = F.threshold_(s[:, :, -1].clamp(min=floor).exp_(), zero_at, 0.0)
         self.e = F.threshold_(s.clamp_(min=floor).exp_(), zero_at, 0.0)
-        # right operand of the per-head products, head-major: x dt for the backward; for the forward x itself, with
-        # dt folded into the decay blocks' columns (free in the outer-product form) and a D of shape (h,) onto their
-        # diagonal, so that one bmm gives the diagonal block and the skip (M'' x = M X + D x)
-        self.X = torch.empty((b, c, h, q, p), dtype=ct, device=dev)
-        if keep:
-            torch.mul(x5.transpose(2, 3), dt4.transpose(2, 3)[..., None], out=self.X)
-        else:
-            self.X.copy_(x5.transpose(2, 3))
+        # right operand of the per-head products: x itself, head-major, with dt folded into the decay blocks'
+        # columns (free in the outer-product form) and a D of shape (h,) onto their diagonal, so that one bmm gives
+        # the diagonal block and the skip (M'' x = M X + D x), and in the backward M''^T gy = dt M^T gy + D gy
+        self.X = torch.empty((b, c, h, q, p), dtype=ct, device=dev).copy_(x5.transpose(2, 3))
         Xw = torch.mul(x5, (dt4 * self.w)[..., None])  # (b, c, Q, h, p), contiguous
         self.Xw_g, self.Xw_hp = _by_group(Xw.view(b, c, q, g, hg * p)), Xw
         self.Bg = _by_group(B.view(b, c, q, g, n)).contiguous()
@@ -109,8 +105,9 @@ class _Chunks:
         self.tril = torch.ones(q, q, dtype=ct, device=dev).tril_()  # a 0/1 multiply is cheaper than masked_fill
         CB = (self.Cg @ self.Bg.transpose(-1, -2)).mul_(self.tril)  # (b, c, g, Q, Q), one per group
         # the forward only needs M = L o CB, whose upper triangle CB's mask zeroes: L's own is left unmasked
-        Lm = _decay_blocks(sT, self.tril, floor, masked=keep, columns=None if keep else dt4.transpose(2, 3))
+        Lm = _decay_blocks(sT, self.tril, floor, masked=keep, columns=dt4.transpose(2, 3))  # L o dt_j
         self.M = torch.mul(Lm.view(b, c, g, hg, q, q), CB[:, :, :, None]).view(b, c, h, q, q)  # (b, c, h, Q, Q)
+        # (forward only: in the backward, removing D again from the diagonal sums would cancel catastrophically)
         self.d_folded = not keep and D is not None and D.dim() == 1
         if self.d_folded:
             self.M.diagonal(dim1=-2, dim2=-1).add_(D[:, None])
@@ -130,7 +127,7 @@ class _Chunks:
         self.ent = ent.view(b, c, g, n, hg * p)
         self.x5, self.dt4 = x5, dt4
         if keep:
-            self.L, self.CB = Lm, CB
+            self.L, self.CB, self.sT, self.floor = Lm, CB, sT, floor
 
 
 def _to_states(S: torch.Tensor, g: int) -> torch.Tensor:
@@ -249,14 +246,18 @@ def _backward_segment(x, dt, A, B, C, D, S0, gy, g_end, q: int, outs: dict, need
     ge = gy5 * ch.e[..., None]  # (b, c, Q, h, p)
     ge_g = _by_group(ge.view(b, c, q, g, hg * p))  # (b, c, g, Q, hg p)
 
-    # diagonal blocks
-    gX_hm = ch.M.transpose(-1, -2) @ gy_hm  # (b, c, h, Q, p): M^T gy
-    gM = gy_hm @ ch.X.transpose(-1, -2)  # (b, c, h, Q, Q)
+    # diagonal blocks, with M' = L o CB o dt_j and the head-major x: M'^T gy = dt M^T gy
+    gxd_hm = ch.M.transpose(-1, -2) @ gy_hm  # (b, c, h, Q, p)
+    gM = gy_hm @ ch.X.transpose(-1, -2)  # (b, c, h, Q, Q): gy_i . x_j
     del gy_hm
-    gMM = torch.mul(gM, ch.M)
+    gMM = torch.mul(gM, ch.M)  # = (gy_i . X_j) M_ij, the same matrix as without the folding
+    gD = None
+    if D is not None and D.dim() == 1:
+        gD = gM.diagonal(dim1=-2, dim2=-1).sum((0, 1, 3))  # sum of gy_i . x_i per head (padded rows: gy = 0)
     del ch.M
     # row minus column sums of the same matrix: its diagonal, which dominates under strong decay, cancels exactly
-    gs = (gMM.sum(-1) - gMM.sum(-2)).transpose(2, 3)  # (b, c, Q, h)
+    cols = gMM.sum(-2).transpose(2, 3)  # (b, c, Q, h): X_j . gX_diag_j = dt_j (x_j . gX_diag_j)
+    gs = gMM.sum(-1).transpose(2, 3) - cols  # (b, c, Q, h)
     del gMM
     gCB = gM.mul_(ch.L).view(b, c, g, hg, q, q).sum(3).mul_(ch.tril)  # (b, c, g, Q, Q)
     del gM, ch.L
@@ -292,19 +293,36 @@ def _backward_segment(x, dt, A, B, C, D, S0, gy, g_end, q: int, outs: dict, need
     gB += ch.Xw_g @ gl.transpose(-1, -2)
     gWX = _from_group(ch.Bg @ gl).reshape(b, c, q, h, p)  # (b, c, Q, h, p): B G_{k+1}
     del gl
-    gX = torch.addcmul(gX_hm.transpose(2, 3), gWX, ch.w[..., None])  # (b, c, Q, h, p): d/d X
-    del gX_hm
-    gw = gWX.mul_(ch.Xw_hp).sum(-1)  # (b, c, Q, h): gradient of the exponent s_Q - s_j
-    del gWX
+    # d/d x = dt (M^T gy + w B G) + D gy, written straight into the gradient
     if need["x"]:
         gx = outs["x"].view(b, c, q, h, p) if not pad else torch.empty_like(gy5)
-        torch.mul(gX, ch.dt4[..., None], out=gx)
+        torch.addcmul(gxd_hm.transpose(2, 3), gWX, (ch.dt4 * ch.w)[..., None], out=gx)
         if D is not None:
             gx.addcmul_(gy5, _d_view(D))
         if pad:
             outs["x"].copy_(gx.view(b, c * q, h, p)[:, :length])
-    xgX = gX.mul_(ch.x5).sum(-1)  # (b, c, Q, h); in place: gX is not needed after
-    del gX
+    del gxd_hm
+    # x_j . d/dX_j (for d/d dt_j) from sums already at hand: the column sums are dt_j x_j . (M^T gy)_j and gw_j =
+    # dt_j w_j x_j . (B G)_j, both divided by dt_j; where |dt_j| is below sqrt(tiny) (the products could underflow;
+    # dt = 0 is allowed) it is computed directly
+    small = ch.dt4.abs() < math.sqrt(torch.finfo(ct).tiny)
+    if pad:
+        small.view(b, c * q, h)[:, length:] = False  # padded rows: cut off below
+    fix = small.nonzero() if small.any() else None
+    if fix is not None:
+        bi, ci, ji, hi = fix.unbind(1)
+        x_rows = ch.x5[bi, ci, ji, hi]  # (K, p)
+        direct = (x_rows * gWX[bi, ci, ji, hi]).sum(-1) * ch.w[bi, ci, ji, hi]
+    gw = gWX.mul_(ch.Xw_hp).sum(-1)  # (b, c, Q, h): gradient of the exponent s_Q - s_j
+    del gWX
+    xgX = cols.add(gw).div_(torch.where(small, 1.0, ch.dt4))
+    if fix is not None:
+        sv = ch.sT[bi, ci, hi]  # (K, Q): the column's block
+        ex = (sv - sv.gather(1, ji[:, None])).clamp_(min=ch.floor).exp_()
+        F.threshold_(ex, math.exp(ch.floor), 0.0).mul_(torch.arange(q, device=dev)[None] >= ji[:, None])
+        col = ex.mul_(ch.CB[bi, ci, hi // hg, :, ji])  # (K, Q): M_ij, i over the chunk
+        gXd = (col[:, :, None] * gy5[bi, ci, :, hi]).sum(1)  # (K, p): (M^T gy)_j
+        xgX[bi, ci, ji, hi] = direct + (x_rows * gXd).sum(-1)
     # (the end terms below are the sums of the same floats that the positions lose: they cancel as in exact math)
     gs -= gw
     gs[:, :, -1] += gw.sum(2) + g_dec * ch.dec
@@ -314,11 +332,8 @@ def _backward_segment(x, dt, A, B, C, D, S0, gy, g_end, q: int, outs: dict, need
     gA = (ga * ch.dt4).sum((0, 1, 2))
     _write(outs["B"], _from_group(gB), length)
     _write(outs["C"], _from_group(gC), length)
-    gD = None
-    if D is not None and need["D"]:
+    if D is not None and D.dim() == 2 and need["D"]:
         gD = (gy5 * ch.x5).sum((0, 1, 2))  # (h, p); padded rows have gy = 0
-        if D.dim() == 1:
-            gD = gD.sum(-1)
     return gA, gD, G0
 
 
