@@ -31,12 +31,19 @@ exactly only when both sides are sums of the same floats; ``ga`` is then multipl
 working set is a few ``(Q, Q)`` blocks per head, and nothing of the forward outlives it.
 The ``dt`` preprocessing (bias, softplus, clamp) stays outside, under autograd (elementwise on ``(b, L, h)``).
 
-Layouts: the per-head ``(Q, Q)`` products (``M X``, ``M^T gy``, ``gy X^T``) run on head-major ``(b, c, h, Q, p)``
-copies of ``x dt`` and ``gy`` (contiguous batches of ``(Q, p)`` blocks, one bmm); the state products (``B^T (w X)``,
-``C S``, ``(e gy)^T C``, ``B G``, ...) run chunk-major, where with ``g = 1`` all heads form one ``(Q, h p)`` matrix
-(one bmm per group with ``N`` or ``K`` = 512 at Adventurer-T's shapes). Each head-major copy is fused with the
-multiply it needs anyway (``x dt``), and head-major results come back through the strided read of the next fused
-elementwise op (``y``, ``gx``), so no separate permute copies.
+Folding: the per-head ``(Q, Q)`` products use ``M' = M o dt_j`` (``dt`` scaling the columns, free in the
+outer-product form of :func:`_decay_blocks`) on ``x`` itself, so ``M' x = M X`` and ``M'^T gy = dt M^T gy``: ``gx``
+is one fused op, and ``x_j . gX_j`` (for ``gdt``) is ``(column sum_j + gw_j) / dt_j`` from sums already at hand
+(``|dt_j| < sqrt(tiny)``, zero included, takes a direct path). In the forward a per-head ``D`` also goes onto the
+diagonal of ``M'`` (one bmm gives ``M X + D x``); not in the backward, where taking it out of the diagonal again
+would cancel catastrophically for small ``dt``. A per-head ``D``'s gradient is the sum of the diagonal of
+``gy x^T``.
+
+Layouts: the per-head products (``M' x``, ``M'^T gy``, ``gy x^T``) run on head-major ``(b, c, h, Q, p)`` copies of
+``x`` and ``gy`` (contiguous batches of ``(Q, p)`` blocks, one bmm); the state products (``B^T (w X)``, ``C S``,
+``(e gy)^T C``, ``B G``, ...) run chunk-major, where with ``g = 1`` all heads form one ``(Q, h p)`` matrix (one bmm
+per group with ``N`` or ``K`` = 512 at Adventurer-T's shapes); head-major results come back through the strided
+read of the next fused elementwise op (``y``, ``gx``), so no separate permute copies.
 
 Numerics as the chunked forward: exponents are differences ``<= 0`` floored at ``log(finfo.tiny)``; a decay that
 hits the floor (and every entry above the diagonal) is then set to exactly 0 (``threshold``), so no product with it
