@@ -21,7 +21,10 @@ Contenders, all fp32, same inputs (``dt`` goes through ``dt_bias`` + softplus in
 
 Default shapes are Adventurer-T's mixer (research notes §1.3): d_model 256 -> d_inner 512 = 8 heads x headdim 64,
 d_state 64, ngroups 1, at L = 196, 1024, 4096 and 16384. Timed: the forward under ``torch.no_grad`` ("fwd"), and
-forward + backward of a random projection of ``y`` to every input ("fwd+bwd"). Protocol (``_machine.py``): for each
+forward + backward to every input ("fwd+bwd"): ``y.backward(cot)``, the vector-Jacobian product with a fixed random
+cotangent ``cot`` -- the kernel's own forward and backward (until 2026-12-01 the script timed
+``(y * cot).sum().backward()``, whose two full-size multiplies belong to no kernel: about 15 ms of the 160 ms of
+``recompute`` at L = 4096, 1 thread; ``--loss-projection`` times that again). Protocol (``_machine.py``): for each
 of ``--threads`` (default 1 and 2) and each length, ``--warmup`` untimed calls, then ``--repeats`` (default 5)
 repeats in which every contender runs once, in rotated order; medians, IQRs, and the speed-up of the main contender
 as the median of per-repeat ratios. A slow contender can be skipped above a length (``--ref-max-len``,
@@ -129,7 +132,7 @@ def memory_worker(spec: dict, args: argparse.Namespace) -> float:
     if spec["name"] == "compiled":
         _enable_compile()
     inputs = make_inputs(args, spec["length"], args.seed)
-    call = make_calls(contenders(args.chunk)[spec["name"]], inputs)["fwd+bwd"]
+    call = make_calls(contenders(args.chunk)[spec["name"]], inputs, args.loss_projection)["fwd+bwd"]
     if spec["name"] == "compiled":
         call()  # compile outside the measurement
     return peak_rss_growth_mib(call)
@@ -140,7 +143,7 @@ def measure_memory(name: str, length: int, args: argparse.Namespace) -> float:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-worker", spec, "--threads", str(args.threads[0]),
            "--batch-size", str(args.batch_size), "--heads", str(args.heads), "--headdim", str(args.headdim),
            "--d-state", str(args.d_state), "--groups", str(args.groups), "--chunk", str(args.chunk),
-           "--seed", str(args.seed)]
+           "--seed", str(args.seed), *(["--loss-projection"] if getattr(args, "loss_projection", False) else [])]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.memory_timeout,
                           env=dict(os.environ, **PEAK_RSS_ENV))
     if proc.returncode != 0:
@@ -148,7 +151,9 @@ def measure_memory(name: str, length: int, args: argparse.Namespace) -> float:
     return float(proc.stdout.strip().splitlines()[-1])
 
 
-def make_calls(fn: Callable, inputs: dict[str, torch.Tensor]) -> dict[str, Callable]:
+def make_calls(fn: Callable, inputs: dict[str, torch.Tensor], loss_projection: bool = False) -> dict[str, Callable]:
+    """The timed calls: "fwd" under no_grad, "fwd+bwd" the forward and the backward with a random cotangent (as
+    ``(y * cot).sum().backward()`` with ``loss_projection``)."""
     leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
     cot = torch.randn(inputs["x"].shape, generator=torch.Generator().manual_seed(1))
 
@@ -159,7 +164,10 @@ def make_calls(fn: Callable, inputs: dict[str, torch.Tensor]) -> dict[str, Calla
     def fwd_bwd() -> None:
         for t in leaves.values():
             t.grad = None
-        (fn(leaves) * cot).sum().backward()
+        if loss_projection:
+            (fn(leaves) * cot).sum().backward()
+        else:
+            fn(leaves).backward(cot)
 
     return {"fwd": fwd, "fwd+bwd": fwd_bwd}
 
@@ -259,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="longer L: pscan extrapolated, not run (its memory is ~b*L*h*p*n*4 bytes per tensor)")
     ap.add_argument("--no-pscan", action="store_true", help="skip the mambapy baseline entirely")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    ap.add_argument("--loss-projection", action="store_true",
+                    help="time fwd+bwd as (y * cot).sum().backward() (the protocol of the records before 2026-12-01) "
+                         "instead of y.backward(cot)")
     ap.add_argument("--memory-timeout", type=float, default=900.0, help="seconds allowed per memory subprocess")
     ap.add_argument("--quick", action="store_true", help="L = 196 and 1024, 3 repeats")
     ap.add_argument("--smoke", action="store_true",
@@ -304,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     warm = make_inputs(args, 64, args.seed)
     for name in names:  # one short untimed call each: first-call setup is not what is measured
         if name != "compiled":  # (compiled: one compilation per shape, done by the warm-up of each length)
-            for call in make_calls(fns[name], warm).values():
+            for call in make_calls(fns[name], warm, args.loss_projection).values():
                 call()
 
     checks: dict[int, dict] = {}
@@ -321,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
                 run = [n for n in names if max_len[n] is None or length <= max_len[n]]
                 res: dict[str, dict] = {}
                 for kind in ("fwd", "fwd+bwd"):
-                    calls = {n: make_calls(fns[n], inputs)[kind] for n in run}
+                    calls = {n: make_calls(fns[n], inputs, args.loss_projection)[kind] for n in run}
                     times = time_interleaved(calls, repeats=args.repeats, warmup=args.warmup, log=log,
                                              label=f"{t} thr L={length} {kind} ")
                     res[kind] = {"times_s": times, "summary_s": {n: summary(v) for n, v in times.items()},
