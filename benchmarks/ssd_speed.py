@@ -34,7 +34,8 @@ the longest measured length and marked ``~`` (the reference is a loop of identic
 compared with the reference on the first ``--check-len`` tokens (outputs, fp32), and the run stops on a mismatch.
 
 Peak memory of one forward + backward (``--no-memory`` skips it): a fresh subprocess per (contender, length) at the
-first thread count, the growth of the resident set's high-water mark during the call (``_machine.peak_rss_growth_mib``;
+first thread count, of ``(y * cot).sum().backward()`` (``y`` freed before the backward, as in the recorded tables),
+the growth of the resident set's high-water mark during the call (``_machine.peak_rss_growth_mib``;
 the inputs exist before it starts, their gradients are counted), after one untimed call for ``compiled``.
 
 Examples::
@@ -132,7 +133,8 @@ def memory_worker(spec: dict, args: argparse.Namespace) -> float:
     if spec["name"] == "compiled":
         _enable_compile()
     inputs = make_inputs(args, spec["length"], args.seed)
-    call = make_calls(contenders(args.chunk)[spec["name"]], inputs, args.loss_projection)["fwd+bwd"]
+    # as in the recorded tables: y is dropped before the backward (the loss projection), so the peak is the kernel's
+    call = make_calls(contenders(args.chunk)[spec["name"]], inputs, loss_projection=True)["fwd+bwd"]
     if spec["name"] == "compiled":
         call()  # compile outside the measurement
     return peak_rss_growth_mib(call)
@@ -143,7 +145,7 @@ def measure_memory(name: str, length: int, args: argparse.Namespace) -> float:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-worker", spec, "--threads", str(args.threads[0]),
            "--batch-size", str(args.batch_size), "--heads", str(args.heads), "--headdim", str(args.headdim),
            "--d-state", str(args.d_state), "--groups", str(args.groups), "--chunk", str(args.chunk),
-           "--seed", str(args.seed), *(["--loss-projection"] if getattr(args, "loss_projection", False) else [])]
+           "--seed", str(args.seed)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.memory_timeout,
                           env=dict(os.environ, **PEAK_RSS_ENV))
     if proc.returncode != 0:
