@@ -81,10 +81,11 @@ class _Chunks:
 
     ``x (b, l, h, p)``, ``dt (b, l, h)``, ``B``/``C (b, l, g, n)``, ``S0`` or None in the state layout of
     :func:`_to_states`, ``l = c Q``.
-    Attributes: decays ``e``, ``w`` ``(b, c, Q, h)`` and ``dec`` ``(b, c, h)``; ``X`` = x dt head-major ``(b, c, h,
-    Q, p)``; ``Xw_g`` = x dt w chunk-major per group ``(b, c, g, Q, hg p)``; ``Bg``/``Cg`` ``(b, c, g, Q, n)``;
-    ``M`` ``(b, c, h, Q, Q)``; the states entering the chunks ``ent`` ``(b, c, g, n, hg p)`` and the final state
-    ``(b, g, n, hg, p)``; with ``keep``, also ``L`` and the masked ``CB`` for the backward.
+    Attributes: decays ``e``, ``w`` ``(b, c, Q, h)`` and ``dec`` ``(b, c, h)``; ``X`` = x head-major ``(b, c, h, Q,
+    p)``; ``Xw_g`` = x dt w chunk-major per group ``(b, c, g, Q, hg p)``; ``Bg``/``Cg`` ``(b, c, g, Q, n)``; ``M`` =
+    L o CB o dt_j ``(b, c, h, Q, Q)`` (without ``keep``, plus a per-head ``D`` on its diagonal); the states entering
+    the chunks ``ent`` ``(b, c, g, n, hg p)`` and the final state ``(b, g, n, hg, p)``; with ``keep``, also ``L``
+    (times dt_j), the masked ``CB``, ``sT`` and the exponent floor for the backward.
     """
 
     def __init__(self, x, dt, A, B, C, S0, q: int, *, keep: bool, D: torch.Tensor | None = None):
@@ -102,8 +103,8 @@ class _Chunks:
         self.dec = F.threshold_(s[:, :, -1].clamp(min=floor).exp_(), zero_at, 0.0)
         self.e = F.threshold_(s.clamp_(min=floor).exp_(), zero_at, 0.0)
         # right operand of the per-head products: x itself, head-major, with dt folded into the decay blocks'
-        # columns (free in the outer-product form) and a D of shape (h,) onto their diagonal, so that one bmm gives
-        # the diagonal block and the skip (M'' x = M X + D x), and in the backward M''^T gy = dt M^T gy + D gy
+        # columns (free in the outer-product form): M' x = M X, and in the backward M'^T gy = dt M^T gy; in the
+        # forward a D of shape (h,) also goes onto the diagonal (one bmm gives the diagonal block and the skip)
         self.X = torch.empty((b, c, h, q, p), dtype=ct, device=dev).copy_(x5.transpose(2, 3))
         Xw = torch.mul(x5, (dt4 * self.w)[..., None])  # (b, c, Q, h, p), contiguous
         self.Xw_g, self.Xw_hp = _by_group(Xw.view(b, c, q, g, hg * p)), Xw
