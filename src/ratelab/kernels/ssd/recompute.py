@@ -293,7 +293,8 @@ def _backward_segment(x, dt, A, B, C, D, S0, gy, g_end, q: int, outs: dict, need
         torch.addcmul(rv[k], glv[k], dv[k], out=glv[k - 1])
     G0 = torch.addcmul(rv[0], glv[0], dv[0]) if need["state"] else None
     del g_read, rv
-    # d/d s_Q of the state leaving chunk k, S_{k+1} = e_Q S_k + sum_j exp(s_Q - s_j) X_j B_j^T, is S_{k+1} itself
+    # S_{k+1} = e_Q S_k + sum_j exp(s_Q - s_j) X_j B_j^T depends on s_Q through e_Q (this term) and through the
+    # w_j (gw below, summed at s_Q)
     g_dec = (gl * ch.ent.view(b, c, g, n, hg, p)).sum(-1).sum(3).view(b, c, h)  # <G_{k+1}, S_k> per head
     gl = gl.view(b, c, g, n, hg * p)
 
