@@ -145,7 +145,7 @@ def linear_norm_sample(layer: nn.Linear, activations: list[torch.Tensor],
 
 def _linear_ghost(layer: nn.Linear, activations: list[torch.Tensor],
                   backprops: torch.Tensor) -> tuple[dict[nn.Parameter, torch.Tensor], list[tuple[Any, ...]]]:
-    """Per-sample gradient norms of a Linear layer by the cheaper of two exact routes, and what book-keeping needs.
+    """Per-sample gradient norms of a Linear layer by one of two exact routes, and what book-keeping needs.
 
     With activations A_i (T x d_in) and output gradients G_i (T x d_out) of example i, the weight gradient is
     G_i^T A_i. Ghost norm (opacus' only route): ||G_i^T A_i||^2 = <A_i A_i^T, G_i G_i^T>, T^2 (d_in + d_out) work on
