@@ -123,15 +123,17 @@ class _Chunks:
         # states entering the chunks: c small steps into one buffer (unbound views, never slices); the final state
         # apart, so that the buffer is one contiguous batch of matmul operands
         ent = torch.empty((b, c, g, n, hg, p), dtype=ct, device=dev)
-        ev, lv = [*ent.unbind(1), torch.empty_like(ent[:, 0])], local.view(b, c, g, n, hg, p).unbind(1)
+        ev, lv = [*ent.unbind(1)], local.view(b, c, g, n, hg, p).unbind(1)
+        if not keep:
+            ev.append(torch.empty_like(ent[:, 0]))
         dv = self.dec.view(b, c, g, 1, hg, 1).unbind(1)
         if S0 is None:
             ev[0].zero_()
         else:
             ev[0].copy_(S0)
-        for k in range(c):
+        for k in range(c - 1 if keep else c):  # (the backward does not need the final state)
             torch.addcmul(lv[k], ev[k], dv[k], out=ev[k + 1])
-        self.final = ev[c]  # (b, g, n, hg, p)
+        self.final = None if keep else ev[c]  # (b, g, n, hg, p)
         self.ent = ent.view(b, c, g, n, hg * p)
         self.x5, self.dt4 = x5, dt4
         if keep:
