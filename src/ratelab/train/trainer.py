@@ -417,7 +417,9 @@ class Trainer:
         if owners:
             raise ConfigError(f"compile: plugin(s) {owners} wrap the model or take over its backward (per-example "
                               "gradients), which torch.compile cannot trace through; drop --compile")
-        self.model.compile()
+        # Static shapes: a new batch size or length recompiles instead of tracing symbolic sizes, which inductor
+        # 2.14 cannot order the strides of in the Mamba-2 mixer ("cannot determine truth value of Relational").
+        self.model.compile(dynamic=False)
 
     def _build_optimizers(self) -> list[OptimizerSpec]:
         cfg = self.cfg
