@@ -31,19 +31,23 @@ exactly only when both sides are sums of the same floats; ``ga`` is then multipl
 working set is a few ``(Q, Q)`` blocks per head, and nothing of the forward outlives it.
 The ``dt`` preprocessing (bias, softplus, clamp) stays outside, under autograd (elementwise on ``(b, L, h)``).
 
-Folding: the per-head ``(Q, Q)`` products use ``M' = M o dt_j`` (``dt`` scaling the columns, free in the
-outer-product form of :func:`_decay_blocks`) on ``x`` itself, so ``M' x = M X`` and ``M'^T gy = dt M^T gy``: ``gx``
-is one fused op, and ``x_j . gX_j`` (for ``gdt``) is ``(column sum_j + gw_j) / dt_j`` from sums already at hand
-(``|dt_j| < sqrt(tiny)``, zero included, takes a direct path). In the forward a per-head ``D`` also goes onto the
-diagonal of ``M'`` (one bmm gives ``M X + D x``); not in the backward, where taking it out of the diagonal again
-would cancel catastrophically for small ``dt``. A per-head ``D``'s gradient is the sum of the diagonal of
-``gy x^T``.
+Forward: where a chunk's log-decay spans at most :data:`FACTOR_SPAN` for a head, its decay block is an outer
+product ``r_i k_j`` (:func:`_decay_blocks`), so ``(L o CB) X = r o (CB (k o X))``: one chunk-major product of the
+group's ``CB`` with all its heads (no per-head ``(Q, Q)`` blocks, no head-major copy of ``x``); the other blocks take
+the exact per-head product (:func:`_forward_segment`).
 
-Layouts: the per-head products (``M' x``, ``M'^T gy``, ``gy x^T``) run on head-major ``(b, c, h, Q, p)`` copies of
+Folding in the backward: the per-head ``(Q, Q)`` products use ``M' = M o dt_j`` (``dt`` scaling the columns, free in
+the outer-product form of :func:`_decay_blocks`) on ``x`` itself, so ``M'^T gy = dt M^T gy``: ``gx`` is one fused op,
+and ``x_j . gX_j`` (for ``gdt``) is ``(column sum_j + gw_j) / dt_j`` from sums already at hand (``|dt_j| <
+sqrt(tiny)``, zero included, takes a direct path). ``D`` stays off the diagonal of ``M'``: taking it out of the
+diagonal sums again would cancel catastrophically for small ``dt``. A per-head ``D``'s gradient is the sum of the
+diagonal of ``gy x^T``.
+
+Layouts: the backward's per-head products (``M'^T gy``, ``gy x^T``) run on head-major ``(b, c, h, Q, p)`` copies of
 ``x`` and ``gy`` (contiguous batches of ``(Q, p)`` blocks, one bmm); the state products (``B^T (w X)``, ``C S``,
 ``(e gy)^T C``, ``B G``, ...) run chunk-major, where with ``g = 1`` all heads form one ``(Q, h p)`` matrix (one bmm
 per group with ``N`` or ``K`` = 512 at Adventurer-T's shapes); head-major results come back through the strided
-read of the next fused elementwise op (``y``, ``gx``), so no separate permute copies.
+read of the next fused elementwise op (``gx``), so no separate permute copies.
 
 Numerics as the chunked forward: exponents are differences ``<= 0`` floored at ``log(finfo.tiny)``; a decay that
 hits the floor (and every entry above the diagonal) is then set to exactly 0 (``threshold``), so no product with it
@@ -77,18 +81,17 @@ def _pad_time(t: torch.Tensor, pad: int) -> torch.Tensor:
 
 
 class _Chunks:
-    """The chunk tensors of one segment of whole chunks, built from its inputs without autograd.
+    """The chunk tensors of one segment of whole chunks for the backward, built from its inputs without autograd.
 
     ``x (b, l, h, p)``, ``dt (b, l, h)``, ``B``/``C (b, l, g, n)``, ``S0`` or None in the state layout of
     :func:`_to_states`, ``l = c Q``.
     Attributes: decays ``e``, ``w`` ``(b, c, Q, h)`` and ``dec`` ``(b, c, h)``; ``X`` = x head-major ``(b, c, h, Q,
     p)``; ``Xw_g`` = x dt w chunk-major per group ``(b, c, g, Q, hg p)``; ``Bg``/``Cg`` ``(b, c, g, Q, n)``; ``M`` =
-    L o CB o dt_j ``(b, c, h, Q, Q)`` (without ``keep``, plus a per-head ``D`` on its diagonal); the states entering
-    the chunks ``ent`` ``(b, c, g, n, hg p)`` and the final state ``(b, g, n, hg, p)``; with ``keep``, also ``L``
+    L o CB o dt_j ``(b, c, h, Q, Q)``; the states entering the chunks ``ent`` ``(b, c, g, n, hg p)``; also ``L``
     (times dt_j), the masked ``CB``, ``sT`` and the exponent floor for the backward.
     """
 
-    def __init__(self, x, dt, A, B, C, S0, q: int, *, keep: bool, D: torch.Tensor | None = None):
+    def __init__(self, x, dt, A, B, C, S0, q: int):
         b, length, h, p = x.shape
         g, n = B.shape[-2:]
         hg, c = h // g, length // q
@@ -103,8 +106,7 @@ class _Chunks:
         self.dec = F.threshold_(s[:, :, -1].clamp(min=floor).exp_(), zero_at, 0.0)
         self.e = F.threshold_(s.clamp_(min=floor).exp_(), zero_at, 0.0)
         # right operand of the per-head products: x itself, head-major, with dt folded into the decay blocks'
-        # columns (free in the outer-product form): M' x = M X, and in the backward M'^T gy = dt M^T gy; in the
-        # forward a D of shape (h,) also goes onto the diagonal (one bmm gives the diagonal block and the skip)
+        # columns (free in the outer-product form): M'^T gy = dt M^T gy
         self.X = torch.empty((b, c, h, q, p), dtype=ct, device=dev).copy_(x5.transpose(2, 3))
         Xw = torch.mul(x5, (dt4 * self.w)[..., None])  # (b, c, Q, h, p), contiguous
         self.Xw_g, self.Xw_hp = _by_group(Xw.view(b, c, q, g, hg * p)), Xw
@@ -112,32 +114,23 @@ class _Chunks:
         self.Cg = _by_group(C.view(b, c, q, g, n)).contiguous()
         self.tril = torch.ones(q, q, dtype=ct, device=dev).tril_()  # a 0/1 multiply is cheaper than masked_fill
         CB = (self.Cg @ self.Bg.transpose(-1, -2)).mul_(self.tril)  # (b, c, g, Q, Q), one per group
-        # the forward only needs M = L o CB, whose upper triangle CB's mask zeroes: L's own is left unmasked
-        Lm = _decay_blocks(sT, self.tril, floor, masked=keep, columns=dt4.transpose(2, 3))  # L o dt_j
+        Lm = _decay_blocks(sT, self.tril, floor, columns=dt4.transpose(2, 3))  # L o dt_j
         self.M = torch.mul(Lm.view(b, c, g, hg, q, q), CB[:, :, :, None]).view(b, c, h, q, q)  # (b, c, h, Q, Q)
-        # (forward only: in the backward, removing D again from the diagonal sums would cancel catastrophically)
-        self.d_folded = not keep and D is not None and D.dim() == 1
-        if self.d_folded:
-            self.M.diagonal(dim1=-2, dim2=-1).add_(D[:, None])
         local = self.Bg.transpose(-1, -2) @ self.Xw_g  # (b, c, g, n, hg p): each chunk's own end state
-        # states entering the chunks: c small steps into one buffer (unbound views, never slices); the final state
-        # apart, so that the buffer is one contiguous batch of matmul operands
+        # states entering the chunks: c - 1 small steps into one buffer (unbound views, never slices); the backward
+        # does not need the final state
         ent = torch.empty((b, c, g, n, hg, p), dtype=ct, device=dev)
         ev, lv = [*ent.unbind(1)], local.view(b, c, g, n, hg, p).unbind(1)
-        if not keep:
-            ev.append(torch.empty_like(ent[:, 0]))
         dv = self.dec.view(b, c, g, 1, hg, 1).unbind(1)
         if S0 is None:
             ev[0].zero_()
         else:
             ev[0].copy_(S0)
-        for k in range(c - 1 if keep else c):  # (the backward does not need the final state)
+        for k in range(c - 1):
             torch.addcmul(lv[k], ev[k], dv[k], out=ev[k + 1])
-        self.final = None if keep else ev[c]  # (b, g, n, hg, p)
         self.ent = ent.view(b, c, g, n, hg * p)
         self.x5, self.dt4 = x5, dt4
-        if keep:
-            self.L, self.CB, self.sT, self.floor = Lm, CB, sT, floor
+        self.L, self.CB, self.sT, self.floor = Lm, CB, sT, floor
 
 
 def _to_states(S: torch.Tensor, g: int) -> torch.Tensor:
@@ -186,7 +179,7 @@ def _exact_decay(sT: torch.Tensor, tril: torch.Tensor, floor: float) -> torch.Te
     return F.threshold_(Lm.exp_(), math.exp(floor), 0.0)
 
 
-def _decay_blocks(sT: torch.Tensor, tril: torch.Tensor, floor: float, *, masked: bool = True,
+def _decay_blocks(sT: torch.Tensor, tril: torch.Tensor, floor: float, *,
                   columns: torch.Tensor | None = None) -> torch.Tensor:
     """The lower-triangular decay blocks ``L_ij = exp(s_i - s_j)`` (``i >= j``, else 0) of ``sT (..., Q)``.
 
@@ -194,10 +187,10 @@ def _decay_blocks(sT: torch.Tensor, tril: torch.Tensor, floor: float, *, masked:
     ``exp(s_i - m) exp(m - s_j)`` around the midpoint ``m`` of the span: two passes over the block (product, mask)
     instead of four (difference, clamp, exp, zeroing), and both factors lie in ``[e^-30, e^30]``, so nothing
     overflows and no entry is subnormal. The other blocks (strong decays: some entries below the exponent floor)
-    take the difference form of :func:`_exact_decay`. The two forms agree to rounding (a few ulp). Without
-    ``masked`` the outer-product blocks keep their upper triangle (finite: at most ``e^FACTOR_SPAN``), for a caller
-    that multiplies it by zeros anyway. ``columns`` (shaped as ``sT``): column ``j`` of every block is multiplied by
-    ``columns[..., j]`` (in the outer-product form, folded into the column factor).
+    take the difference form of :func:`_exact_decay`. The two forms agree to rounding (a few ulp). ``columns``
+    (shaped as ``sT``): column ``j`` of every block is multiplied by ``columns[..., j]`` (in the outer-product form,
+    folded into the column factor). The forward (:func:`_forward_segment`) uses the same two forms without building
+    the outer-product blocks.
     """
     lo, hi = sT.amin(-1, keepdim=True), sT.amax(-1, keepdim=True)
     wide = (hi - lo <= FACTOR_SPAN).logical_not_().squeeze(-1)  # NaN spans are wide: they reach the exact path
@@ -205,9 +198,7 @@ def _decay_blocks(sT: torch.Tensor, tril: torch.Tensor, floor: float, *, masked:
     col = (mid - sT).exp_()
     if columns is not None:
         col.mul_(columns)
-    Lm = torch.mul((sT - mid).exp_()[..., :, None], col[..., None, :])
-    if masked:
-        Lm.mul_(tril)
+    Lm = torch.mul((sT - mid).exp_()[..., :, None], col[..., None, :]).mul_(tril)
     if wide.any():
         flat, idx = Lm.view(-1, *Lm.shape[-2:]), wide.view(-1).nonzero().squeeze(1)
         exact = _exact_decay(sT.reshape(-1, sT.shape[-1])[idx], tril, floor)
@@ -221,23 +212,78 @@ def _d_view(D: torch.Tensor) -> torch.Tensor:
     return D[:, None] if D.dim() == 1 else D
 
 
-def _forward_segment(x, dt, A, B, C, D, S0, q: int, y_out: torch.Tensor) -> torch.Tensor:
-    """Write one segment's ``y`` into ``y_out (b, l, h, p)``; return the state after it."""
+def _forward_segment(x, dt, A, B, C, D, S0, q: int, y_out: torch.Tensor, *, final: bool = True):
+    """Write one segment's ``y`` into ``y_out (b, l, h, p)``; return the state after it (None without ``final``).
+
+    Where a chunk's log-decay spans at most :data:`FACTOR_SPAN` for a head, its decay block is the outer product
+    ``r_i k_j`` (:func:`_decay_blocks`), so ``(L o CB) X = r o (CB (k o X))``: one chunk-major product of the
+    group's ``CB`` with all its heads at once (``(Q, Q) @ (Q, hg p)``, no head-major copy of ``x`` and no
+    per-head ``(Q, Q)`` block). Its rounding is bounded as the per-head product's (``r_i k_j = L_ij <= 1`` on every
+    term that CB's mask keeps). The other (chunk, head) blocks get ``r = k = 0`` and their exact per-head product.
+    """
     length = x.shape[1]
     pad = (-length) % q
     if pad:
         x, dt, B, C = (_pad_time(t, pad) for t in (x, dt, B, C))
-    ch = _Chunks(x, dt, A, B, C, S0, q, keep=False, D=D)
-    b, c, q, h, p, g, hg, n = ch.shape
-    yd = ch.M @ ch.X  # (b, c, h, Q, p): the diagonal blocks (and D x when D is per head)
-    yo = _from_group(ch.Cg @ ch.ent).reshape(b, c, q, h, p)  # a view when g == 1
-    out = y_out.view(b, c, q, h, p) if not pad else torch.empty((b, c, q, h, p), dtype=x.dtype, device=x.device)
-    torch.addcmul(yd.transpose(2, 3), yo, ch.e[..., None], out=out)
-    if D is not None and not ch.d_folded:
-        out.addcmul_(ch.x5, D)
+    b, ln, h, p = x.shape
+    g, n = B.shape[-2:]
+    hg, c = h // g, ln // q
+    ct, dev = x.dtype, x.device
+    floor = float(math.ceil(math.log(torch.finfo(ct).tiny)))
+    zero_at = math.exp(floor)
+    x5, dt4 = x.view(b, c, q, h, p), dt.view(b, c, q, h)
+    s = (dt4 * A).cumsum_(2)  # (b, c, Q, h)
+    lo, hi = s.amin(2, keepdim=True), s.amax(2, keepdim=True)
+    wide = (hi - lo <= FACTOR_SPAN).logical_not_()  # (b, c, 1, h); NaN spans are wide
+    mid = (lo + hi).mul_(0.5)
+    r = (s - mid).exp_()
+    k = (mid - s).exp_().mul_(dt4)
+    any_wide = bool(wide.any())
+    if any_wide:
+        r.masked_fill_(wide, 0.0)
+        k.masked_fill_(wide, 0.0)
+    w = F.threshold_((s[:, :, -1:] - s).clamp_(min=floor).exp_(), zero_at, 0.0)
+    dec = F.threshold_(s[:, :, -1].clamp(min=floor).exp_(), zero_at, 0.0)  # (b, c, h)
+    e = F.threshold_(s.clamp(min=floor).exp_(), zero_at, 0.0)
+    Xw = torch.mul(x5, (dt4 * w)[..., None])  # (b, c, Q, h, p)
+    Xk = torch.mul(x5, k[..., None])
+    Bg = _by_group(B.view(b, c, q, g, n)).contiguous()
+    Cg = _by_group(C.view(b, c, q, g, n)).contiguous()
+    tril = torch.ones(q, q, dtype=ct, device=dev).tril_()
+    CB = (Cg @ Bg.transpose(-1, -2)).mul_(tril)  # (b, c, g, Q, Q)
+    yd = _from_group(CB @ _by_group(Xk.view(b, c, q, g, hg * p))).reshape(b, c, q, h, p)
+    del Xk
+    local = Bg.transpose(-1, -2) @ _by_group(Xw.view(b, c, q, g, hg * p))  # (b, c, g, n, hg p)
+    del Xw
+    ent = torch.empty((b, c, g, n, hg, p), dtype=ct, device=dev)
+    ev, lv = [*ent.unbind(1)], local.view(b, c, g, n, hg, p).unbind(1)
+    steps = c
+    if final:
+        ev.append(torch.empty_like(ent[:, 0]))
+    else:
+        steps = c - 1
+    dv = dec.view(b, c, g, 1, hg, 1).unbind(1)
+    if S0 is None:
+        ev[0].zero_()
+    else:
+        ev[0].copy_(S0)
+    for i in range(steps):
+        torch.addcmul(lv[i], ev[i], dv[i], out=ev[i + 1])
+    yo = _from_group(Cg @ ent.view(b, c, g, n, hg * p)).reshape(b, c, q, h, p)
+    out = y_out.view(b, c, q, h, p) if not pad else torch.empty((b, c, q, h, p), dtype=ct, device=dev)
+    torch.mul(yd, r[..., None], out=out)
+    del yd
+    out.addcmul_(yo, e[..., None])
+    if D is not None:
+        out.addcmul_(x5, _d_view(D))
+    if any_wide:
+        bi, ci, _, hi_ = wide.nonzero().unbind(1)
+        sv = s[bi, ci, :, hi_]  # (K, Q)  (s was not modified in place after the cumsum)
+        Lx = _exact_decay(sv, tril, floor).mul_(dt4[bi, ci, :, hi_][:, None, :]).mul_(CB[bi, ci, hi_ // hg])
+        out[bi, ci, :, hi_] += Lx @ x5[bi, ci, :, hi_]
     if pad:
         y_out.copy_(out.view(b, c * q, h, p)[:, :length])
-    return ch.final
+    return ev[c] if final else None
 
 
 def _backward_segment(x, dt, A, B, C, D, S0, gy, g_end, q: int, outs: dict, need: dict):
@@ -248,7 +294,7 @@ def _backward_segment(x, dt, A, B, C, D, S0, gy, g_end, q: int, outs: dict, need
     pad = (-length) % q
     if pad:  # dt = 0 rows: no decay, no input; their gradients are cut off below
         x, dt, B, C, gy = (_pad_time(t, pad) for t in (x, dt, B, C, gy))
-    ch = _Chunks(x, dt, A, B, C, S0, q, keep=True)
+    ch = _Chunks(x, dt, A, B, C, S0, q)
     b, c, q, h, p, g, hg, n = ch.shape
     ct, dev = x.dtype, x.device
     gy5 = gy.view(b, c, q, h, p)
@@ -260,7 +306,7 @@ def _backward_segment(x, dt, A, B, C, D, S0, gy, g_end, q: int, outs: dict, need
     gxd_hm = ch.M.transpose(-1, -2) @ gy_hm  # (b, c, h, Q, p)
     gM = gy_hm @ ch.X.transpose(-1, -2)  # (b, c, h, Q, Q): gy_i . x_j
     del gy_hm
-    gMM = torch.mul(gM, ch.M)  # = (gy_i . X_j) M_ij, the same matrix as without the folding
+    gMM = ch.M.mul_(gM)  # = (gy_i . X_j) M_ij, the same matrix as without the folding (in place: M's last use)
     gD = None
     if D is not None and D.dim() == 1:
         gD = gM.diagonal(dim1=-2, dim2=-1).sum((0, 1, 3))  # sum of gy_i . x_i per head (padded rows: gy = 0)
@@ -297,7 +343,9 @@ def _backward_segment(x, dt, A, B, C, D, S0, gy, g_end, q: int, outs: dict, need
     del g_read, rv
     # S_{k+1} = e_Q S_k + sum_j exp(s_Q - s_j) X_j B_j^T depends on s_Q through e_Q (this term) and through the
     # w_j (gw below, summed at s_Q)
-    g_dec = (gl * ch.ent.view(b, c, g, n, hg, p)).sum(-1).sum(3).view(b, c, h)  # <G_{k+1}, S_k> per head
+    # <G_{k+1}, S_k> per head (in place: the entering states' last use)
+    g_dec = ch.ent.view(b, c, g, n, hg, p).mul_(gl).sum(-1).sum(3).view(b, c, h)
+    del ch.ent
     gl = gl.view(b, c, g, n, hg * p)
 
     # chunk states: local = sum_j w_j X_j B_j^T
@@ -348,19 +396,20 @@ def _backward_segment(x, dt, A, B, C, D, S0, gy, g_end, q: int, outs: dict, need
     return gA, gD, G0
 
 
-def _forward(chunk_size: int, segment_chunks: int, x, dt, A, B, C, D, initial_state):
-    """The segment-by-segment forward on prepared operands: ``y``, the final state ``(b, h, p, n)``, the states
-    entering the segments (kernel layout; the first is None without ``initial_state``), the chunk length and the
-    segments."""
+def _forward(chunk_size: int, segment_chunks: int, x, dt, A, B, C, D, initial_state, final: bool = True):
+    """The segment-by-segment forward on prepared operands: ``y``, the final state ``(b, h, p, n)`` (None without
+    ``final``), the states entering the segments (kernel layout; the first is None without ``initial_state``), the
+    chunk length and the segments."""
     q = balanced_chunk(x.shape[1], chunk_size)
     segs = _segments(x.shape[1], q, segment_chunks)
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     entering = []
     state = None if initial_state is None else _to_states(initial_state, B.shape[2])
-    for s, e in segs:
+    for i, (s, e) in enumerate(segs):
         entering.append(state)
-        state = _forward_segment(x[:, s:e], dt[:, s:e], A, B[:, s:e], C[:, s:e], D, state, q, y[:, s:e])
-    return y, _from_states(state), entering, q, segs
+        state = _forward_segment(x[:, s:e], dt[:, s:e], A, B[:, s:e], C[:, s:e], D, state, q, y[:, s:e],
+                                 final=final or i + 1 < len(segs))
+    return y, None if state is None else _from_states(state), entering, q, segs
 
 
 class SSDRecomputeFn(torch.autograd.Function):
@@ -443,6 +492,6 @@ def ssd_recompute(
     if grad:
         y, final = SSDRecomputeFn.apply(chunk_size, segment_chunks, *operands)
     else:
-        y, final = _forward(chunk_size, segment_chunks, *operands)[:2]
+        y, final = _forward(chunk_size, segment_chunks, *operands, final=return_final_state)[:2]
     y = y.to(x.dtype)
     return (y, final) if return_final_state else y
