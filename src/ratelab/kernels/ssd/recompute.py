@@ -221,17 +221,25 @@ def _forward_segment(x, dt, A, B, C, D, S0, q: int, y_out: torch.Tensor, *, fina
     per-head ``(Q, Q)`` block). Its rounding is bounded as the per-head product's (``r_i k_j = L_ij <= 1`` on every
     term that CB's mask keeps). The other (chunk, head) blocks get ``r = k = 0`` and their exact per-head product.
     """
-    length = x.shape[1]
+    b, length, h, p = x.shape
     pad = (-length) % q
-    if pad:
-        x, dt, B, C = (_pad_time(t, pad) for t in (x, dt, B, C))
-    b, ln, h, p = x.shape
+    if pad:  # x itself is never padded: the products with it write into padded buffers (zero rows appended)
+        dt, B, C = (_pad_time(t, pad) for t in (dt, B, C))
+    ln = length + pad
     g, n = B.shape[-2:]
     hg, c = h // g, ln // q
     ct, dev = x.dtype, x.device
     floor = float(math.ceil(math.log(torch.finfo(ct).tiny)))
     zero_at = math.exp(floor)
-    x5, dt4 = x.view(b, c, q, h, p), dt.view(b, c, q, h)
+    dt4 = dt.view(b, c, q, h)
+
+    def times_x(factor: torch.Tensor) -> torch.Tensor:  # x * factor (b, c, Q, h) -> (b, c, Q, h, p)
+        if not pad:
+            return torch.mul(x.view(b, c, q, h, p), factor[..., None])
+        buf = torch.empty((b, ln, h, p), dtype=ct, device=dev)
+        torch.mul(x, factor.view(b, ln, h)[:, :length, :, None], out=buf[:, :length])
+        buf[:, length:].zero_()
+        return buf.view(b, c, q, h, p)
     s = (dt4 * A).cumsum_(2)  # (b, c, Q, h)
     lo, hi = s.amin(2, keepdim=True), s.amax(2, keepdim=True)
     wide = (hi - lo <= FACTOR_SPAN).logical_not_()  # (b, c, 1, h); NaN spans are wide
@@ -239,14 +247,14 @@ def _forward_segment(x, dt, A, B, C, D, S0, q: int, y_out: torch.Tensor, *, fina
     r = (s - mid).exp_()
     k = (mid - s).exp_().mul_(dt4)
     any_wide = bool(wide.any())
-    if any_wide:
-        r.masked_fill_(wide, 0.0)
+    if any_wide:  # these heads' rank-1 term is 0 (k = 0); their exact product goes into yd, read out with r = 1
+        r.masked_fill_(wide, 1.0)
         k.masked_fill_(wide, 0.0)
     w = F.threshold_((s[:, :, -1:] - s).clamp_(min=floor).exp_(), zero_at, 0.0)
     dec = F.threshold_(s[:, :, -1].clamp(min=floor).exp_(), zero_at, 0.0)  # (b, c, h)
     e = F.threshold_(s.clamp(min=floor).exp_(), zero_at, 0.0)
-    Xw = torch.mul(x5, (dt4 * w)[..., None])  # (b, c, Q, h, p)
-    Xk = torch.mul(x5, k[..., None])
+    Xw = times_x(dt4 * w)  # (b, c, Q, h, p)
+    Xk = times_x(k)
     Bg = _by_group(B.view(b, c, q, g, n)).contiguous()
     Cg = _by_group(C.view(b, c, q, g, n)).contiguous()
     tril = torch.ones(q, q, dtype=ct, device=dev).tril_()
@@ -270,19 +278,20 @@ def _forward_segment(x, dt, A, B, C, D, S0, q: int, y_out: torch.Tensor, *, fina
     for i in range(steps):
         torch.addcmul(lv[i], ev[i], dv[i], out=ev[i + 1])
     yo = _from_group(Cg @ ent.view(b, c, g, n, hg * p)).reshape(b, c, q, h, p)
-    out = y_out.view(b, c, q, h, p) if not pad else torch.empty((b, c, q, h, p), dtype=ct, device=dev)
-    torch.mul(yd, r[..., None], out=out)
-    del yd
-    out.addcmul_(yo, e[..., None])
-    if D is not None:
-        out.addcmul_(x5, _d_view(D))
     if any_wide:
         bi, ci, _, hi_ = wide.nonzero().unbind(1)
         sv = s[bi, ci, :, hi_]  # (K, Q)  (s was not modified in place after the cumsum)
         Lx = _exact_decay(sv, tril, floor).mul_(dt4[bi, ci, :, hi_][:, None, :]).mul_(CB[bi, ci, hi_ // hg])
-        out[bi, ci, :, hi_] += Lx @ x5[bi, ci, :, hi_]
-    if pad:
-        y_out.copy_(out.view(b, c * q, h, p)[:, :length])
+        yd[bi, ci, :, hi_] = Lx @ _pad_time(x, pad).view(b, c, q, h, p)[bi, ci, :, hi_]
+
+    def rows(t: torch.Tensor) -> torch.Tensor:  # chunked (b, c, Q, ...) -> (b, length, ...) without the padding
+        return t.reshape(b, ln, *t.shape[3:])[:, :length]
+
+    torch.mul(rows(yd), rows(r)[..., None], out=y_out)
+    del yd
+    y_out.addcmul_(rows(yo), rows(e)[..., None])
+    if D is not None:
+        y_out.addcmul_(x, _d_view(D))
     return ev[c] if final else None
 
 
