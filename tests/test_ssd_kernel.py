@@ -129,6 +129,19 @@ def test_recompute_inference_path_matches_reference(length, chunk, groups, dtype
             torch.testing.assert_close(s_c, s_r, **TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("length,chunk,groups,segments", [(97, 32, 2, 2), (130, 64, 1, 1)])
+def test_recompute_inference_path_mixes_outer_product_and_exact_blocks(length, chunk, groups, segments, dtype):
+    # without autograd the forward reads narrow-span decay blocks out as r o (CB (k o x)) and the wide ones (A = -40
+    # here) exactly, head by head within a chunk; padded last chunk, several segments, no final state asked for
+    inputs = _inputs(length, groups, dtype)
+    inputs["A"] = torch.tensor([-40.0, -8.0, -1.0, -1e-3], dtype=dtype)
+    y_r = ssd_ref(**{k: v.double() for k, v in inputs.items()}, dt_softplus=True)
+    with torch.no_grad():
+        y_c = ssd_recompute(**inputs, dt_softplus=True, chunk_size=chunk, segment_chunks=segments)
+    torch.testing.assert_close(y_c.double(), y_r, **TOL[dtype])
+
+
 # longer sequences: several segments of several chunks, a padded last chunk, per-channel D, groups, chunk sizes of
 # the CPU default; decay rates from ones whose chunk blocks span far beyond the outer-product limit to ones that do not
 LONG = [(130, 64, 1, 1), (300, 16, 2, 3), (97, 32, 4, 2)]
