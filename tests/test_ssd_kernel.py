@@ -142,6 +142,23 @@ def test_recompute_inference_path_mixes_outer_product_and_exact_blocks(length, c
     torch.testing.assert_close(y_c.double(), y_r, **TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("length", [1, 16, 17, 53])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_recompute_inference_path_without_initial_state(length, groups, dtype):
+    # the no-grad forward's in-place chunk recurrence and shifted-C read-out: no entering state (chunk 0 reads
+    # nothing), one chunk, exactly one chunk, one row past it, a padded last chunk; final state at 1 and 3 segments
+    inputs = _inputs(length, groups, dtype)
+    del inputs["initial_state"]
+    kw = dict(dt_softplus=True, return_final_state=True)
+    y_r, s_r = ssd_ref(**inputs, **kw)
+    with torch.no_grad():
+        for segments in (1, 3):
+            y_c, s_c = ssd_recompute(**inputs, chunk_size=16, segment_chunks=segments, **kw)
+            torch.testing.assert_close(y_c, y_r, **TOL[dtype])
+            torch.testing.assert_close(s_c, s_r, **TOL[dtype])
+
+
 # longer sequences: several segments of several chunks, a padded last chunk, per-channel D, groups, chunk sizes of
 # the CPU default; decay rates from ones whose chunk blocks span far beyond the outer-product limit to ones that do not
 LONG = [(130, 64, 1, 1), (300, 16, 2, 3), (97, 32, 4, 2)]

@@ -212,7 +212,8 @@ def _d_view(D: torch.Tensor) -> torch.Tensor:
     return D[:, None] if D.dim() == 1 else D
 
 
-def _forward_segment(x, dt, A, B, C, D, S0, q: int, y_out: torch.Tensor, *, final: bool = True):
+def _forward_segment(x, dt, A, B, C, D, S0, q: int, y_out: torch.Tensor, *, final: bool = True,
+                     lean: bool = False):
     """Write one segment's ``y`` into ``y_out (b, l, h, p)``; return the state after it (None without ``final``).
 
     Where a chunk's log-decay spans at most :data:`FACTOR_SPAN` for a head, its decay block is the outer product
@@ -220,6 +221,11 @@ def _forward_segment(x, dt, A, B, C, D, S0, q: int, y_out: torch.Tensor, *, fina
     group's ``CB`` with all its heads at once (``(Q, Q) @ (Q, hg p)``, no head-major copy of ``x`` and no
     per-head ``(Q, Q)`` block). Its rounding is bounded as the per-head product's (``r_i k_j = L_ij <= 1`` on every
     term that CB's mask keeps). The other (chunk, head) blocks get ``r = k = 0`` and their exact per-head product.
+
+    ``lean`` (the no-grad path only; the forward under autograd keeps the other route bit for bit): the chunk
+    recurrence runs in place in the chunk-end states (no fresh entering-state buffer, no zeroed first chunk), and
+    the read-out of chunk ``k + 1`` is ``C_{k+1} E_k``, one product of ``C`` shifted by one chunk with those
+    end states; ``B^T`` is made contiguous for the state product (the transposed operand ran ~2x slower).
     """
     b, length, h, p = x.shape
     pad = (-length) % q
@@ -261,6 +267,9 @@ def _forward_segment(x, dt, A, B, C, D, S0, q: int, y_out: torch.Tensor, *, fina
     CB = (Cg @ Bg.transpose(-1, -2)).mul_(tril)  # (b, c, g, Q, Q)
     yd = _from_group(CB @ _by_group(Xk.view(b, c, q, g, hg * p))).reshape(b, c, q, h, p)
     del Xk
+    if lean:
+        return _lean_tail(x, C, D, S0, q, y_out, final, Bg, Cg, Xw, yd, r, e, dec, s, wide, any_wide, tril, floor,
+                          CB, dt4, pad)
     local = Bg.transpose(-1, -2) @ _by_group(Xw.view(b, c, q, g, hg * p))  # (b, c, g, n, hg p)
     del Xw
     ent = torch.empty((b, c, g, n, hg, p), dtype=ct, device=dev)
@@ -293,6 +302,51 @@ def _forward_segment(x, dt, A, B, C, D, S0, q: int, y_out: torch.Tensor, *, fina
     if D is not None:
         y_out.addcmul_(x, _d_view(D))
     return ev[c] if final else None
+
+
+def _wide_blocks(x, s, wide, tril, floor, dt4, CB, yd, pad, hg):
+    b, c, q, h, p = yd.shape
+    bi, ci, _, hi_ = wide.nonzero().unbind(1)
+    sv = s[bi, ci, :, hi_]  # (K, Q)
+    Lx = _exact_decay(sv, tril, floor).mul_(dt4[bi, ci, :, hi_][:, None, :]).mul_(CB[bi, ci, hi_ // hg])
+    yd[bi, ci, :, hi_] = Lx @ _pad_time(x, pad).view(b, c, q, h, p)[bi, ci, :, hi_]
+
+
+def _lean_tail(x, C, D, S0, q, y_out, final, Bg, Cg, Xw, yd, r, e, dec, s, wide, any_wide, tril, floor, CB, dt4,
+               pad):
+    """The rest of :func:`_forward_segment` with ``lean`` (its docstring): same values up to rounding."""
+    b, length, h, p = x.shape
+    g, n = Bg.shape[2], Bg.shape[-1]
+    hg, c = h // g, yd.shape[1]
+    ln = c * q
+    local = Bg.transpose(-1, -2).contiguous() @ _by_group(Xw.view(b, c, q, g, hg * p))  # (b, c, g, n, hg p)
+    del Xw
+    lv = local.view(b, c, g, n, hg, p).unbind(1)
+    dv = dec.view(b, c, g, 1, hg, 1).unbind(1)
+    if S0 is not None:
+        lv[0].addcmul_(S0, dv[0])
+    for i in range(1, c if final else c - 1):  # lv[i] becomes the state at the end of chunk i
+        lv[i].addcmul_(lv[i - 1], dv[i])
+    if any_wide:
+        _wide_blocks(x, s, wide, tril, floor, dt4, CB, yd, pad, hg)
+
+    def rows(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(b, ln, *t.shape[3:])
+
+    torch.mul(rows(yd)[:, :length], rows(r)[:, :length, :, None], out=y_out)
+    del yd
+    er = rows(e)
+    if S0 is not None:  # chunk 0 reads the entering state
+        y0 = _from_group(Cg[:, :1] @ S0.reshape(b, 1, g, n, hg * p)).reshape(b, q, h, p)
+        m0 = min(q, length)
+        y_out[:, :m0].addcmul_(y0[:, :m0], er[:, :m0, :, None])
+    if length > q:  # chunk k + 1 reads the end state of chunk k: C shifted back by one chunk (last chunk zero)
+        Cs = _by_group(_pad_time(C[:, q:], q).view(b, c, q, g, n))
+        yo = rows(_from_group(Cs @ local).reshape(b, c, q, h, p))  # row j is output row j + q
+        y_out[:, q:].addcmul_(yo[:, :length - q], er[:, q:length, :, None])
+    if D is not None:
+        y_out.addcmul_(x, _d_view(D))
+    return local.view(b, c, g, n, hg, p)[:, c - 1] if final else None
 
 
 def _backward_segment(x, dt, A, B, C, D, S0, gy, g_end, q: int, outs: dict, need: dict):
@@ -405,7 +459,8 @@ def _backward_segment(x, dt, A, B, C, D, S0, gy, g_end, q: int, outs: dict, need
     return gA, gD, G0
 
 
-def _forward(chunk_size: int, segment_chunks: int, x, dt, A, B, C, D, initial_state, final: bool = True):
+def _forward(chunk_size: int, segment_chunks: int, x, dt, A, B, C, D, initial_state, final: bool = True,
+             lean: bool = False):
     """The segment-by-segment forward on prepared operands: ``y``, the final state ``(b, h, p, n)`` (None without
     ``final``), the states entering the segments (kernel layout; the first is None without ``initial_state``), the
     chunk length and the segments."""
@@ -417,7 +472,7 @@ def _forward(chunk_size: int, segment_chunks: int, x, dt, A, B, C, D, initial_st
     for i, (s, e) in enumerate(segs):
         entering.append(state)
         state = _forward_segment(x[:, s:e], dt[:, s:e], A, B[:, s:e], C[:, s:e], D, state, q, y[:, s:e],
-                                 final=final or i + 1 < len(segs))
+                                 final=final or i + 1 < len(segs), lean=lean)
     return y, None if state is None else _from_states(state), entering, q, segs
 
 
@@ -501,6 +556,6 @@ def ssd_recompute(
     if grad:
         y, final = SSDRecomputeFn.apply(chunk_size, segment_chunks, *operands)
     else:
-        y, final = _forward(chunk_size, segment_chunks, *operands, final=return_final_state)[:2]
+        y, final = _forward(chunk_size, segment_chunks, *operands, final=return_final_state, lean=True)[:2]
     y = y.to(x.dtype)
     return (y, final) if return_final_state else y
