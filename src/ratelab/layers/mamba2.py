@@ -101,11 +101,12 @@ def causal_conv1d_step(
     return (F.silu(y) if activation == "silu" else y), state
 
 
-def _rsqrt_mean_square(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """``rsqrt(mean(x^2, -1) + eps)`` with a kept last dim: one vectorized reduction pass (``vector_norm``) and
-    ops on the (..., 1) result, where ``F.rms_norm`` on CPU runs pow, mean, rsqrt and two multiplies over x."""
+def rsqrt_mean_square(x: torch.Tensor, eps: float | None) -> torch.Tensor:
+    """``rsqrt(mean(x^2, -1) + eps)`` with a kept last dim (RMSNorm's scale; ``eps`` None: the dtype's eps, as
+    ``nn.RMSNorm``): one vectorized reduction pass (``vector_norm``) and ops on the (..., 1) result, where
+    ``F.rms_norm`` on CPU runs pow, mean, rsqrt and two multiplies over x."""
     n = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    return n.square_().div_(x.shape[-1]).add_(eps).rsqrt_()
+    return n.square_().div_(x.shape[-1]).add_(torch.finfo(x.dtype).eps if eps is None else eps).rsqrt_()
 
 
 class RMSNormGated(nn.Module):
@@ -339,7 +340,7 @@ class Mamba2(nn.Module):
         g = F.silu(z, inplace=True).mul_(y.flatten(-2))
         norm = self.norm
         gs = norm.group_size
-        r = _rsqrt_mean_square(g.unflatten(-1, (-1, gs)), norm.eps)  # (B, L, groups, 1)
+        r = rsqrt_mean_square(g.unflatten(-1, (-1, gs)), norm.eps)  # (B, L, groups, 1)
         w_out = self.out_proj.weight * norm.weight
         if r.shape[-2] == 1:
             return F.linear(g, w_out), r.squeeze(-1)

@@ -63,7 +63,7 @@ from ratelab.layers.intermediates import (
     pack_intermediates,
     resolve_indices,
 )
-from ratelab.layers.mamba2 import Mamba2
+from ratelab.layers.mamba2 import Mamba2, rsqrt_mean_square
 from ratelab.layers.patch import resample_pos_embed
 from ratelab.models.adventurer.config import ADVENTURER_VARIANTS, AdventurerConfig, flip_flags
 
@@ -87,12 +87,6 @@ def swiglu_lean(mlp: nn.Module, v: torch.Tensor) -> torch.Tensor:
     if torch.compiler.is_compiling():
         return _gate_fc2(g, x, mlp.fc2.weight, mlp.fc2.bias)
     return checkpoint(_gate_fc2, g, x, mlp.fc2.weight, mlp.fc2.bias, use_reentrant=False, preserve_rng_state=False)
-
-
-def _rsqrt_ms(x: torch.Tensor, eps: float | None) -> torch.Tensor:
-    """``rsqrt(mean(x^2) + eps)`` over the last dim, kept: nn.RMSNorm's scale (eps None: the dtype's eps)."""
-    n = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    return n.square_().div_(x.shape[-1]).add_(torch.finfo(x.dtype).eps if eps is None else eps).rsqrt_()
 
 
 def reverse_patches(t: torch.Tensor) -> torch.Tensor:
@@ -181,7 +175,7 @@ class AdventurerBlock(nn.Module):
         s = h.new_empty((b, t + head, d))
         body = s[:, head:]
         hin = h.index_select(1, order) if self.flip else h
-        torch.mul(hin, _rsqrt_ms(hin, n1.eps), out=body)
+        torch.mul(hin, rsqrt_mean_square(hin, n1.eps), out=body)
         if head:
             torch.mean(body, 1, keepdim=True, out=s[:, :1])
         o, r = mx.forward_infer_parts(s, in_scale=n1.weight)
@@ -193,7 +187,7 @@ class AdventurerBlock(nn.Module):
         h = torch.addcmul(h, o, r) if r is not None else h + o
         if mx.out_proj.bias is not None:
             h.add_(mx.out_proj.bias)
-        v = h * _rsqrt_ms(h, n2.eps)
+        v = h * rsqrt_mean_square(h, n2.eps)
         g = F.linear(v, mlp.fc1_g.weight * n2.weight, mlp.fc1_g.bias)
         x = F.linear(v, mlp.fc1_x.weight * n2.weight, mlp.fc1_x.bias)
         a = F.silu(g, inplace=True).mul_(x)
