@@ -288,10 +288,7 @@ def _forward_segment(x, dt, A, B, C, D, S0, q: int, y_out: torch.Tensor, *, fina
         torch.addcmul(lv[i], ev[i], dv[i], out=ev[i + 1])
     yo = _from_group(Cg @ ent.view(b, c, g, n, hg * p)).reshape(b, c, q, h, p)
     if any_wide:
-        bi, ci, _, hi_ = wide.nonzero().unbind(1)
-        sv = s[bi, ci, :, hi_]  # (K, Q)  (s was not modified in place after the cumsum)
-        Lx = _exact_decay(sv, tril, floor).mul_(dt4[bi, ci, :, hi_][:, None, :]).mul_(CB[bi, ci, hi_ // hg])
-        yd[bi, ci, :, hi_] = Lx @ _pad_time(x, pad).view(b, c, q, h, p)[bi, ci, :, hi_]
+        _wide_blocks(x, s, wide, tril, floor, dt4, CB, yd, pad, hg)
 
     def rows(t: torch.Tensor) -> torch.Tensor:  # chunked (b, c, Q, ...) -> (b, length, ...) without the padding
         return t.reshape(b, ln, *t.shape[3:])[:, :length]
@@ -305,9 +302,10 @@ def _forward_segment(x, dt, A, B, C, D, S0, q: int, y_out: torch.Tensor, *, fina
 
 
 def _wide_blocks(x, s, wide, tril, floor, dt4, CB, yd, pad, hg):
+    """The exact per-head product of the (chunk, head) blocks whose log-decay is too wide to factor, into ``yd``."""
     b, c, q, h, p = yd.shape
     bi, ci, _, hi_ = wide.nonzero().unbind(1)
-    sv = s[bi, ci, :, hi_]  # (K, Q)
+    sv = s[bi, ci, :, hi_]  # (K, Q)  (s was not modified in place after the cumsum)
     Lx = _exact_decay(sv, tril, floor).mul_(dt4[bi, ci, :, hi_][:, None, :]).mul_(CB[bi, ci, hi_ // hg])
     yd[bi, ci, :, hi_] = Lx @ _pad_time(x, pad).view(b, c, q, h, p)[bi, ci, :, hi_]
 
