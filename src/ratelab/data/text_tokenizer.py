@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from ratelab.core.checkpoint import atomic_write_text
 from ratelab.core.errors import DatasetError, DatasetNotFound
 
 __all__ = ["SPECIAL_TOKENS", "CaptionTokenizer"]
@@ -214,10 +215,7 @@ class CaptionTokenizer:
         tmp = p.with_name(f"{p.name}.{os.getpid()}.tmp")  # per process: ranks may save the same file at once
         self.tokenizer.save(str(tmp))
         os.replace(tmp, p)
-        side = _provenance_path(p)
-        tmp = side.with_name(f"{side.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"public": self.public, "source": self.source}))
-        os.replace(tmp, side)
+        atomic_write_text(json.dumps({"public": self.public, "source": self.source}), _provenance_path(p))
         return p
 
     # ---- use ----------------------------------------------------------------------------------------------------
