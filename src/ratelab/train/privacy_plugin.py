@@ -101,10 +101,15 @@ class PrivacyPlugin(Plugin):
 
     # ---- derived settings ---------------------------------------------------------------------------------------
     @property
+    def no_guarantee_reasons(self) -> list[str]:
+        """Why this run's epsilon is not a formal guarantee: the settings' reasons
+        (:meth:`PrivacyConfig.no_guarantee_reasons`) and the task's accepted un-noised releases (``release_notes``)."""
+        return [*self.config.no_guarantee_reasons(), *self.release_notes]
+
+    @property
     def has_guarantee(self) -> bool:
-        """Whether this run's epsilon is a formal guarantee: the settings allow one and the task released nothing
-        un-noised (:meth:`PrivacyConfig.has_guarantee`, ``release_notes``)."""
-        return self.config.has_guarantee and not self.release_notes
+        """Whether this run's epsilon is a formal guarantee (no reason against it)."""
+        return not self.no_guarantee_reasons
 
     @property
     def guarantee_note(self) -> str:
@@ -257,13 +262,13 @@ class PrivacyPlugin(Plugin):
         Under TAN the epsilon keys are ``tan_simulated_epsilon*`` (here and in ``per_epoch``), else ``epsilon*``."""
         c = self.config
         eps = eps if eps is not None else self._epsilons()
-        k = "tan_simulated_epsilon" if c.tan_batch_size is not None else "epsilon"
+        k = self.epsilon_key.removeprefix("dp_")  # epsilon, or tan_simulated_epsilon under TAN
         per_epoch = [{(f"{k}{key[len('epsilon'):]}" if key.startswith("epsilon") else key): v for key, v in e.items()}
                      for e in self.per_epoch]
         return {
             "guarantee": self.guarantee_note,
             "formal_guarantee": self.has_guarantee,
-            "no_guarantee_reasons": [*c.no_guarantee_reasons(), *self.release_notes],
+            "no_guarantee_reasons": self.no_guarantee_reasons,
             "accountant": c.accountant,
             k: eps[c.accountant],
             f"{k}_rdp": eps["rdp"],
