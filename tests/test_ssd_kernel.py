@@ -133,13 +133,19 @@ def test_recompute_inference_path_matches_reference(length, chunk, groups, dtype
 @pytest.mark.parametrize("length,chunk,groups,segments", [(97, 32, 2, 2), (130, 64, 1, 1)])
 def test_recompute_inference_path_mixes_outer_product_and_exact_blocks(length, chunk, groups, segments, dtype):
     # without autograd the forward reads narrow-span decay blocks out as r o (CB (k o x)) and the wide ones (A = -40
-    # here) exactly, head by head within a chunk; padded last chunk, several segments, no final state asked for
+    # here) exactly, head by head within a chunk, and carries the states scaled per block (unscaled on wide ones);
+    # padded last chunk, several segments, with and without the final state, an initial state entering wide and
+    # narrow heads alike
     inputs = _inputs(length, groups, dtype)
     inputs["A"] = torch.tensor([-40.0, -8.0, -1.0, -1e-3], dtype=dtype)
-    y_r = ssd_ref(**{k: v.double() for k, v in inputs.items()}, dt_softplus=True)
+    y_r, s_r = ssd_ref(**{k: v.double() for k, v in inputs.items()}, dt_softplus=True, return_final_state=True)
     with torch.no_grad():
         y_c = ssd_recompute(**inputs, dt_softplus=True, chunk_size=chunk, segment_chunks=segments)
+        y_f, s_f = ssd_recompute(**inputs, dt_softplus=True, chunk_size=chunk, segment_chunks=segments,
+                                 return_final_state=True)
     torch.testing.assert_close(y_c.double(), y_r, **TOL[dtype])
+    torch.testing.assert_close(y_f.double(), y_r, **TOL[dtype])
+    torch.testing.assert_close(s_f.double(), s_r, **TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

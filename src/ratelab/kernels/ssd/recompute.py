@@ -212,8 +212,7 @@ def _d_view(D: torch.Tensor) -> torch.Tensor:
     return D[:, None] if D.dim() == 1 else D
 
 
-def _forward_segment(x, dt, A, B, C, D, S0, q: int, y_out: torch.Tensor, *, final: bool = True,
-                     lean: bool = False):
+def _forward_segment(x, dt, A, B, C, D, S0, q: int, y_out: torch.Tensor, *, final: bool = True):
     """Write one segment's ``y`` into ``y_out (b, l, h, p)``; return the state after it (None without ``final``).
 
     Where a chunk's log-decay spans at most :data:`FACTOR_SPAN` for a head, its decay block is the outer product
@@ -221,11 +220,6 @@ def _forward_segment(x, dt, A, B, C, D, S0, q: int, y_out: torch.Tensor, *, fina
     group's ``CB`` with all its heads at once (``(Q, Q) @ (Q, hg p)``, no head-major copy of ``x`` and no
     per-head ``(Q, Q)`` block). Its rounding is bounded as the per-head product's (``r_i k_j = L_ij <= 1`` on every
     term that CB's mask keeps). The other (chunk, head) blocks get ``r = k = 0`` and their exact per-head product.
-
-    ``lean`` (the no-grad path only; the forward under autograd keeps the other route bit for bit): the chunk
-    recurrence runs in place in the chunk-end states (no fresh entering-state buffer, no zeroed first chunk), and
-    the read-out of chunk ``k + 1`` is ``C_{k+1} E_k``, one product of ``C`` shifted by one chunk with those
-    end states; ``B^T`` is made contiguous for the state product (the transposed operand ran ~2x slower).
     """
     b, length, h, p = x.shape
     pad = (-length) % q
@@ -267,9 +261,6 @@ def _forward_segment(x, dt, A, B, C, D, S0, q: int, y_out: torch.Tensor, *, fina
     CB = (Cg @ Bg.transpose(-1, -2)).mul_(tril)  # (b, c, g, Q, Q)
     yd = _from_group(CB @ _by_group(Xk.view(b, c, q, g, hg * p))).reshape(b, c, q, h, p)
     del Xk
-    if lean:
-        return _lean_tail(x, C, D, S0, q, y_out, final, Bg, Cg, Xw, yd, r, e, dec, s, wide, any_wide, tril, floor,
-                          CB, dt4, pad)
     local = Bg.transpose(-1, -2) @ _by_group(Xw.view(b, c, q, g, hg * p))  # (b, c, g, n, hg p)
     del Xw
     ent = torch.empty((b, c, g, n, hg, p), dtype=ct, device=dev)
@@ -310,41 +301,113 @@ def _wide_blocks(x, s, wide, tril, floor, dt4, CB, yd, pad, hg):
     yd[bi, ci, :, hi_] = Lx @ _pad_time(x, pad).view(b, c, q, h, p)[bi, ci, :, hi_]
 
 
-def _lean_tail(x, C, D, S0, q, y_out, final, Bg, Cg, Xw, yd, r, e, dec, s, wide, any_wide, tril, floor, CB, dt4,
-               pad):
-    """The rest of :func:`_forward_segment` with ``lean`` (its docstring): same values up to rounding."""
+def _forward_segment_lean(x, dt, A, B, C, D, S0, q: int, y_out: torch.Tensor, *, final: bool = True):
+    """:func:`_forward_segment` without autograd: the same ``y`` and final state up to rounding, in fewer passes.
+
+    Every chunk-level tensor is chunk-major (``(c, b, ...)``), so the states form one buffer ``T (c + 1, b, g, n,
+    hg p)`` whose slices ``T[1:]`` (written by the state product) and ``T[:c]`` (read by the read-out) are both
+    contiguous: no shifted copy of ``C`` or of the states. Per (chunk ``k``, head) a reference exponent ``m_k``
+    scales the inputs once, ``Xk_j = exp(m_k - s_j) dt_j x_j``, and both products read that one tensor:
+
+    * the diagonal block, ``yd = CB Xk`` (with ``r_i = exp(s_i - m_k)``, ``L_ij = r_i k_j``; ``m_k`` the midpoint of
+      the chunk's log-decay span, as in :func:`_forward_segment`), and
+    * the chunk's own state, ``local_k = exp(s_Q - m_k) B^T Xk`` (``w_j = exp(s_Q - s_j)`` factors the same way).
+
+    The states are kept scaled, ``T_k = exp(tau_{k+1}) S_k`` (``tau = m`` on factored blocks, 0 on wide ones and
+    after the last chunk, so ``T[c]`` is the true final state), which gives the recurrence ``T_k = beta_k B^T Xk +
+    alpha_k T_{k-1}`` with ``beta_k = exp(tau_{k+1} + s_Q - m_k)``, ``alpha_k = exp(tau_{k+1} + s_Q - tau_k)``
+    (every exponent ``<= 0``: nothing overflows) and turns the read-out ``e_i C_i S_{k-1}`` (``e_i = r_i
+    exp(m_k)``) into ``r_i C_i T_{k-1}``: one ``baddbmm_`` accumulates it into ``yd`` and one multiply by ``r``
+    finishes both terms. Wide blocks (log-decay span over :data:`FACTOR_SPAN`) take ``m = lo`` (the span's
+    minimum: ``Xk`` stays ``<= dt x``, a valid state input) and ``tau = 0``; their rows are then overwritten with
+    the exact per-head product plus ``e_i C_i S_{k-1}`` and read out with ``r = 1``. Exponent floor and zeroing
+    as in the module docstring.
+    """
     b, length, h, p = x.shape
-    g, n = Bg.shape[2], Bg.shape[-1]
-    hg, c = h // g, yd.shape[1]
-    ln = c * q
-    local = Bg.transpose(-1, -2).contiguous() @ _by_group(Xw.view(b, c, q, g, hg * p))  # (b, c, g, n, hg p)
-    del Xw
-    lv = local.view(b, c, g, n, hg, p).unbind(1)
-    dv = dec.view(b, c, g, 1, hg, 1).unbind(1)
-    if S0 is not None:
-        lv[0].addcmul_(S0, dv[0])
-    for i in range(1, c if final else c - 1):  # lv[i] becomes the state at the end of chunk i
-        lv[i].addcmul_(lv[i - 1], dv[i])
+    g, n = B.shape[-2:]
+    hg = h // g
+    pad = (-length) % q
+    if pad:  # x itself is never padded: its products write into buffers with zero rows appended
+        dt, B, C = (_pad_time(t, pad) for t in (dt, B, C))
+    c = (length + pad) // q
+    full, rem = (c - 1, q - pad) if pad else (c, q)  # whole chunks of x, rows of its last (padded) chunk
+    ct, dev = x.dtype, x.device
+    floor = float(math.ceil(math.log(torch.finfo(ct).tiny)))
+    zero_at = math.exp(floor)
+    dt4 = dt.view(b, c, q, h)
+    s = (dt4 * A).cumsum_(2)  # (b, c, Q, h)
+    lo, hi = s.amin(2, keepdim=True), s.amax(2, keepdim=True)
+    wide = (hi - lo <= FACTOR_SPAN).logical_not_()  # (b, c, 1, h); NaN spans are wide
+    mid = (lo + hi).mul_(0.5)
+    any_wide = bool(wide.any())
+    m, tau = (torch.where(wide, lo, mid), mid.masked_fill(wide, 0.0)) if any_wide else (mid, mid)
+    r = (s - m).exp_()
+    k = (m - s).clamp_(min=floor).exp_()
     if any_wide:
-        _wide_blocks(x, s, wide, tril, floor, dt4, CB, yd, pad, hg)
+        r.masked_fill_(wide, 1.0)
+        F.threshold_(k, zero_at, 0.0)
+    k.mul_(dt4)
 
-    def rows(t: torch.Tensor) -> torch.Tensor:
-        return t.reshape(b, ln, *t.shape[3:])
+    def by_chunk(t: torch.Tensor, factor: torch.Tensor, out: torch.Tensor) -> None:
+        """``out (b, c, Q, ...) = t (b, length, ...) * factor (b, c, Q, ...)``, the padded rows zero."""
+        if full:
+            torch.mul(t[:, :full * q].view(b, full, q, *t.shape[2:]), factor[:, :full], out=out[:, :full])
+        if pad:
+            torch.mul(t[:, full * q:].unsqueeze(1), factor[:, full:, :rem], out=out[:, full:, :rem])
+            out[:, full:, rem:].zero_()
 
-    torch.mul(rows(yd)[:, :length], rows(r)[:, :length, :, None], out=y_out)
-    del yd
-    er = rows(e)
-    if S0 is not None:  # chunk 0 reads the entering state
-        y0 = _from_group(Cg[:, :1] @ S0.reshape(b, 1, g, n, hg * p)).reshape(b, q, h, p)
-        m0 = min(q, length)
-        y_out[:, :m0].addcmul_(y0[:, :m0], er[:, :m0, :, None])
-    if length > q:  # chunk k + 1 reads the end state of chunk k: C shifted back by one chunk (last chunk zero)
-        Cs = _by_group(_pad_time(C[:, q:], q).view(b, c, q, g, n))
-        yo = rows(_from_group(Cs @ local).reshape(b, c, q, h, p))  # row j is output row j + q
-        y_out[:, q:].addcmul_(yo[:, :length - q], er[:, q:length, :, None])
+    Xk = torch.empty((c, b, q, h, p), dtype=ct, device=dev)
+    by_chunk(x, k[..., None], Xk.transpose(0, 1))
+    Xg = Xk.view(c, b, 1, q, h * p) if g == 1 else Xk.view(c, b, q, g, hg * p).transpose(2, 3)  # (c, b, g, Q, hg p)
+    Bt = B.view(b, c, q, g, n).permute(1, 0, 3, 4, 2).contiguous()  # (c, b, g, n, Q)
+    Cc = C.view(b, c, q, g, n).permute(1, 0, 3, 2, 4).contiguous()  # (c, b, g, Q, n)
+    tril = torch.ones(q, q, dtype=ct, device=dev).tril_()
+    CB = (Cc @ Bt).mul_(tril)  # (c, b, g, Q, Q)
+    yd = CB @ Xg  # (c, b, g, Q, hg p)
+    T = torch.empty((c + 1, b, g, n, hg * p), dtype=ct, device=dev)
+    torch.matmul(Bt, Xg, out=T[1:])
+    del Xk, Xg
+
+    sq, m0 = s[:, :, -1], m[:, :, 0]  # (b, c, h)
+    t_next = torch.cat([tau[:, 1:, 0], torch.zeros_like(sq[:, :1])], 1)
+
+    def coef(ref: torch.Tensor) -> torch.Tensor:  # exp(tau_{k+1} + s_Q - ref), (c, b, g, 1, hg, 1)
+        e = F.threshold_((t_next + sq - ref).clamp_(min=floor).exp_(), zero_at, 0.0)
+        return e.transpose(0, 1).contiguous().view(c, b, g, 1, hg, 1)
+
+    beta = coef(m0)
+    alpha = coef(tau[:, :, 0]) if any_wide else beta
+    T6 = T.view(c + 1, b, g, n, hg, p)
+    if S0 is None:
+        T6[0].zero_()
+    else:
+        torch.mul(S0, tau[:, 0, 0].exp().view(b, g, 1, hg, 1), out=T6[0])
+    for i in range(c):  # the only per-chunk loop: small in-place ops on (b, g, n, hg p) states
+        T6[i + 1].mul_(beta[i])
+        if i or S0 is not None:
+            T6[i + 1].addcmul_(T6[i], alpha[i])
+    yd.view(-1, q, hg * p).baddbmm_(Cc.view(-1, q, n), T[:c].view(-1, n, hg * p))
+    yd6 = yd.view(c, b, g, q, hg, p)
+    if any_wide:
+        bi, ci, _, hi_ = wide.nonzero().unbind(1)
+        gi, li = hi_ // hg, hi_ % hg
+        sv = s[bi, ci, :, hi_]  # (K, Q)
+        Lx = _exact_decay(sv, tril, floor).mul_(dt4[bi, ci, :, hi_][:, None, :]).mul_(CB[ci, bi, gi])
+        rows = ci[:, None] * q + torch.arange(q, device=dev)  # (K, Q) time rows; padded ones read x's last row
+        xw = x[bi[:, None], rows.clamp(max=length - 1), hi_[:, None]].mul_((rows < length)[..., None])  # (K, Q, p)
+        ew = F.threshold_(sv.clamp(min=floor).exp_(), zero_at, 0.0)
+        read = (Cc[ci, bi, gi] @ T6[ci, bi, gi, :, li]).mul_(ew[..., None])  # e_i C_i S_{k-1} (tau_k = 0)
+        yd6[ci, bi, gi, :, li] = torch.baddbmm(read, Lx, xw)
+    y6 = y_out.view(b, length, g, hg, p)
+    src = yd6.permute(1, 0, 3, 2, 4, 5)  # (b, c, Q, g, hg, p) view
+    r6 = r.view(b, c, q, g, hg, 1)
+    if full:
+        torch.mul(src[:, :full], r6[:, :full], out=y6[:, :full * q].view(b, full, q, g, hg, p))
+    if pad:
+        torch.mul(src[:, full:, :rem], r6[:, full:, :rem], out=y6[:, full * q:].unsqueeze(1))
     if D is not None:
         y_out.addcmul_(x, _d_view(D))
-    return local.view(b, c, g, n, hg, p)[:, c - 1] if final else None
+    return T6[c] if final else None
 
 
 def _backward_segment(x, dt, A, B, C, D, S0, gy, g_end, q: int, outs: dict, need: dict):
@@ -469,8 +532,9 @@ def _forward(chunk_size: int, segment_chunks: int, x, dt, A, B, C, D, initial_st
     state = None if initial_state is None else _to_states(initial_state, B.shape[2])
     for i, (s, e) in enumerate(segs):
         entering.append(state)
-        state = _forward_segment(x[:, s:e], dt[:, s:e], A, B[:, s:e], C[:, s:e], D, state, q, y[:, s:e],
-                                 final=final or i + 1 < len(segs), lean=lean)
+        run = _forward_segment_lean if lean else _forward_segment
+        state = run(x[:, s:e], dt[:, s:e], A, B[:, s:e], C[:, s:e], D, state, q, y[:, s:e],
+                    final=final or i + 1 < len(segs))
     return y, None if state is None else _from_states(state), entering, q, segs
 
 
