@@ -131,13 +131,16 @@ def test_recompute_inference_path_matches_reference(length, chunk, groups, dtype
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("length,chunk,groups,segments", [(97, 32, 2, 2), (130, 64, 1, 1)])
-def test_recompute_inference_path_mixes_outer_product_and_exact_blocks(length, chunk, groups, segments, dtype):
+@pytest.mark.parametrize("init", [True, False])
+def test_recompute_inference_path_mixes_outer_product_and_exact_blocks(length, chunk, groups, segments, init, dtype):
     # without autograd the forward reads narrow-span decay blocks out as r o (CB (k o x)) and the wide ones (A = -40
     # here) exactly, head by head within a chunk, and carries the states scaled per block (unscaled on wide ones);
     # padded last chunk, several segments, with and without the final state, an initial state entering wide and
     # narrow heads alike
     inputs = _inputs(length, groups, dtype)
     inputs["A"] = torch.tensor([-40.0, -8.0, -1.0, -1e-3], dtype=dtype)
+    if not init:
+        del inputs["initial_state"]
     y_r, s_r = ssd_ref(**{k: v.double() for k, v in inputs.items()}, dt_softplus=True, return_final_state=True)
     with torch.no_grad():
         y_c = ssd_recompute(**inputs, dt_softplus=True, chunk_size=chunk, segment_chunks=segments)

@@ -327,8 +327,8 @@ def _forward_segment_lean(x, dt, A, B, C, D, S0, q: int, y_out: torch.Tensor, *,
     g, n = B.shape[-2:]
     hg = h // g
     pad = (-length) % q
-    if pad:  # x itself is never padded: its products write into buffers with zero rows appended
-        dt, B, C = (_pad_time(t, pad) for t in (dt, B, C))
+    if pad:  # only dt is padded; x, B and C are written into chunk-major buffers with zero rows appended
+        dt = _pad_time(dt, pad)
     c = (length + pad) // q
     full, rem = (c - 1, q - pad) if pad else (c, q)  # whole chunks of x, rows of its last (padded) chunk
     ct, dev = x.dtype, x.device
@@ -348,19 +348,24 @@ def _forward_segment_lean(x, dt, A, B, C, D, S0, q: int, y_out: torch.Tensor, *,
         F.threshold_(k, zero_at, 0.0)
     k.mul_(dt4)
 
-    def by_chunk(t: torch.Tensor, factor: torch.Tensor, out: torch.Tensor) -> None:
-        """``out (b, c, Q, ...) = t (b, length, ...) * factor (b, c, Q, ...)``, the padded rows zero."""
+    def by_chunk(t: torch.Tensor, out: torch.Tensor, factor: torch.Tensor | None = None) -> None:
+        """``out (b, c, Q, ...) = t (b, length, ...)`` (times ``factor (b, c, Q, ...)``), the padded rows zero."""
+        def put(src, dst, f):
+            torch.mul(src, f, out=dst) if f is not None else dst.copy_(src)
         if full:
-            torch.mul(t[:, :full * q].view(b, full, q, *t.shape[2:]), factor[:, :full], out=out[:, :full])
+            put(t[:, :full * q].view(b, full, q, *t.shape[2:]), out[:, :full],
+                None if factor is None else factor[:, :full])
         if pad:
-            torch.mul(t[:, full * q:].unsqueeze(1), factor[:, full:, :rem], out=out[:, full:, :rem])
+            put(t[:, full * q:].unsqueeze(1), out[:, full:, :rem], None if factor is None else factor[:, full:, :rem])
             out[:, full:, rem:].zero_()
 
     Xk = torch.empty((c, b, q, h, p), dtype=ct, device=dev)
-    by_chunk(x, k[..., None], Xk.transpose(0, 1))
+    by_chunk(x, Xk.transpose(0, 1), k[..., None])
     Xg = Xk.view(c, b, 1, q, h * p) if g == 1 else Xk.view(c, b, q, g, hg * p).transpose(2, 3)  # (c, b, g, Q, hg p)
-    Bt = B.view(b, c, q, g, n).permute(1, 0, 3, 4, 2).contiguous()  # (c, b, g, n, Q)
-    Cc = C.view(b, c, q, g, n).permute(1, 0, 3, 2, 4).contiguous()  # (c, b, g, Q, n)
+    Bt = torch.empty((c, b, g, n, q), dtype=ct, device=dev)
+    by_chunk(B, Bt.permute(1, 0, 4, 2, 3))  # (c, b, g, n, Q)
+    Cc = torch.empty((c, b, g, q, n), dtype=ct, device=dev)
+    by_chunk(C, Cc.permute(1, 0, 3, 2, 4))  # (c, b, g, Q, n)
     tril = torch.ones(q, q, dtype=ct, device=dev).tril_()
     CB = (Cc @ Bt).mul_(tril)  # (c, b, g, Q, Q)
     yd = CB @ Xg  # (c, b, g, Q, hg p)
@@ -378,15 +383,15 @@ def _forward_segment_lean(x, dt, A, B, C, D, S0, q: int, y_out: torch.Tensor, *,
     beta = coef(m0)
     alpha = coef(tau[:, :, 0]) if any_wide else beta
     T6 = T.view(c + 1, b, g, n, hg, p)
-    if S0 is None:
-        T6[0].zero_()
-    else:
+    if S0 is not None:
         torch.mul(S0, tau[:, 0, 0].exp().view(b, g, 1, hg, 1), out=T6[0])
     for i in range(c):  # the only per-chunk loop: small in-place ops on (b, g, n, hg p) states
         T6[i + 1].mul_(beta[i])
         if i or S0 is not None:
             T6[i + 1].addcmul_(T6[i], alpha[i])
-    yd.view(-1, q, hg * p).baddbmm_(Cc.view(-1, q, n), T[:c].view(-1, n, hg * p))
+    first = 0 if S0 is not None else 1  # without an initial state chunk 0 reads nothing (T[0] is never written)
+    if first < c:
+        yd[first:].view(-1, q, hg * p).baddbmm_(Cc[first:].view(-1, q, n), T[first:c].view(-1, n, hg * p))
     yd6 = yd.view(c, b, g, q, hg, p)
     if any_wide:
         bi, ci, _, hi_ = wide.nonzero().unbind(1)
@@ -397,6 +402,8 @@ def _forward_segment_lean(x, dt, A, B, C, D, S0, q: int, y_out: torch.Tensor, *,
         xw = x[bi[:, None], rows.clamp(max=length - 1), hi_[:, None]].mul_((rows < length)[..., None])  # (K, Q, p)
         ew = F.threshold_(sv.clamp(min=floor).exp_(), zero_at, 0.0)
         read = (Cc[ci, bi, gi] @ T6[ci, bi, gi, :, li]).mul_(ew[..., None])  # e_i C_i S_{k-1} (tau_k = 0)
+        if S0 is None:  # chunk 0 has no entering state (T[0] was left unwritten)
+            read.masked_fill_((ci == 0)[:, None, None], 0.0)
         yd6[ci, bi, gi, :, li] = torch.baddbmm(read, Lx, xw)
     y6 = y_out.view(b, length, g, hg, p)
     src = yd6.permute(1, 0, 3, 2, 4, 5)  # (b, c, Q, g, hg, p) view
