@@ -64,6 +64,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ratelab.core.workspace import scratch
 from ratelab.kernels.ssd.chunked import balanced_chunk, ssd_chunked
 from ratelab.kernels.ssd.ref import DEFAULT_DT_LIMIT, check_inputs, compute_dtype, prepare_dt
 
@@ -321,7 +322,9 @@ def _forward_segment_lean(x, dt, A, B, C, D, S0, q: int, y_out: torch.Tensor, *,
     finishes both terms. Wide blocks (log-decay span over :data:`FACTOR_SPAN`) take ``m = lo`` (the span's
     minimum: ``Xk`` stays ``<= dt x``, a valid state input) and ``tau = 0``; their rows are then overwritten with
     the exact per-head product plus ``e_i C_i S_{k-1}`` and read out with ``r = 1``. Exponent floor and zeroing
-    as in the module docstring.
+    as in the module docstring. The chunk-major buffers (``Xk``, ``Bt``, ``Cc``, ``yd``, ``T``) come from
+    :func:`ratelab.core.workspace.scratch` (reused by every block of a forward inside a workspace scope); the final
+    state leaves as a copy.
     """
     b, length, h, p = x.shape
     g, n = B.shape[-2:]
@@ -359,19 +362,22 @@ def _forward_segment_lean(x, dt, A, B, C, D, S0, q: int, y_out: torch.Tensor, *,
             put(t[:, full * q:].unsqueeze(1), out[:, full:, :rem], None if factor is None else factor[:, full:, :rem])
             out[:, full:, rem:].zero_()
 
-    Xk = torch.empty((c, b, q, h, p), dtype=ct, device=dev)
+    Xk = scratch("ssd.Xk", (c, b, q, h, p), ct, dev)
     by_chunk(x, Xk.transpose(0, 1), k[..., None])
     Xg = Xk.view(c, b, 1, q, h * p) if g == 1 else Xk.view(c, b, q, g, hg * p).transpose(2, 3)  # (c, b, g, Q, hg p)
-    Bt = torch.empty((c, b, g, n, q), dtype=ct, device=dev)
+    Bt = scratch("ssd.Bt", (c, b, g, n, q), ct, dev)
     by_chunk(B, Bt.permute(1, 0, 4, 2, 3))  # (c, b, g, n, Q)
-    Cc = torch.empty((c, b, g, q, n), dtype=ct, device=dev)
+    Cc = scratch("ssd.Cc", (c, b, g, q, n), ct, dev)
     by_chunk(C, Cc.permute(1, 0, 3, 2, 4))  # (c, b, g, Q, n)
     tril = torch.ones(q, q, dtype=ct, device=dev).tril_()
     CB = (Cc @ Bt).mul_(tril)  # (c, b, g, Q, Q)
-    yd = CB @ Xg  # (c, b, g, Q, hg p)
-    T = torch.empty((c + 1, b, g, n, hg * p), dtype=ct, device=dev)
+    yd = torch.matmul(CB, Xg, out=scratch("ssd.yd", (c, b, g, q, hg * p), ct, dev))  # (c, b, g, Q, hg p)
+    T = scratch("ssd.T", (c + 1, b, g, n, hg * p), ct, dev)
+    T6 = T.view(c + 1, b, g, n, hg, p)
+    if S0 is not None:
+        torch.mul(S0, tau[:, 0, 0].exp().view(b, g, 1, hg, 1), out=T6[0])
     torch.matmul(Bt, Xg, out=T[1:])
-    del Xk, Xg
+    del Xg
 
     sq, m0 = s[:, :, -1], m[:, :, 0]  # (b, c, h)
     t_next = torch.cat([tau[:, 1:, 0], torch.zeros_like(sq[:, :1])], 1)
@@ -382,9 +388,6 @@ def _forward_segment_lean(x, dt, A, B, C, D, S0, q: int, y_out: torch.Tensor, *,
 
     beta = coef(m0)
     alpha = coef(tau[:, :, 0]) if any_wide else beta
-    T6 = T.view(c + 1, b, g, n, hg, p)
-    if S0 is not None:
-        torch.mul(S0, tau[:, 0, 0].exp().view(b, g, 1, hg, 1), out=T6[0])
     for i in range(c):  # the only per-chunk loop: small in-place ops on (b, g, n, hg p) states
         T6[i + 1].mul_(beta[i])
         if i or S0 is not None:
@@ -414,7 +417,7 @@ def _forward_segment_lean(x, dt, A, B, C, D, S0, q: int, y_out: torch.Tensor, *,
         torch.mul(src[:, full:, :rem], r6[:, full:, :rem], out=y6[:, full * q:].unsqueeze(1))
     if D is not None:
         y_out.addcmul_(x, _d_view(D))
-    return T6[c] if final else None
+    return T6[c].clone() if final else None  # T is scratch: the state leaves as a copy
 
 
 def _backward_segment(x, dt, A, B, C, D, S0, gy, g_end, q: int, outs: dict, need: dict):

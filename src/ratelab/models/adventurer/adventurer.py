@@ -47,6 +47,7 @@ half step; ``layer_measures`` is empty (no subspace projections, no sparse codes
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -57,6 +58,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ratelab.core.builder import build_model_with_cfg
 from ratelab.core.registry import register_model
+from ratelab.core.workspace import workspace
 from ratelab.layers.intermediates import (
     check_output_fmt,
     collect_intermediates,
@@ -369,9 +371,16 @@ class Adventurer(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, N + 1, D) last-block tokens (before the final RMSNorm); index -1 is the class token."""
         x = self.embed(x)
-        for blk in self.blocks:
-            x = self._run_block(blk, x)
+        with self._scope():
+            for blk in self.blocks:
+                x = self._run_block(blk, x)
         return x
+
+    def _scope(self) -> contextlib.AbstractContextManager:
+        """Without autograd the blocks' SSD scans reuse one set of scratch buffers (``core.workspace``: the pages
+        that the first block faults in serve the others); a no-op otherwise."""
+        fast = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        return workspace() if fast else contextlib.nullcontext()
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """(B, N + 1, D) tokens -> (B, num_classes) logits, or the (B, D) normalized class token."""
@@ -419,10 +428,11 @@ class Adventurer(nn.Module):
         take = resolve_indices(len(self.blocks), indices, what="block")
         p = self.cfg.patch_size
         grid = (x.shape[-2] // p, x.shape[-1] // p)
-        h, inter, attn = collect_intermediates(
-            self.embed(x), self.blocks, take, self._run_block, norm=self.norm if norm else None,
-            output_fmt=output_fmt, grid=grid, prefix_last=True, return_attn=return_attn,
-            return_prefix_tokens=return_prefix_tokens)
+        with self._scope():
+            h, inter, attn = collect_intermediates(
+                self.embed(x), self.blocks, take, self._run_block, norm=self.norm if norm else None,
+                output_fmt=output_fmt, grid=grid, prefix_last=True, return_attn=return_attn,
+                return_prefix_tokens=return_prefix_tokens)
         return pack_intermediates(h, inter, attn, intermediates_only=intermediates_only)
 
     def forward_layer_quantities(self, x: torch.Tensor, indices: int | list[int] | None = None) -> dict[str, Any]:
