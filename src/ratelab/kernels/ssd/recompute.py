@@ -69,6 +69,10 @@ from ratelab.kernels.ssd.chunked import balanced_chunk, ssd_chunked
 from ratelab.kernels.ssd.ref import DEFAULT_DT_LIMIT, check_inputs, compute_dtype, prepare_dt
 
 SEGMENT_CHUNKS = 8  # 512 tokens at the CPU chunk of 64: the backward's working set is one such segment
+# Without autograd nothing is recomputed, and a segment is only a bound on the working set: segments of at least
+# this many rows (batch x tokens) make the chunk products and the elementwise passes large enough to run well on
+# several threads (4096 tokens of one sequence: one segment instead of eight)
+LEAN_SEGMENT_ROWS = 8192
 
 
 def _segments(length: int, q: int, segment_chunks: int) -> list[tuple[int, int]]:
@@ -376,7 +380,9 @@ def _forward_segment_lean(x, dt, A, B, C, D, S0, q: int, y_out: torch.Tensor, *,
     T6 = T.view(c + 1, b, g, n, hg, p)
     if S0 is not None:
         torch.mul(S0, tau[:, 0, 0].exp().view(b, g, 1, hg, 1), out=T6[0])
-    torch.matmul(Bt, Xg, out=T[1:])
+    ends = c if final else c - 1  # chunks whose end state is used: read by the next chunk, or returned
+    if ends:
+        torch.matmul(Bt[:ends], Xg[:ends], out=T[1:ends + 1])
     del Xg
 
     sq, m0 = s[:, :, -1], m[:, :, 0]  # (b, c, h)
@@ -388,7 +394,7 @@ def _forward_segment_lean(x, dt, A, B, C, D, S0, q: int, y_out: torch.Tensor, *,
 
     beta = coef(m0)
     alpha = coef(tau[:, :, 0]) if any_wide else beta
-    for i in range(c):  # the only per-chunk loop: small in-place ops on (b, g, n, hg p) states
+    for i in range(ends):  # the only per-chunk loop: small in-place ops on (b, g, n, hg p) states
         T6[i + 1].mul_(beta[i])
         if i or S0 is not None:
             T6[i + 1].addcmul_(T6[i], alpha[i])
@@ -598,17 +604,19 @@ def ssd_recompute(
     chunk_size: int = 64,
     initial_state: torch.Tensor | None = None,
     return_final_state: bool = False,
-    segment_chunks: int = SEGMENT_CHUNKS,
+    segment_chunks: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Chunked SSD with the recomputing backward; same contract as :func:`ratelab.kernels.ssd.ssd`.
 
     Args:
-        segment_chunks: chunks per recomputed segment (the backward's working set); results do not depend on it
-            beyond rounding.
+        segment_chunks: chunks per segment (the backward's working set); results do not depend on it beyond
+            rounding. None: :data:`SEGMENT_CHUNKS` under autograd, and without it enough chunks for
+            :data:`LEAN_SEGMENT_ROWS` rows (batch x tokens) per segment, at least :data:`SEGMENT_CHUNKS`.
 
-    Without autograd (no input requires grad, or grad mode off) the same segment-by-segment forward runs and
-    nothing is kept; its working set is one segment (:func:`ssd_chunked` without autograd holds the chunk tensors
-    of the whole sequence at once, and is slower from about a thousand tokens at Adventurer-T's shapes).
+    Without autograd (no input requires grad, or grad mode off) a leaner segment forward runs
+    (:func:`_forward_segment_lean`) and nothing is kept; its working set is one segment (:func:`ssd_chunked` without
+    autograd holds the chunk tensors of the whole sequence at once, and is slower from about a thousand tokens at
+    Adventurer-T's shapes).
     """
     if x.dim() != 4 or x.shape[1] == 0:  # (ssd_chunked raises the shape errors, and returns the empty case)
         return ssd_chunked(x, dt, A, B, C, D, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
@@ -618,8 +626,11 @@ def ssd_recompute(
     check_inputs(x, dt, A, B, C, D, dt_bias, initial_state, step=False)
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"ssd: chunk_size must be a positive int, got {chunk_size!r}")
-    if not isinstance(segment_chunks, int) or segment_chunks < 1:
-        raise ValueError(f"ssd: segment_chunks must be a positive int, got {segment_chunks!r}")
+    if segment_chunks is not None and (not isinstance(segment_chunks, int) or segment_chunks < 1):
+        raise ValueError(f"ssd: segment_chunks must be a positive int or None, got {segment_chunks!r}")
+    if segment_chunks is None:
+        rows = x.shape[0] * balanced_chunk(x.shape[1], chunk_size)  # rows of one chunk across the batch
+        segment_chunks = SEGMENT_CHUNKS if grad else max(SEGMENT_CHUNKS, -(-LEAN_SEGMENT_ROWS // rows))
     ct = compute_dtype(x.dtype)
     dtp = prepare_dt(dt, dt_bias, dt_softplus, dt_limit, ct)
     init = None if initial_state is None else initial_state.to(ct)
