@@ -14,8 +14,9 @@ Backends, one contract (that of mamba_ssm's ``mamba_chunk_scan_combined`` withou
 * ``"recompute"``: :func:`ssd_recompute`, the same algorithm run segment by segment (512 tokens at the default
   chunk) with a hand-written backward that keeps only the inputs and the segment states and recomputes the chunk
   tensors (about 1/5 of ``"chunked"``'s saved memory); its layouts put the per-head ``(Q, Q)`` products and the
-  all-heads state products each in one bmm without permute copies. Without autograd it runs the same segment
-  forward (no states kept);
+  all-heads state products each in one bmm without permute copies. Without autograd it runs a leaner
+  chunk-major forward (nothing kept; segments of >= 8192 rows; chunk buffers reused inside a
+  ``ratelab.core.workspace`` scope);
 * ``"compiled"``: :func:`ssd_chunked` through ``torch.compile`` (inductor fuses the elementwise work of the forward
   and the backward; compiled once per shape, slow first call);
 * ``"cuda"``: mamba_ssm's fused Triton kernel (optional dependency; raises if missing or not on CUDA);
