@@ -37,6 +37,11 @@ import torch.nn.functional as F
 from ratelab.kernels.ssd.ref import DEFAULT_DT_LIMIT, check_inputs, compute_dtype, prepare_dt, skip_term
 
 
+def exponent_floor(dtype: torch.dtype) -> float:
+    """``log(finfo(dtype).tiny)`` rounded up: the floor of every decay exponent (see the module docstring)."""
+    return float(math.ceil(math.log(torch.finfo(dtype).tiny)))
+
+
 def balanced_chunk(length: int, chunk_size: int) -> int:
     """The chunk length actually used: the fewest chunks of at most ``chunk_size`` tokens, made as equal as
     possible, so that padding is under one token per chunk (198 tokens at ``chunk_size`` 64: 4 chunks of 50 and 2
@@ -104,7 +109,7 @@ def ssd_chunked(
     # exp() of arguments whose result is subnormal or 0 (including -inf) runs 5-40x slower on CPUs than in the normal
     # range, so exponents are floored at log(smallest normal): each such term changes by < finfo.tiny (1e-38 in
     # fp32, 1e-308 in fp64), invisible next to any O(eps) term; its gradient (of the same size) becomes 0.
-    floor = float(math.ceil(math.log(torch.finfo(ct).tiny)))
+    floor = exponent_floor(ct)
 
     # 1. intra-chunk, per head: (C B^T) masked by exp(s_i - s_j), i >= j; -inf above the diagonal before exp.
     scores = (Cg @ Bg.transpose(-1, -2)).unsqueeze(3)  # (b, c, g, 1, Q, Q)

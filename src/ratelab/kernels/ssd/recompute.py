@@ -65,7 +65,7 @@ import torch
 import torch.nn.functional as F
 
 from ratelab.core.workspace import scratch
-from ratelab.kernels.ssd.chunked import balanced_chunk, ssd_chunked
+from ratelab.kernels.ssd.chunked import balanced_chunk, exponent_floor, ssd_chunked
 from ratelab.kernels.ssd.ref import DEFAULT_DT_LIMIT, check_inputs, compute_dtype, prepare_dt
 
 SEGMENT_CHUNKS = 8  # 512 tokens at the CPU chunk of 64: the backward's working set is one such segment
@@ -102,8 +102,7 @@ class _Chunks:
         hg, c = h // g, length // q
         ct, dev = x.dtype, x.device
         self.shape = (b, c, q, h, p, g, hg, n)
-        floor = float(math.ceil(math.log(torch.finfo(ct).tiny)))
-        zero_at = math.exp(floor)  # a decay floored to exp(floor) is set to 0 (see the module docstring)
+        floor, zero_at = _exponent_floor(ct)
         x5, dt4 = x.view(b, c, q, h, p), dt.view(b, c, q, h)
         s = (dt4 * A).cumsum_(2)  # (b, c, Q, h): log-decay since the chunk start
         sT = s.transpose(2, 3).contiguous()  # (b, c, h, Q)
@@ -217,6 +216,36 @@ def _d_view(D: torch.Tensor) -> torch.Tensor:
     return D[:, None] if D.dim() == 1 else D
 
 
+def _exponent_floor(dtype: torch.dtype) -> tuple[float, float]:
+    """``(floor, exp(floor))``: exponents are floored at :func:`exponent_floor` and a decay equal to ``exp(floor)``
+    is then set to 0 (module docstring)."""
+    floor = exponent_floor(dtype)
+    return floor, math.exp(floor)
+
+
+def _chunk_log_decay(dt4: torch.Tensor, A: torch.Tensor):
+    """The forwards' decay bookkeeping for ``dt4 (b, c, Q, h)``: ``s`` the log-decay since each chunk's start, and
+    per (chunk, head) ``lo`` its minimum, ``mid`` the midpoint of its span and ``wide`` (span over
+    :data:`FACTOR_SPAN`, or NaN), each ``(b, c, 1, h)``."""
+    s = (dt4 * A).cumsum_(2)
+    lo, hi = s.amin(2, keepdim=True), s.amax(2, keepdim=True)
+    wide = (hi - lo <= FACTOR_SPAN).logical_not_()  # NaN spans are wide
+    return s, lo, (lo + hi).mul_(0.5), wide
+
+
+def _exact_block_product(x, s, dt4, cb, bi, ci, hi_, q: int, tril, floor: float) -> torch.Tensor:
+    """``(L o CB o dt_j) x`` of the listed (sequence ``bi``, chunk ``ci``, head ``hi_``) blocks, exactly (the
+    difference form of :func:`_exact_decay`): ``(K, Q, p)``. ``cb (K, Q, Q)`` are the blocks' masked ``C B^T``; the
+    rows of ``x (b, length, h, p)`` are gathered, those past its end (the padded last chunk) as zeros, not as x's
+    last row again (a non-finite entry there would reach the chunk's earlier rows through their zero weights)."""
+    sv = s[bi, ci, :, hi_]  # (K, Q)  (s is not modified in place after the cumsum)
+    Lx = _exact_decay(sv, tril, floor).mul_(dt4[bi, ci, :, hi_][:, None, :]).mul_(cb)
+    length = x.shape[1]
+    rows = ci[:, None] * q + torch.arange(q, device=x.device)  # (K, Q) time rows
+    xw = x[bi[:, None], rows.clamp(max=length - 1), hi_[:, None]].mul_((rows < length)[..., None])  # (K, Q, p)
+    return Lx @ xw
+
+
 def _forward_segment(x, dt, A, B, C, D, S0, q: int, y_out: torch.Tensor, *, final: bool = True):
     """Write one segment's ``y`` into ``y_out (b, l, h, p)``; return the state after it (None without ``final``).
 
@@ -224,7 +253,8 @@ def _forward_segment(x, dt, A, B, C, D, S0, q: int, y_out: torch.Tensor, *, fina
     ``r_i k_j`` (:func:`_decay_blocks`), so ``(L o CB) X = r o (CB (k o X))``: one chunk-major product of the
     group's ``CB`` with all its heads at once (``(Q, Q) @ (Q, hg p)``, no head-major copy of ``x`` and no
     per-head ``(Q, Q)`` block). Its rounding is bounded as the per-head product's (``r_i k_j = L_ij <= 1`` on every
-    term that CB's mask keeps). The other (chunk, head) blocks get ``r = k = 0`` and their exact per-head product.
+    term that CB's mask keeps). The other (chunk, head) blocks get ``k = 0``, ``r = 1`` and their exact per-head
+    product (:func:`_exact_block_product`).
     """
     b, length, h, p = x.shape
     pad = (-length) % q
@@ -234,8 +264,7 @@ def _forward_segment(x, dt, A, B, C, D, S0, q: int, y_out: torch.Tensor, *, fina
     g, n = B.shape[-2:]
     hg, c = h // g, ln // q
     ct, dev = x.dtype, x.device
-    floor = float(math.ceil(math.log(torch.finfo(ct).tiny)))
-    zero_at = math.exp(floor)
+    floor, zero_at = _exponent_floor(ct)
     dt4 = dt.view(b, c, q, h)
 
     def times_x(factor: torch.Tensor) -> torch.Tensor:  # x * factor (b, c, Q, h) -> (b, c, Q, h, p)
@@ -245,10 +274,7 @@ def _forward_segment(x, dt, A, B, C, D, S0, q: int, y_out: torch.Tensor, *, fina
         torch.mul(x, factor.view(b, ln, h)[:, :length, :, None], out=buf[:, :length])
         buf[:, length:].zero_()
         return buf.view(b, c, q, h, p)
-    s = (dt4 * A).cumsum_(2)  # (b, c, Q, h)
-    lo, hi = s.amin(2, keepdim=True), s.amax(2, keepdim=True)
-    wide = (hi - lo <= FACTOR_SPAN).logical_not_()  # (b, c, 1, h); NaN spans are wide
-    mid = (lo + hi).mul_(0.5)
+    s, _, mid, wide = _chunk_log_decay(dt4, A)  # (b, c, Q, h) and (b, c, 1, h)
     r = (s - mid).exp_()
     k = (mid - s).exp_().mul_(dt4)
     any_wide = bool(wide.any())
@@ -283,8 +309,9 @@ def _forward_segment(x, dt, A, B, C, D, S0, q: int, y_out: torch.Tensor, *, fina
     for i in range(steps):
         torch.addcmul(lv[i], ev[i], dv[i], out=ev[i + 1])
     yo = _from_group(Cg @ ent.view(b, c, g, n, hg * p)).reshape(b, c, q, h, p)
-    if any_wide:
-        _wide_blocks(x, s, wide, tril, floor, dt4, CB, yd, pad, hg)
+    if any_wide:  # the exact per-head product of the blocks too wide to factor
+        bi, ci, _, hi_ = wide.nonzero().unbind(1)
+        yd[bi, ci, :, hi_] = _exact_block_product(x, s, dt4, CB[bi, ci, hi_ // hg], bi, ci, hi_, q, tril, floor)
 
     def rows(t: torch.Tensor) -> torch.Tensor:  # chunked (b, c, Q, ...) -> (b, length, ...) without the padding
         return t.reshape(b, ln, *t.shape[3:])[:, :length]
@@ -295,15 +322,6 @@ def _forward_segment(x, dt, A, B, C, D, S0, q: int, y_out: torch.Tensor, *, fina
     if D is not None:
         y_out.addcmul_(x, _d_view(D))
     return ev[c] if final else None
-
-
-def _wide_blocks(x, s, wide, tril, floor, dt4, CB, yd, pad, hg):
-    """The exact per-head product of the (chunk, head) blocks whose log-decay is too wide to factor, into ``yd``."""
-    b, c, q, h, p = yd.shape
-    bi, ci, _, hi_ = wide.nonzero().unbind(1)
-    sv = s[bi, ci, :, hi_]  # (K, Q)  (s was not modified in place after the cumsum)
-    Lx = _exact_decay(sv, tril, floor).mul_(dt4[bi, ci, :, hi_][:, None, :]).mul_(CB[bi, ci, hi_ // hg])
-    yd[bi, ci, :, hi_] = Lx @ _pad_time(x, pad).view(b, c, q, h, p)[bi, ci, :, hi_]
 
 
 def _forward_segment_lean(x, dt, A, B, C, D, S0, q: int, y_out: torch.Tensor, *, final: bool = True):
@@ -339,13 +357,9 @@ def _forward_segment_lean(x, dt, A, B, C, D, S0, q: int, y_out: torch.Tensor, *,
     c = (length + pad) // q
     full, rem = (c - 1, q - pad) if pad else (c, q)  # whole chunks of x, rows of its last (padded) chunk
     ct, dev = x.dtype, x.device
-    floor = float(math.ceil(math.log(torch.finfo(ct).tiny)))
-    zero_at = math.exp(floor)
+    floor, zero_at = _exponent_floor(ct)
     dt4 = dt.view(b, c, q, h)
-    s = (dt4 * A).cumsum_(2)  # (b, c, Q, h)
-    lo, hi = s.amin(2, keepdim=True), s.amax(2, keepdim=True)
-    wide = (hi - lo <= FACTOR_SPAN).logical_not_()  # (b, c, 1, h); NaN spans are wide
-    mid = (lo + hi).mul_(0.5)
+    s, lo, mid, wide = _chunk_log_decay(dt4, A)  # (b, c, Q, h) and (b, c, 1, h)
     any_wide = bool(wide.any())
     m, tau = (torch.where(wide, lo, mid), mid.masked_fill(wide, 0.0)) if any_wide else (mid, mid)
     r = (s - m).exp_()
@@ -405,15 +419,12 @@ def _forward_segment_lean(x, dt, A, B, C, D, S0, q: int, y_out: torch.Tensor, *,
     if any_wide:
         bi, ci, _, hi_ = wide.nonzero().unbind(1)
         gi, li = hi_ // hg, hi_ % hg
-        sv = s[bi, ci, :, hi_]  # (K, Q)
-        Lx = _exact_decay(sv, tril, floor).mul_(dt4[bi, ci, :, hi_][:, None, :]).mul_(CB[ci, bi, gi])
-        rows = ci[:, None] * q + torch.arange(q, device=dev)  # (K, Q) time rows; padded ones read x's last row
-        xw = x[bi[:, None], rows.clamp(max=length - 1), hi_[:, None]].mul_((rows < length)[..., None])  # (K, Q, p)
-        ew = F.threshold_(sv.clamp(min=floor).exp_(), zero_at, 0.0)
+        ew = F.threshold_(s[bi, ci, :, hi_].clamp(min=floor).exp_(), zero_at, 0.0)  # (K, Q)
         read = (Cc[ci, bi, gi] @ T6[ci, bi, gi, :, li]).mul_(ew[..., None])  # e_i C_i S_{k-1} (tau_k = 0)
         if S0 is None:  # chunk 0 has no entering state (T[0] was left unwritten)
             read.masked_fill_((ci == 0)[:, None, None], 0.0)
-        yd6[ci, bi, gi, :, li] = torch.baddbmm(read, Lx, xw)
+        yd6[ci, bi, gi, :, li] = read.add_(_exact_block_product(x, s, dt4, CB[ci, bi, gi], bi, ci, hi_, q, tril,
+                                                                floor))
     y6 = y_out.view(b, length, g, hg, p)
     src = yd6.permute(1, 0, 3, 2, 4, 5)  # (b, c, Q, g, hg, p) view
     r6 = r.view(b, c, q, g, hg, 1)
@@ -546,9 +557,9 @@ def _forward(chunk_size: int, segment_chunks: int, x, dt, A, B, C, D, initial_st
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     entering = []
     state = None if initial_state is None else _to_states(initial_state, B.shape[2])
+    run = _forward_segment_lean if lean else _forward_segment
     for i, (s, e) in enumerate(segs):
         entering.append(state)
-        run = _forward_segment_lean if lean else _forward_segment
         state = run(x[:, s:e], dt[:, s:e], A, B[:, s:e], C[:, s:e], D, state, q, y[:, s:e],
                     final=final or i + 1 < len(segs))
     return y, None if state is None else _from_states(state), entering, q, segs
