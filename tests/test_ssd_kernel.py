@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ratelab.kernels.ssd import BACKENDS, resolve_backend, ssd, ssd_chunked, ssd_recompute, ssd_ref, ssd_step
+from ratelab.kernels.ssd.library import ssd_scan
 
 # Tolerances, defined once. fp64 differences are pure rounding (~1e-14); fp32 ones grow with the length of the sums
 # (the chunked path sums in another order and factors the decays differently).
@@ -60,11 +61,13 @@ def _value_and_grads(fn, inputs, cot_dtype=None, softplus=True, **kw):
 
 # the fast paths: op-by-op autograd, and the hand-written recomputing backward with one segment per chunk (every
 # chunk boundary is a segment boundary: the entering-state gradient is handed across all of them) and with one
-# segment for the whole sequence
+# segment for the whole sequence; the same kernel through its custom ops (what torch.compile captures), eager
 FAST = {
     "chunked": ssd_chunked,
     "recompute_seg1": functools.partial(ssd_recompute, segment_chunks=1),
     "recompute": ssd_recompute,
+    "scan_op_seg1": functools.partial(ssd_scan, segment_chunks=1),
+    "scan_op": ssd_scan,
 }
 
 
@@ -241,7 +244,7 @@ def test_dispatch_backends_agree():
     for backend in ("auto", "chunked", "recompute"):
         torch.testing.assert_close(ssd(**inputs, backend=backend, dt_softplus=True, chunk_size=4), ref,
                                    **TOL[torch.float64])
-    assert resolve_backend("auto", inputs["x"]) == "recompute"  # CPU; "chunked" while torch.compile traces
+    assert resolve_backend("auto", inputs["x"]) == "recompute"  # CPU (and under torch.compile: test_compile.py)
     with pytest.raises(ValueError, match="backend"):
         ssd(**inputs, backend="triton")
     leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}

@@ -20,10 +20,16 @@ Backends, one contract (that of mamba_ssm's ``mamba_chunk_scan_combined`` withou
 * ``"compiled"``: :func:`ssd_chunked` through ``torch.compile`` (inductor fuses the elementwise work of the forward
   and the backward; compiled once per shape, slow first call);
 * ``"cuda"``: mamba_ssm's fused Triton kernel (optional dependency; raises if missing or not on CUDA);
-* ``"auto"``: ``"cuda"`` when the tensors are on CUDA and mamba_ssm imports; ``"chunked"`` while ``torch.compile``
-  traces the caller (inductor then fuses and plans the recomputation of the whole graph itself; a custom autograd
-  function would be opaque to it); else ``"recompute"``. The choice is logged once per backend at INFO level
-  (``ratelab.kernels.ssd``) and can be queried with :func:`resolve_backend`.
+* ``"auto"``: ``"recompute"`` while ``torch.compile`` traces the caller, on any device; else ``"cuda"`` when the
+  tensors are on CUDA and mamba_ssm imports, else ``"recompute"``. The choice is logged once per backend at INFO
+  level (``ratelab.kernels.ssd``) and can be queried with :func:`resolve_backend`.
+
+Traced by ``torch.compile``, ``"recompute"`` runs as two opaque custom ops (:mod:`ratelab.kernels.ssd.library`:
+``ratelab::ssd_scan`` and its backward), so the compiler fuses the work around the scan and the graph does not grow
+with the sequence length. The op-by-op ``"chunked"`` path, traced, unrolls into a graph per chunk that inductor
+fuses for short sequences and did not finish compiling at 4096 tokens; measured for Adventurer-T training at 1024
+tokens, 2 threads, the compiled model with the ops was 1.28x eager, with ``"chunked"`` traced 1.03x
+(``docs/benchmarks.md``).
 
 :func:`ssd_step` advances the recurrence one token at a time (generation).
 """
@@ -37,6 +43,7 @@ import torch
 
 from ratelab.kernels.ssd.chunked import ssd_chunked
 from ratelab.kernels.ssd.cuda import cuda_kernel_available, mamba_ssm_installed, ssd_cuda
+from ratelab.kernels.ssd.library import ssd_scan
 from ratelab.kernels.ssd.recompute import ssd_recompute
 from ratelab.kernels.ssd.ref import DEFAULT_DT_LIMIT, ssd_ref, ssd_step
 
@@ -52,7 +59,7 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
     if backend != "auto":
         return backend
     if torch.compiler.is_compiling():
-        return "chunked"
+        return "recompute"
     # mamba_ssm is only imported when a CUDA tensor arrives and the package is installed
     return "cuda" if x.is_cuda and cuda_kernel_available() else "recompute"
 
@@ -107,7 +114,8 @@ def ssd(
         RuntimeError: ``backend="cuda"`` without CUDA tensors or without an importable mamba_ssm.
     """
     name = resolve_backend(backend, x)
-    if backend == "auto" and name not in _logged:
+    # (not while dynamo traces: a logging call is a graph break, one per mixer)
+    if backend == "auto" and name not in _logged and not torch.compiler.is_compiling():
         _logged.add(name)
         _log.info("ssd: backend 'auto' runs %r", name)
     kw = dict(dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit, initial_state=initial_state,
@@ -117,7 +125,9 @@ def ssd(
     if name == "cuda":
         return ssd_cuda(x, dt, A, B, C, D, chunk_size=chunk_size, **kw)
     if name == "recompute":
-        return ssd_recompute(x, dt, A, B, C, D, chunk_size=chunk_size, **kw)
+        # traced by torch.compile: the scan as two opaque custom ops (kernels/ssd/library.py), not unrolled
+        fn = ssd_scan if torch.compiler.is_compiling() else ssd_recompute
+        return fn(x, dt, A, B, C, D, chunk_size=chunk_size, **kw)
     if name == "compiled":
         return _compiled_chunked()(x, dt, A, B, C, D, chunk_size=chunk_size, **kw)
     return ssd_chunked(x, dt, A, B, C, D, chunk_size=chunk_size, **kw)
