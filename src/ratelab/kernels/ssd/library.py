@@ -50,7 +50,7 @@ def _scan(
     """``(y, final (b, h, p, n) or empty, entering states (segments, b, g, n, hg, p) or empty)``; ``keep``: run the
     segment forward that records the states entering each segment (for the backward), else the lean forward."""
     y, final, entering, _, _ = _forward(chunk_size, segment_chunks, x, dt, A, B, C, D, initial_state,
-                                        final=return_final or keep, lean=not keep)
+                                        final=return_final, lean=not keep)
     final = final if return_final else x.new_empty(_EMPTY)
     if not keep:
         return y, final, x.new_empty(_EMPTY)
