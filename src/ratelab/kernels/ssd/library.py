@@ -20,16 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from ratelab.kernels.ssd.recompute import (
-    SEGMENT_CHUNKS,
-    _backward_segment,
-    _forward,
-    _from_states,
-    _segments,
-    _to_states,
-    balanced_chunk,
-)
-from ratelab.kernels.ssd.ref import DEFAULT_DT_LIMIT, check_inputs, compute_dtype, prepare_dt
+from ratelab.kernels.ssd.recompute import _backward, _forward, _segments, balanced_chunk, prepare
+from ratelab.kernels.ssd.ref import DEFAULT_DT_LIMIT
 
 __all__ = ["ssd_scan"]
 
@@ -78,26 +70,13 @@ def _scan_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(gx, gdt, gA, gB, gC, gD or empty, g_initial (b, h, p, n) or empty)`` from the saved inputs and the
     entering states of :func:`_scan` (``has_initial``: its first row is a real initial state, not zeros)."""
-    length = x.shape[1]
-    q = balanced_chunk(length, chunk_size)
-    segs = _segments(length, q, segment_chunks)
-    outs = {"x": torch.empty_like(x), "dt": torch.empty_like(dt), "B": torch.empty_like(B), "C": torch.empty_like(C)}
-    gA = torch.zeros_like(A)
-    gD = torch.zeros_like(D) if D is not None else None
-    g_state = None if g_final is None else _to_states(g_final, B.shape[2])
-    for i in range(len(segs) - 1, -1, -1):
-        s, e = segs[i]
-        need = {"x": need_x, "D": D is not None, "state": i > 0 or need_initial}
-        S0 = entering[i] if i > 0 or has_initial else None
-        gA_s, gD_s, g_state = _backward_segment(
-            x[:, s:e], dt[:, s:e], A, B[:, s:e], C[:, s:e], D, S0, gy[:, s:e], g_state, q,
-            {k: v[:, s:e] for k, v in outs.items()}, need)
-        gA += gA_s
-        if gD_s is not None:
-            gD += gD_s
-    g_init = _from_states(g_state) if need_initial else x.new_empty(_EMPTY)
-    return (outs["x"], outs["dt"], gA, outs["B"], outs["C"], gD if gD is not None else x.new_empty(_EMPTY),
-            g_init)
+    q = balanced_chunk(x.shape[1], chunk_size)
+    states = [entering[i] if i > 0 or has_initial else None for i in range(entering.shape[0])]
+    outs, gA, gD, g_init = _backward(q, _segments(x.shape[1], q, segment_chunks), x, dt, A, B, C, D, states, gy,
+                                     g_final, need_x=need_x, need_D=D is not None, need_init=need_initial)
+    # (unused outputs are distinct empty tensors: outputs of a custom op must not alias each other)
+    return (outs["x"], outs["dt"], gA, outs["B"], outs["C"], x.new_empty(_EMPTY) if gD is None else gD,
+            x.new_empty(_EMPTY) if g_init is None else g_init)
 
 
 @_scan_backward.register_fake
@@ -119,7 +98,7 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(x, dt, A, B, C, D if D is not None else x.new_empty(_EMPTY), output[2])
 
 
-def _backward(ctx, gy, g_final, _g_entering):
+def _autograd_backward(ctx, gy, g_final, _g_entering):
     x, dt, A, B, C, D, entering = ctx.saved_tensors
     D = D if ctx.has_D else None
     need = ctx.needs_input_grad
@@ -133,7 +112,7 @@ def _backward(ctx, gy, g_final, _g_entering):
             g_init if ctx.has_initial and need[6] else None, None, None, None, None)
 
 
-_scan.register_autograd(_backward, setup_context=_setup_context)
+_scan.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 def ssd_scan(
@@ -154,26 +133,14 @@ def ssd_scan(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """:func:`~ratelab.kernels.ssd.recompute.ssd_recompute` through the custom ops (same contract and values):
     the form ``torch.compile`` can capture without unrolling the scan."""
-    from ratelab.kernels.ssd.recompute import LEAN_SEGMENT_ROWS, ssd_recompute
+    from ratelab.kernels.ssd.recompute import ssd_recompute
 
     if x.dim() != 4 or x.shape[1] == 0:
         return ssd_recompute(x, dt, A, B, C, D, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
                              chunk_size=chunk_size, initial_state=initial_state,
                              return_final_state=return_final_state, segment_chunks=segment_chunks)
-    check_inputs(x, dt, A, B, C, D, dt_bias, initial_state, step=False)
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"ssd: chunk_size must be a positive int, got {chunk_size!r}")
-    tensors = (x, dt, A, B, C, D, dt_bias, initial_state)
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    if segment_chunks is None:
-        rows = x.shape[0] * balanced_chunk(x.shape[1], chunk_size)
-        segment_chunks = SEGMENT_CHUNKS if grad else max(SEGMENT_CHUNKS, -(-LEAN_SEGMENT_ROWS // rows))
-    elif not isinstance(segment_chunks, int) or segment_chunks < 1:
-        raise ValueError(f"ssd: segment_chunks must be a positive int or None, got {segment_chunks!r}")
-    ct = compute_dtype(x.dtype)
-    dtp = prepare_dt(dt, dt_bias, dt_softplus, dt_limit, ct)
-    y, final, _ = _scan(x.to(ct), dtp, A.to(ct), B.to(ct), C.to(ct), None if D is None else D.to(ct),
-                        None if initial_state is None else initial_state.to(ct), chunk_size, segment_chunks,
-                        return_final_state, grad)
+    operands, segment_chunks, grad = prepare(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, chunk_size,
+                                             initial_state, segment_chunks)
+    y, final, _ = _scan(*operands, chunk_size, segment_chunks, return_final_state, grad)
     y = y.to(x.dtype)
     return (y, final) if return_final_state else y

@@ -581,24 +581,55 @@ class SSDRecomputeFn(torch.autograd.Function):
     def backward(ctx, gy, g_final):  # noqa: D102
         x, dt, A, B, C, D, *entering = ctx.saved_tensors
         need_x, need_dt, need_A, need_B, need_C, need_D, need_init = ctx.needs_input_grad[2:]
-        gy = gy.contiguous() if gy is not None else torch.zeros_like(x)
-        outs = {"x": torch.empty_like(x), "dt": torch.empty_like(dt), "B": torch.empty_like(B),
-                "C": torch.empty_like(C)}
-        gA = torch.zeros_like(A)
-        gD = torch.zeros_like(D) if D is not None else None
-        g_state = None if g_final is None else _to_states(g_final, B.shape[2])
-        for i in range(len(ctx.segs) - 1, -1, -1):
-            s, e = ctx.segs[i]
-            need = {"x": need_x, "D": need_D, "state": i > 0 or need_init}
-            gA_s, gD_s, g_state = _backward_segment(
-                x[:, s:e], dt[:, s:e], A, B[:, s:e], C[:, s:e], D, entering[i], gy[:, s:e], g_state, ctx.q,
-                {k: v[:, s:e] for k, v in outs.items()}, need)
-            gA += gA_s
-            if gD_s is not None:
-                gD += gD_s
+        outs, gA, gD, g_init = _backward(ctx.q, ctx.segs, x, dt, A, B, C, D, entering, gy, g_final,
+                                         need_x=need_x, need_D=need_D, need_init=need_init)
         return (None, None, outs["x"] if need_x else None, outs["dt"] if need_dt else None, gA if need_A else None,
                 outs["B"] if need_B else None, outs["C"] if need_C else None, gD if need_D else None,
-                _from_states(g_state) if need_init else None)
+                g_init if need_init else None)
+
+
+def _backward(q: int, segs, x, dt, A, B, C, D, entering, gy, g_final, *, need_x: bool, need_D: bool,
+              need_init: bool):
+    """The segment-by-segment backward from the saved inputs and the states entering the segments (``entering[0]``
+    None without an initial state): ``(grads of x, dt, B, C as a dict, gA, gD or None, g_initial (b, h, p, n) or
+    None)``. ``gy`` None: no gradient reached ``y``."""
+    gy = gy.contiguous() if gy is not None else torch.zeros_like(x)
+    outs = {"x": torch.empty_like(x), "dt": torch.empty_like(dt), "B": torch.empty_like(B),
+            "C": torch.empty_like(C)}
+    gA = torch.zeros_like(A)
+    gD = torch.zeros_like(D) if D is not None else None
+    g_state = None if g_final is None else _to_states(g_final, B.shape[2])
+    for i in range(len(segs) - 1, -1, -1):
+        s, e = segs[i]
+        need = {"x": need_x, "D": need_D, "state": i > 0 or need_init}
+        gA_s, gD_s, g_state = _backward_segment(
+            x[:, s:e], dt[:, s:e], A, B[:, s:e], C[:, s:e], D, entering[i], gy[:, s:e], g_state, q,
+            {k: v[:, s:e] for k, v in outs.items()}, need)
+        gA += gA_s
+        if gD_s is not None:
+            gD += gD_s
+    return outs, gA, gD, _from_states(g_state) if need_init else None
+
+
+def prepare(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, chunk_size, initial_state, segment_chunks):
+    """Validate the arguments of :func:`ssd_recompute` and bring the operands to the compute dtype: ``(operands
+    (x, dt after bias / softplus / clamp, A, B, C, D, initial_state), segment_chunks resolved, grad)`` with ``grad``
+    whether autograd records the call."""
+    tensors = (x, dt, A, B, C, D, dt_bias, initial_state)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    check_inputs(x, dt, A, B, C, D, dt_bias, initial_state, step=False)
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"ssd: chunk_size must be a positive int, got {chunk_size!r}")
+    if segment_chunks is not None and (not isinstance(segment_chunks, int) or segment_chunks < 1):
+        raise ValueError(f"ssd: segment_chunks must be a positive int or None, got {segment_chunks!r}")
+    if segment_chunks is None:
+        rows = x.shape[0] * balanced_chunk(x.shape[1], chunk_size)  # rows of one chunk across the batch
+        segment_chunks = SEGMENT_CHUNKS if grad else max(SEGMENT_CHUNKS, -(-LEAN_SEGMENT_ROWS // rows))
+    ct = compute_dtype(x.dtype)
+    dtp = prepare_dt(dt, dt_bias, dt_softplus, dt_limit, ct)
+    init = None if initial_state is None else initial_state.to(ct)
+    Dc = None if D is None else D.to(ct)
+    return (x.to(ct), dtp, A.to(ct), B.to(ct), C.to(ct), Dc, init), segment_chunks, grad
 
 
 def ssd_recompute(
@@ -632,21 +663,8 @@ def ssd_recompute(
     if x.dim() != 4 or x.shape[1] == 0:  # (ssd_chunked raises the shape errors, and returns the empty case)
         return ssd_chunked(x, dt, A, B, C, D, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
                            chunk_size=chunk_size, initial_state=initial_state, return_final_state=return_final_state)
-    tensors = (x, dt, A, B, C, D, dt_bias, initial_state)
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    check_inputs(x, dt, A, B, C, D, dt_bias, initial_state, step=False)
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"ssd: chunk_size must be a positive int, got {chunk_size!r}")
-    if segment_chunks is not None and (not isinstance(segment_chunks, int) or segment_chunks < 1):
-        raise ValueError(f"ssd: segment_chunks must be a positive int or None, got {segment_chunks!r}")
-    if segment_chunks is None:
-        rows = x.shape[0] * balanced_chunk(x.shape[1], chunk_size)  # rows of one chunk across the batch
-        segment_chunks = SEGMENT_CHUNKS if grad else max(SEGMENT_CHUNKS, -(-LEAN_SEGMENT_ROWS // rows))
-    ct = compute_dtype(x.dtype)
-    dtp = prepare_dt(dt, dt_bias, dt_softplus, dt_limit, ct)
-    init = None if initial_state is None else initial_state.to(ct)
-    Dc = None if D is None else D.to(ct)
-    operands = (x.to(ct), dtp, A.to(ct), B.to(ct), C.to(ct), Dc, init)
+    operands, segment_chunks, grad = prepare(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, chunk_size,
+                                             initial_state, segment_chunks)
     if grad:
         y, final = SSDRecomputeFn.apply(chunk_size, segment_chunks, *operands)
     else:
