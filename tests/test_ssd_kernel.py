@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 
 from ratelab.kernels.ssd import BACKENDS, resolve_backend, ssd, ssd_chunked, ssd_recompute, ssd_ref, ssd_step
-from ratelab.kernels.ssd.library import ssd_scan
 
 # Tolerances, defined once. fp64 differences are pure rounding (~1e-14); fp32 ones grow with the length of the sums
 # (the chunked path sums in another order and factors the decays differently).
@@ -66,8 +65,8 @@ FAST = {
     "chunked": ssd_chunked,
     "recompute_seg1": functools.partial(ssd_recompute, segment_chunks=1),
     "recompute": ssd_recompute,
-    "scan_op_seg1": functools.partial(ssd_scan, segment_chunks=1),
-    "scan_op": ssd_scan,
+    "scan_op_seg1": functools.partial(ssd_recompute, segment_chunks=1, custom_op=True),
+    "scan_op": functools.partial(ssd_recompute, custom_op=True),
 }
 
 

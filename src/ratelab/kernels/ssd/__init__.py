@@ -41,9 +41,9 @@ import logging
 
 import torch
 
+from ratelab.kernels.ssd import library as _library  # noqa: F401  (registers the ratelab::ssd_scan ops)
 from ratelab.kernels.ssd.chunked import ssd_chunked
 from ratelab.kernels.ssd.cuda import cuda_kernel_available, mamba_ssm_installed, ssd_cuda
-from ratelab.kernels.ssd.library import ssd_scan
 from ratelab.kernels.ssd.recompute import ssd_recompute
 from ratelab.kernels.ssd.ref import DEFAULT_DT_LIMIT, ssd_ref, ssd_step
 
@@ -125,9 +125,7 @@ def ssd(
     if name == "cuda":
         return ssd_cuda(x, dt, A, B, C, D, chunk_size=chunk_size, **kw)
     if name == "recompute":
-        # traced by torch.compile: the scan as two opaque custom ops (kernels/ssd/library.py), not unrolled
-        fn = ssd_scan if torch.compiler.is_compiling() else ssd_recompute
-        return fn(x, dt, A, B, C, D, chunk_size=chunk_size, **kw)
+        return ssd_recompute(x, dt, A, B, C, D, chunk_size=chunk_size, **kw)
     if name == "compiled":
         return _compiled_chunked()(x, dt, A, B, C, D, chunk_size=chunk_size, **kw)
     return ssd_chunked(x, dt, A, B, C, D, chunk_size=chunk_size, **kw)

@@ -10,20 +10,19 @@ the graph does not grow with the length, and the scan itself runs the eager kern
 when nothing needs a gradient, the segment forward that keeps the entering states otherwise).
 
 The ops take prepared operands (compute dtype, ``dt`` after bias / softplus / clamp: elementwise work the compiler
-fuses) and return fixed-structure tensors: unused outputs are empty tensors, not None. :func:`ssd_scan` is the
-Python entry with the contract of :func:`~ratelab.kernels.ssd.recompute.ssd_recompute`; ``tests/test_compile.py``
-compares it, eager and compiled, with the sequential reference (values and every gradient) and runs
-``torch.library.opcheck`` on both ops.
+fuses) and return fixed-structure tensors: unused outputs are empty tensors, not None.
+:func:`~ratelab.kernels.ssd.recompute.ssd_recompute` calls them (:func:`scan`) while dynamo traces, or always with
+``custom_op=True``; ``tests/test_ssd_kernel.py`` compares that path with the sequential reference (values and every
+gradient), ``tests/test_compile.py`` runs ``torch.library.opcheck`` on both ops and compares compiled with eager.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ratelab.kernels.ssd.recompute import _backward, _forward, _segments, balanced_chunk, prepare
-from ratelab.kernels.ssd.ref import DEFAULT_DT_LIMIT
+from ratelab.kernels.ssd.recompute import _backward, _forward, _segments, balanced_chunk
 
-__all__ = ["ssd_scan"]
+__all__ = ["scan"]
 
 _EMPTY = (0,)
 
@@ -65,7 +64,7 @@ def _(x, dt, A, B, C, D, initial_state, chunk_size, segment_chunks, return_final
 @torch.library.custom_op("ratelab::ssd_scan_backward", mutates_args=())
 def _scan_backward(
     x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: torch.Tensor | None,
-    entering: torch.Tensor, has_initial: bool, gy: torch.Tensor, g_final: torch.Tensor | None, chunk_size: int,
+    entering: torch.Tensor, has_initial: bool, gy: torch.Tensor | None, g_final: torch.Tensor | None, chunk_size: int,
     segment_chunks: int, need_x: bool, need_initial: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(gx, gdt, gA, gB, gC, gD or empty, g_initial (b, h, p, n) or empty)`` from the saved inputs and the
@@ -92,7 +91,7 @@ def _setup_context(ctx, inputs, output) -> None:
     x, dt, A, B, C, D, initial_state, chunk_size, segment_chunks, return_final, keep = inputs
     if not keep:
         raise RuntimeError("ratelab::ssd_scan: a gradient was requested through a call with keep=False "
-                           "(ssd_scan chooses keep from the autograd state; call it, not the op)")
+                           "(scan / ssd_recompute choose keep from the autograd state; call them, not the op)")
     ctx.chunk_size, ctx.segment_chunks = chunk_size, segment_chunks
     ctx.has_D, ctx.has_initial, ctx.return_final = D is not None, initial_state is not None, return_final
     ctx.save_for_backward(x, dt, A, B, C, D if D is not None else x.new_empty(_EMPTY), output[2])
@@ -102,7 +101,6 @@ def _autograd_backward(ctx, gy, g_final, _g_entering):
     x, dt, A, B, C, D, entering = ctx.saved_tensors
     D = D if ctx.has_D else None
     need = ctx.needs_input_grad
-    gy = torch.zeros_like(x) if gy is None else gy.contiguous()
     g_final = g_final if ctx.return_final and g_final is not None and g_final.numel() else None
     gx, gdt, gA, gB, gC, gD, g_init = _scan_backward(
         x, dt, A, B, C, D, entering, ctx.has_initial, gy, g_final, ctx.chunk_size, ctx.segment_chunks,
@@ -115,32 +113,8 @@ def _autograd_backward(ctx, gy, g_final, _g_entering):
 _scan.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
-def ssd_scan(
-    x: torch.Tensor,
-    dt: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor | None = None,
-    *,
-    dt_bias: torch.Tensor | None = None,
-    dt_softplus: bool = False,
-    dt_limit: tuple[float, float] = DEFAULT_DT_LIMIT,
-    chunk_size: int = 64,
-    initial_state: torch.Tensor | None = None,
-    return_final_state: bool = False,
-    segment_chunks: int | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """:func:`~ratelab.kernels.ssd.recompute.ssd_recompute` through the custom ops (same contract and values):
-    the form ``torch.compile`` can capture without unrolling the scan."""
-    from ratelab.kernels.ssd.recompute import ssd_recompute
-
-    if x.dim() != 4 or x.shape[1] == 0:
-        return ssd_recompute(x, dt, A, B, C, D, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
-                             chunk_size=chunk_size, initial_state=initial_state,
-                             return_final_state=return_final_state, segment_chunks=segment_chunks)
-    operands, segment_chunks, grad = prepare(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, chunk_size,
-                                             initial_state, segment_chunks)
-    y, final, _ = _scan(*operands, chunk_size, segment_chunks, return_final_state, grad)
-    y = y.to(x.dtype)
-    return (y, final) if return_final_state else y
+def scan(operands: tuple, chunk_size: int, segment_chunks: int, return_final: bool, grad: bool):
+    """``(y, final or None)`` of prepared operands (:func:`~ratelab.kernels.ssd.recompute.prepare`) through
+    ``ratelab::ssd_scan``, keeping the entering states only when autograd records the call."""
+    y, final, _ = _scan(*operands, chunk_size, segment_chunks, return_final, grad)
+    return y, final if return_final else None

@@ -647,6 +647,7 @@ def ssd_recompute(
     initial_state: torch.Tensor | None = None,
     return_final_state: bool = False,
     segment_chunks: int | None = None,
+    custom_op: bool | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Chunked SSD with the recomputing backward; same contract as :func:`ratelab.kernels.ssd.ssd`.
 
@@ -654,6 +655,8 @@ def ssd_recompute(
         segment_chunks: chunks per segment (the backward's working set); results do not depend on it beyond
             rounding. None: :data:`SEGMENT_CHUNKS` under autograd, and without it enough chunks for
             :data:`LEAN_SEGMENT_ROWS` rows (batch x tokens) per segment, at least :data:`SEGMENT_CHUNKS`.
+        custom_op: run the same kernel as the ``ratelab::ssd_scan`` custom ops (:mod:`ratelab.kernels.ssd.library`).
+            None: while ``torch.compile`` traces (dynamo would otherwise unroll the scan's loops), else directly.
 
     Without autograd (no input requires grad, or grad mode off) a leaner segment forward runs
     (:func:`_forward_segment_lean`) and nothing is kept; its working set is one segment (:func:`ssd_chunked` without
@@ -665,7 +668,13 @@ def ssd_recompute(
                            chunk_size=chunk_size, initial_state=initial_state, return_final_state=return_final_state)
     operands, segment_chunks, grad = prepare(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, chunk_size,
                                              initial_state, segment_chunks)
-    if grad:
+    if custom_op is None:
+        custom_op = torch.compiler.is_compiling()
+    if custom_op:
+        from ratelab.kernels.ssd import library  # (imported with the package: the ops are registered)
+
+        y, final = library.scan(operands, chunk_size, segment_chunks, return_final_state, grad)
+    elif grad:
         y, final = SSDRecomputeFn.apply(chunk_size, segment_chunks, *operands)
     else:
         y, final = _forward(chunk_size, segment_chunks, *operands, final=return_final_state, lean=True)[:2]
